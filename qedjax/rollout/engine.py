@@ -46,7 +46,9 @@ class Completion:
     """One generated answer.
 
     `logprobs[i]` is the log-probability of `tokens[i]` under the distribution it was sampled from
-    (after temperature): the behaviour logprobs of GRPO's importance ratio.
+    (after temperature): the behaviour logprobs of GRPO's importance ratio. When the chat template
+    opened a think block in the prompt, `text` starts with that `<think>` tag (see qedjax/text.py),
+    so the text alone tells whether the thinking was closed.
     """
 
     text: str
