@@ -1,0 +1,287 @@
+"""Hugging Face <-> qedjax conversion: one declarative key table, one loop each way.
+
+Each row names a HF tensor, the qedjax parameter path, and a layout saying how the two differ:
+  same       identical arrays (embeddings, norm scales)
+  linear     HF [out, in]        <-> qedjax [in, out]
+  heads_in   HF [heads*H, D]     <-> qedjax [D, heads, H]    (q_proj, k_proj, v_proj)
+  heads_out  HF [D, heads*H]     <-> qedjax [heads, H, D]    (o_proj)
+Loading checks that every tensor of the checkpoint is consumed and every shape matches; tensors are
+read one at a time from memory-mapped files and put straight into their shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from qedjax.models.qwen3 import Qwen3, Qwen3Config
+from qedjax.safetensors_io import SafetensorsFile, read_index, shard_plan, write_safetensors
+
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+READABLE = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float64)}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+DEFAULT_SHARD_BYTES = 4 * 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    hf: str  # Hugging Face tensor name
+    path: tuple  # path into the qedjax params pure dict
+    layout: str  # same | linear | heads_in | heads_out
+
+
+def key_table(config: Qwen3Config) -> list[Key]:
+    """Every tensor of a Qwen3ForCausalLM checkpoint, in HF order."""
+    keys = [Key("model.embed_tokens.weight", ("embed_tokens",), "same")]
+    for i in range(config.num_hidden_layers):
+        hf, ours = f"model.layers.{i}.", ("layers", i)
+        keys += [
+            Key(hf + "input_layernorm.weight", ours + ("input_layernorm", "scale"), "same"),
+            Key(hf + "self_attn.q_proj.weight", ours + ("self_attn", "q_proj"), "heads_in"),
+            Key(hf + "self_attn.k_proj.weight", ours + ("self_attn", "k_proj"), "heads_in"),
+            Key(hf + "self_attn.v_proj.weight", ours + ("self_attn", "v_proj"), "heads_in"),
+            Key(hf + "self_attn.o_proj.weight", ours + ("self_attn", "o_proj"), "heads_out"),
+            Key(hf + "self_attn.q_norm.weight", ours + ("self_attn", "q_norm", "scale"), "same"),
+            Key(hf + "self_attn.k_norm.weight", ours + ("self_attn", "k_norm", "scale"), "same"),
+            Key(hf + "post_attention_layernorm.weight", ours + ("post_attention_layernorm", "scale"), "same"),
+            Key(hf + "mlp.gate_proj.weight", ours + ("mlp", "gate_proj"), "linear"),
+            Key(hf + "mlp.up_proj.weight", ours + ("mlp", "up_proj"), "linear"),
+            Key(hf + "mlp.down_proj.weight", ours + ("mlp", "down_proj"), "linear"),
+        ]
+    keys.append(Key("model.norm.weight", ("norm", "scale"), "same"))
+    if not config.tie_word_embeddings:
+        keys.append(Key("lm_head.weight", ("lm_head",), "linear"))
+    return keys
+
+
+def to_ours(x: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
+    """HF array -> qedjax layout (`shape` is the qedjax shape)."""
+    return x if layout == "same" else x.T.reshape(shape)  # every other layout is a transpose + split
+
+
+def to_hf(x: np.ndarray, layout: str) -> np.ndarray:
+    """qedjax array -> HF layout."""
+    if layout == "same":
+        return x
+    if layout == "linear":
+        return x.T
+    if layout == "heads_in":
+        return x.reshape(x.shape[0], -1).T
+    if layout == "heads_out":
+        return x.reshape(-1, x.shape[-1]).T
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def hf_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    if layout == "same":
+        return tuple(shape)
+    if layout == "linear":
+        return tuple(shape[::-1])
+    if layout == "heads_in":
+        return (int(np.prod(shape[1:])), shape[0])
+    return (shape[-1], int(np.prod(shape[:-1])))
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def read_config(path: str | os.PathLike, **overrides) -> Qwen3Config:
+    """Qwen3Config from `path/config.json`."""
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+    with open(file) as f:
+        try:
+            hf = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from None
+    return Qwen3Config.from_hf(hf, source=file, **overrides)
+
+
+def abstract_model(config: Qwen3Config):
+    """(graphdef, abstract state) of the model, no memory allocated."""
+    return nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))))
+
+
+def load_params(path: str | os.PathLike, *, dtype: str = "float32", compute_dtype: str | None = None,
+                shardings: Any = None, config: Qwen3Config | None = None):
+    """Reads a HF directory tensor by tensor into a params pure dict.
+
+    Args:
+      path: directory with config.json and model.safetensors or a sharded index.
+      dtype: parameter dtype ("float32" or "bfloat16"); compute_dtype defaults to it.
+      shardings: optional pure dict of NamedShardings (qedjax.sharding.state_shardings); each tensor is
+        then placed straight into its shards (only the addressable shards touch this host's devices).
+      config: optional config overriding `path/config.json` (e.g. to set remat).
+    Returns:
+      (config, graphdef, params)
+    """
+    path = os.fspath(path)
+    config = config or read_config(path)
+    config = dataclasses.replace(config, param_dtype=dtype, dtype=compute_dtype or dtype)
+    graphdef, abstract = abstract_model(config)
+    shapes = nnx.to_pure_dict(abstract)
+    files = read_index(path)
+    table = key_table(config)
+    expected = {k.hf for k in table}
+    allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    extra = sorted(set(files) - expected - allowed_extra)
+    missing = sorted(expected - set(files))
+    if missing or extra:
+        raise ValueError(f"{path}: checkpoint does not match the config: missing tensors {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {extra[:8]}"
+                         f"{' ...' if len(extra) > 8 else ''}")
+    opened: dict[str, SafetensorsFile] = {}
+    params: dict = {}
+    try:
+        for key in table:
+            file = files[key.hf]
+            f = opened.setdefault(file, SafetensorsFile(file))
+            hf_arr = f.get(key.hf)
+            if hf_arr.dtype not in READABLE:
+                raise ValueError(f"{file}: tensor {key.hf} has dtype {hf_arr.dtype}; qedjax loads only "
+                                 f"float checkpoints (float32/float16/bfloat16)")
+            shape = tuple(_get(shapes, key.path).shape)
+            if hf_arr.shape != hf_shape(shape, key.layout):
+                raise ValueError(f"{file}: tensor {key.hf} has shape {hf_arr.shape}, expected "
+                                 f"{hf_shape(shape, key.layout)} for the config in {path}")
+            host = to_ours(hf_arr, key.layout, shape).astype(NP_DTYPES[dtype])
+            _set(params, key.path, _place(host, None if shardings is None else _get(shardings, key.path)))
+    finally:
+        for f in opened.values():
+            f.close()
+    return config, graphdef, params
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def load_hf(path: str | os.PathLike, dtype: str = "float32", **kwargs) -> Qwen3:
+    """The model stored in a local HF directory (see load_params for the options)."""
+    _, graphdef, params = load_params(path, dtype=dtype, **kwargs)
+    return nnx.merge(graphdef, params)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """One parameter on this host, gathered across processes if it is not fully addressable."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def hf_tensors(params: dict, config: Qwen3Config, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(hf_name, array) pairs in HF layout, one tensor at a time (gathered lazily)."""
+    np_dtype = NP_DTYPES[dtype or config.param_dtype]
+    for key in key_table(config):
+        yield key.hf, to_hf(_to_host(_get(params, key.path)), key.layout).astype(np_dtype)
+
+
+def hf_specs(params: dict, config: Qwen3Config, dtype: str | None = None) -> dict[str, tuple]:
+    """hf_name -> (HF shape, numpy dtype), from shapes only."""
+    np_dtype = NP_DTYPES[dtype or config.param_dtype]
+    return {k.hf: (hf_shape(tuple(_get(params, k.path).shape), k.layout), np_dtype) for k in key_table(config)}
+
+
+def save_hf(model: Qwen3 | dict, out_dir: str | os.PathLike, *, config: Qwen3Config | None = None,
+            dtype: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+            tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> str:
+    """Writes a HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Args:
+      model: a Qwen3 module, or a params pure dict together with `config`.
+      dtype: dtype of the saved tensors (default: the model's param dtype).
+      max_shard_bytes: above this the weights are split into shards with an index.
+      tokenizer_dir: if given, its tokenizer files are copied alongside.
+      overwrite: replace an existing non-empty out_dir.
+    The directory is written to a temporary sibling and renamed into place, so a failed save leaves
+    nothing half-written. Only process 0 writes; every process must call it (gathers are collective).
+    """
+    if isinstance(model, Qwen3):
+        config = model.config
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    elif config is None:
+        raise ValueError("save_hf: pass `config` when saving a params dict")
+    else:
+        params = model
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+    specs = hf_specs(params, config, dtype)
+    plan = shard_plan(((n, int(np.prod(s)) * d.itemsize) for n, (s, d) in specs.items()), max_shard_bytes)
+    writer = jax.process_index() == 0
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir)) if writer else None
+    try:
+        tensors = hf_tensors(params, config, dtype)
+        names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+        if len(plan) == 1:
+            names = ["model.safetensors"]
+        weight_map = {}
+        for file, shard in zip(names, plan):
+            shard_specs = {n: specs[n] for n in shard}
+            if writer:
+                write_safetensors(os.path.join(tmp, file), shard_specs, lambda n: _next_named(tensors, n))
+            else:  # Other processes still take part in every gather.
+                for n in shard:
+                    _next_named(tensors, n)
+            weight_map.update({n: file for n in shard})
+        if not writer:
+            return out_dir
+        if len(plan) > 1:
+            total = sum(int(np.prod(s)) * d.itemsize for s, d in specs.values())
+            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                        {"metadata": {"total_size": total}, "weight_map": weight_map})
+        hf_config = config.to_hf()
+        if dtype:
+            hf_config["torch_dtype"] = hf_config["dtype"] = dtype
+        _write_json(os.path.join(tmp, "config.json"), hf_config)
+        _write_json(os.path.join(tmp, "generation_config.json"),
+                    {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(tokenizer_dir, name)):
+                    shutil.copy2(os.path.join(tokenizer_dir, name), tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _next_named(tensors: Iterator[tuple[str, np.ndarray]], name: str) -> np.ndarray:
+    got, arr = next(tensors)
+    assert got == name, (got, name)  # hf_tensors and the shard plan walk the same table in order
+    return arr
+
+
+def _write_json(path: str, obj: Any):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")

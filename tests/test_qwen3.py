@@ -1,0 +1,135 @@
+"""Qwen3 model: parity with transformers, presets, packing, the KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from hf_utils import hf_config, hf_logits, save_random_hf
+from qedjax import convert
+from qedjax.models.qwen3 import PRESETS, KVCache, Qwen3, Qwen3Config, positions_from_segments
+
+SHAPES = {
+    # tied, kv ratio 2, head_dim != hidden/heads
+    "tied_kv2": dict(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                     rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # untied, kv ratio 1 (MHA), odd eps and theta
+    "untied_mha": dict(vocab_size=89, hidden_size=32, intermediate_size=80, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=8, rope_theta=5e6,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # kv ratio 6, head_dim larger than hidden/heads
+    "gqa6": dict(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=6, num_key_value_heads=1, head_dim=24, rope_theta=1e6,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_logits_match_transformers_fp32(tmp_path, name):
+    cfg = Qwen3Config(**SHAPES[name])
+    hf = save_random_hf(cfg, tmp_path, seed=1)
+    model = convert.load_hf(tmp_path, dtype="float32")
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (3, 17))
+    ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+    ref = hf_logits(hf, tokens)
+    assert ours.shape == (3, 17, cfg.vocab_size)
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_logits_match_transformers_bf16(tmp_path):
+    """bf16 params and compute on both sides. Tolerance: 5e-2 absolute on logits of scale ~1
+    (bf16 has 8 mantissa bits; the two sides round at different points), and the argmax agrees
+    almost everywhere."""
+    cfg = Qwen3Config(**SHAPES["tied_kv2"])
+    hf = save_random_hf(cfg, tmp_path, seed=2)
+    model = convert.load_hf(tmp_path, dtype="bfloat16")
+    assert model.embed_tokens[...].dtype == jnp.bfloat16
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 16))
+    ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)), np.float32)
+    ref = hf_logits(hf.to(torch.bfloat16), tokens)
+    assert np.abs(ours - ref).max() <= 5e-2
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_param_count_matches_transformers(preset):
+    cfg = Qwen3Config.preset(preset)
+    _, abstract = convert.abstract_model(cfg)
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.to_pure_dict(abstract)))
+    with torch.device("meta"):
+        hf = transformers.Qwen3ForCausalLM(hf_config(cfg))
+    assert ours == sum(p.numel() for p in hf.parameters())
+
+
+def test_preset_values_are_the_hf_ones():
+    four = Qwen3Config.preset("qwen3-4b")
+    assert (four.hidden_size, four.intermediate_size, four.num_hidden_layers, four.num_attention_heads,
+            four.num_key_value_heads, four.head_dim, four.vocab_size, four.tie_word_embeddings) == \
+        (2560, 9728, 36, 32, 8, 128, 151936, True)
+    assert not Qwen3Config.preset("qwen3-8b").tie_word_embeddings
+    assert Qwen3Config.preset("qwen3-4b-thinking-2507").rope_theta == 5e6
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        Qwen3Config.preset("tiny", num_key_value_heads=3)
+    with pytest.raises(ValueError, match="param_dtype"):
+        Qwen3Config.preset("tiny", param_dtype="float16")
+    with pytest.raises(ValueError, match="unknown model preset"):
+        Qwen3Config.preset("qwen9")
+
+
+def test_hf_config_round_trip():
+    cfg = Qwen3Config.preset("qwen3-8b")
+    assert Qwen3Config.from_hf(cfg.to_hf()) == cfg
+    again = Qwen3Config.from_hf(hf_config(cfg).to_dict())  # what transformers itself writes
+    assert again == cfg
+
+
+def test_packed_segments_equal_separate_sequences():
+    cfg = Qwen3Config(**SHAPES["tied_kv2"])
+    model = Qwen3(cfg, rngs=nnx.Rngs(3))
+    rng = np.random.RandomState(1)
+    a, b = rng.randint(0, cfg.vocab_size, 7), rng.randint(0, cfg.vocab_size, 5)
+    packed = jnp.asarray(np.concatenate([a, b, [0, 0]])[None], jnp.int32)
+    segments = jnp.asarray([[1] * 7 + [2] * 5 + [0, 0]], jnp.int32)
+    np.testing.assert_array_equal(positions_from_segments(segments)[0],
+                                  [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 0, 1])
+    out = np.asarray(model(packed, segment_ids=segments))
+    alone_a = np.asarray(model(jnp.asarray(a[None], jnp.int32)))
+    alone_b = np.asarray(model(jnp.asarray(b[None], jnp.int32)))
+    np.testing.assert_allclose(out[0, :7], alone_a[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 7:12], alone_b[0], atol=1e-5)
+
+
+def test_kv_cache_decode_matches_full_forward():
+    cfg = Qwen3Config(**SHAPES["untied_mha"])
+    model = Qwen3(cfg, rngs=nnx.Rngs(4))
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 10)), jnp.int32)
+    full = np.asarray(model(tokens))
+    cache = KVCache.init(cfg, batch=2, max_len=16)
+    first, cache = model(tokens[:, :6], cache=cache)
+    steps = [first]
+    for t in range(6, 10):
+        logits, cache = model(tokens[:, t:t + 1], cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], axis=1), full, atol=1e-5)
+    assert int(cache.index) == 10
+
+
+def test_left_padded_cache_matches_unpadded():
+    """Rows of different lengths, left-padded into one batch, see only their own tokens."""
+    cfg = Qwen3Config(**SHAPES["tied_kv2"])
+    model = Qwen3(cfg, rngs=nnx.Rngs(5))
+    short = np.array([5, 9, 2])
+    padded = jnp.asarray([[0, 0, 0, *short]], jnp.int32)
+    segments = jnp.asarray([[0, 0, 0, 1, 1, 1]], jnp.int32)
+    positions = jnp.asarray([[0, 0, 0, 0, 1, 2]], jnp.int32)
+    logits, _ = model(padded, positions=positions, segment_ids=segments,
+                      cache=KVCache.init(cfg, 1, 8))
+    alone = model(jnp.asarray(short[None], jnp.int32))
+    np.testing.assert_allclose(np.asarray(logits)[0, 3:], np.asarray(alone)[0], atol=1e-5)
