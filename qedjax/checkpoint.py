@@ -1,0 +1,113 @@
+"""Orbax checkpoints of the train state and the data iterator, and saving on SIGTERM / Ctrl-C.
+
+A checkpoint holds three items: `params`, `opt` (optimizer state and step) and `data` (the grain
+iterator state, JSON). Later stages restore `params` alone; a resumed run restores all three,
+onto whatever mesh the restore target describes (Orbax reshards on read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # save every N optimizer steps (and always at the end)
+    keep: int = 3  # keep the last K checkpoints
+    async_save: bool = True
+
+
+class Checkpointer:
+    """A CheckpointManager over `directory` (a local path or gs:// URL)."""
+
+    def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig()):
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self.cfg = cfg
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
+                                                 create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, data_state: dict | None = None, *, force: bool = False) -> bool:
+        """Saves at `step` if it is a save step (every N) or `force`; returns whether it saved."""
+        if not force and step % self.cfg.every:
+            return False
+        if step in self.manager.all_steps():
+            return False
+        items = {"params": ocp.args.StandardSave(state["params"]),
+                 "opt": ocp.args.StandardSave({"opt_state": state["opt_state"], "step": state["step"]}),
+                 "data": ocp.args.JsonSave(data_state or {})}
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, target: dict, step: int | None = None) -> tuple[dict, dict]:
+        """The full train state onto `target`'s shardings (see train.abstract_state), and the data state."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target["params"]),
+            opt=ocp.args.StandardRestore({"opt_state": target["opt_state"], "step": target["step"]}),
+            data=ocp.args.JsonRestore()))
+        state = {"params": out["params"], "opt_state": out["opt"]["opt_state"], "step": out["opt"]["step"]}
+        return state, dict(out["data"] or {})
+
+    def restore_params(self, target: Any, step: int | None = None):
+        """Only the parameters (e.g. SFT's result as GRPO's start), onto `target`'s shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        return out["params"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(directory: str, target: Any, step: int | None = None):
+    """Parameters from the checkpoint directory of a finished stage."""
+    ckpt = Checkpointer(directory, CheckpointConfig(async_save=False))
+    try:
+        return ckpt.restore_params(target, step)
+    finally:
+        ckpt.close()
+
+
+class StopRequest:
+    """Turns SIGTERM and Ctrl-C into a flag the train loop checks between steps (then it saves and
+    stops). A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if jax.process_index() == 0:
+            print(f"\n[qedjax] got signal {signum}: saving a checkpoint after this step, then stopping")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

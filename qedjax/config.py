@@ -1,0 +1,199 @@
+"""Run configuration: frozen dataclasses per concern, loaded from YAML with dotted overrides.
+
+Each concern's dataclass lives next to the code that reads it (DataConfig in data.py, OptimConfig
+in optim.py, ...); `Config` composes them. Loading is strict: an unknown key, a wrong type or a bad
+value is an error naming the dotted key, raised before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from qedjax.checkpoint import CheckpointConfig
+from qedjax.data import DataConfig
+from qedjax.models.qwen3 import DTYPES, PRESETS
+from qedjax.optim import OptimConfig
+from qedjax.toy import ToyConfig
+
+STAGES = ("sft", "grpo", "eval", "export")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    stages: tuple[str, ...] = ("sft",)  # run in this order by `python -m qedjax.launch`
+    mesh: str = ""  # "data=D,fsdp=F,tensor=T"; empty: all devices on data (--mesh overrides)
+    deterministic: bool = False  # keep timings out of metrics.jsonl (identical files for a seed)
+
+    def __post_init__(self):
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"run.stages: unknown stage(s) {bad}; known: {STAGES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    preset: str | None = "tiny"  # a qedjax.models.qwen3 preset, used when hf_path is not set
+    hf_path: str | None = None  # a local Hugging Face checkpoint to start from
+    tokenizer: str | None = None  # a HF tokenizer dir (default: hf_path; the toy builds its own)
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.hf_path is None and self.preset not in PRESETS:
+            raise ValueError(f"model.preset {self.preset!r} is not a preset ({sorted(PRESETS)}); "
+                             f"set model.hf_path to load a checkpoint instead")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    epochs: float = 1.0
+    steps: int | None = None  # default: epochs x (packed rows / global_batch)
+    global_batch: int = 8  # packed rows per optimizer step
+    micro_batches: int = 1  # gradient accumulation inside the step
+    max_bad_steps: int = 3  # consecutive non-finite steps before the run stops (with a checkpoint)
+    log_every: int = 1
+
+    def __post_init__(self):
+        if self.global_batch < 1 or self.micro_batches < 1 or self.global_batch % self.micro_batches:
+            raise ValueError(f"sft.global_batch ({self.global_batch}) must be a positive multiple of "
+                             f"sft.micro_batches ({self.micro_batches})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole run. A stage's section must be present for the stage to run."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    toy: ToyConfig | None = None  # generate the demo's tokenizer and data into the run dir
+    sft: SFTConfig | None = None
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Converts YAML values to the field's type, or raises naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise TypeError(errors[0] if len(errors) == 1 else f"config key {key}: {value!r} fits none of {tp}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"config key {key}: expected a mapping, got {type(value).__name__}")
+        return build(tp, value, key)
+    if origin in (tuple, Sequence, list) or tp in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"config key {key}: expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        return tuple(_check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping) or tp in (dict,):
+        if not isinstance(value, Mapping):
+            raise TypeError(f"config key {key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"config key {key}: expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"config key {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"config key {key}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"config key {key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls, data: Mapping[str, Any], where: str = ""):
+    """A frozen dataclass from a mapping; unknown keys and wrong types raise naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; "
+                         f"known under {where.rstrip('.') or 'the top level'}: {sorted(names)}")
+    kwargs = {k: _check_type(v, hints[k], f"{where}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config {where.rstrip('.') or 'top level'}: {e}") from None
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`a.b.c=value` (value parsed as YAML) into the raw config dict."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {override!r} is not KEY=VALUE")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ValueError(f"override {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> Any:
+    """The run config from a YAML file plus `key=value` overrides."""
+    raw: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+    for o in overrides:
+        apply_override(raw, o)
+    try:
+        return build(Config, raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def config_hash(cfg: Any) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]

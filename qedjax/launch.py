@@ -1,0 +1,119 @@
+"""`python -m qedjax.launch --config FILE [--mesh SPEC] [--stage NAME ...] [key=value ...]`
+
+Reads top to bottom: parse the config (every mistake fails here, before anything compiles), join
+the other processes, build the mesh, prepare the run directory, then run the stages in order:
+sft -> grpo -> eval -> export. Each stage resumes from its own checkpoints and skips itself when
+it has finished, so re-running a killed pipeline continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+
+from qedjax import sharding
+from qedjax.config import load_config
+from qedjax.metrics import MetricsWriter
+from qedjax.provenance import write_run_info
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m qedjax.launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML run config")
+    p.add_argument("--mesh", help="data=D,fsdp=F,tensor=T (overrides run.mesh)")
+    p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    p.add_argument("--checkpoint", help="export: the Orbax checkpoint directory to export")
+    p.add_argument("--out", help="export: the Hugging Face directory to write")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sft.steps=4 run.dir=/tmp/x")
+    return p.parse_args(argv)
+
+
+def init_distributed(args) -> None:
+    """jax.distributed: explicit flags, or the platform's auto-detection (TPU pods, SLURM)."""
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif os.environ.get("QEDJAX_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+
+
+def validate(cfg, mesh, stages) -> None:
+    """Cross-section checks that need the mesh; all before anything compiles."""
+    for stage in stages:
+        if getattr(cfg, stage) is None:
+            raise ValueError(f"stage {stage!r} is selected but the config has no {stage!r} section")
+    divisor = sharding.batch_divisor(mesh, sharding.TRAIN_RULES)
+    if cfg.sft is not None and "sft" in stages:
+        per_micro = cfg.sft.global_batch // cfg.sft.micro_batches
+        if per_micro % divisor:
+            raise ValueError(f"sft: {cfg.sft.global_batch} rows / {cfg.sft.micro_batches} micro-batches = "
+                             f"{per_micro} rows per micro-batch, not divisible by the {divisor} batch shards "
+                             f"of mesh {sharding.format_mesh(mesh)}")
+    if cfg.model.hf_path is None and cfg.model.tokenizer is None and cfg.toy is None:
+        raise ValueError("model.tokenizer is not set (and there is no model.hf_path or toy section)")
+
+
+def with_toy_data(cfg, run_dir: str):
+    """Generates the demo's tokenizer and data into run_dir/toy and points the config at them."""
+    from qedjax import toy
+
+    toy_dir = os.path.join(run_dir, "toy")
+    tok_dir = os.path.join(toy_dir, "tokenizer")
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        toy.build_tokenizer(tok_dir, vocab_size=cfg.toy.vocab_size, seed=cfg.toy.seed)
+    paths = toy.write_data(cfg.toy, toy_dir) if jax.process_index() == 0 else toy.data_paths(toy_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("qedjax toy data written")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer=tok_dir))
+    if cfg.sft is not None:
+        cfg = dataclasses.replace(cfg, sft=dataclasses.replace(
+            cfg.sft, data=dataclasses.replace(cfg.sft.data, path=paths["sft"])))
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    overrides = list(args.overrides) + ([f"run.mesh={args.mesh}"] if args.mesh else [])
+    cfg = load_config(args.config, overrides)
+    stages = tuple(args.stage or cfg.run.stages)
+    init_distributed(args)
+    mesh = sharding.make_mesh(cfg.run.mesh)
+    validate(cfg, mesh, stages)
+    run_dir = cfg.run.dir
+    os.makedirs(run_dir, exist_ok=True)
+    if cfg.toy is not None:
+        cfg = with_toy_data(cfg, run_dir)
+    write_run_info(run_dir, cfg, mesh)
+    writer = MetricsWriter(run_dir, deterministic=cfg.run.deterministic)
+    tokenizer = cfg.model.tokenizer or cfg.model.hf_path
+    if jax.process_index() == 0:
+        print(f"[qedjax] run dir {run_dir} | mesh {sharding.format_mesh(mesh)} on {jax.device_count()} "
+              f"{jax.devices()[0].platform} device(s) | stages {', '.join(stages)}")
+    timings = {}
+    for stage in stages:
+        t0 = time.perf_counter()
+        if stage == "sft":
+            from qedjax import sft
+
+            sft.run(cfg, mesh, run_dir, writer, tokenizer_path=tokenizer)
+        else:
+            raise NotImplementedError(f"stage {stage!r} is not available yet")
+        timings[stage] = time.perf_counter() - t0
+    writer.close()
+    if jax.process_index() == 0:
+        print("[qedjax] done: " + ", ".join(f"{s} {t:.1f}s" for s, t in timings.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Stage 1, SFT: masked next-token cross-entropy and the training loop.
+
+The loss is the mean over the target tokens of the global batch (assistant tokens only): every
+micro-batch contributes its sum, the step divides by the batch's target-token count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from qedjax import data as data_lib
+from qedjax import train
+from qedjax.checkpoint import Checkpointer, StopRequest
+from qedjax.metrics import MetricsWriter
+from qedjax.optim import learning_rate, make_optimizer
+from qedjax.sharding import TRAIN_RULES
+
+
+def sft_loss(model, batch):
+    """Summed cross-entropy of one micro-batch; metrics are sums too."""
+    logp, _ = train.token_logprobs(model, batch["tokens"], batch["targets"], positions=batch["positions"],
+                                   segment_ids=batch["segment_ids"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return -jnp.sum(logp * mask), {"target_tokens": jnp.sum(mask),
+                                   "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
+
+
+def target_tokens(batch):
+    return jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (set model.tokenizer)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, rules=TRAIN_RULES) -> str:
+    """Runs (or resumes, or skips if finished) the SFT stage; returns its checkpoint directory."""
+    sft = cfg.sft
+    tokenizer = load_tokenizer(tokenizer_path)
+    examples, stats = data_lib.build_examples(sft.data, tokenizer)
+    arrays = data_lib.pack(examples, sft.data.seq_len, sft.data.packing, pad_id=tokenizer.pad_token_id or 0)
+    loader = data_lib.Loader(arrays, global_batch=sft.global_batch, micro_batches=sft.micro_batches,
+                             seed=cfg.run.seed, shuffle=sft.data.shuffle, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    total = sft.steps or max(1, math.ceil(sft.epochs * loader.steps_per_epoch))
+    optimizer = make_optimizer(sft.optim, total)
+    lr = learning_rate(sft.optim, total)
+    config, graphdef, params = train.init_params(cfg.model, mesh, rules, seed=cfg.run.seed,
+                                                 vocab_size=len(tokenizer))
+    state, shardings = train.init_state(params, optimizer, mesh)
+    ckpt_dir = os.path.join(run_dir, "sft", "checkpoints")
+    ckpt = Checkpointer(ckpt_dir, sft.checkpoint)
+    start = ckpt.latest_step() or 0
+    if start:
+        state, data_state = ckpt.restore(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+        loader.set_state(data_state)
+    if start >= total:
+        ckpt.close()
+        return ckpt_dir
+    writer.write("sft", start, {"event": "start", "total_steps": total, "rows_packed": len(arrays["tokens"]),
+                                **{f"data_{k}": v for k, v in stats.items()}})
+    batch_sh = {k: train.micro_batch_sharding(mesh, rules, 3) for k in data_lib.ARRAYS}
+    step_fn = train.make_train_step(graphdef, sft_loss, target_tokens, optimizer, shardings, batch_sh, mesh, rules)
+    bad = 0
+    bar = tqdm(total=total, initial=start, desc="sft", disable=jax.process_index() != 0, dynamic_ncols=True,
+               mininterval=2.0)
+    with StopRequest() as stop:
+        step = start
+        while step < total:
+            t0 = time.perf_counter()
+            batch = train.put_batch(next(loader), mesh, rules)
+            state, m = step_fn(state, batch)
+            m = jax.device_get(m)
+            dt = time.perf_counter() - t0
+            bad = bad + 1 if m["skipped"] else 0
+            step = int(state["step"]) if not m["skipped"] else step
+            row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(lr(step - 1)),
+                   "skipped": int(m["skipped"]), "target_tokens": float(m["target_tokens"]),
+                   "tokens_per_s": float(m["tokens"]) / dt, "step_time_s": dt}
+            if (step % sft.log_every == 0) or bad:
+                writer.write("sft", step, row)
+            bar.update(0 if m["skipped"] else 1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if bad >= sft.max_bad_steps:
+                ckpt.save(step, state, loader.get_state(), force=True)
+                ckpt.close()
+                raise NonFiniteError(f"sft: {bad} consecutive steps had a non-finite loss or gradient "
+                                     f"(last loss {row['loss']}); stopped with a checkpoint at step {step} "
+                                     f"in {ckpt_dir}. Lower optim.lr or check the data.")
+            if not m["skipped"]:
+                ckpt.save(step, state, loader.get_state(), force=step == total)
+            if stop.requested:
+                ckpt.save(step, state, loader.get_state(), force=True)
+                break
+    bar.close()
+    ckpt.close()
+    if stop.requested:
+        raise KeyboardInterrupt(f"sft stopped at step {step}; checkpoint saved in {ckpt_dir}")
+    return ckpt_dir

@@ -1,0 +1,149 @@
+"""The embedded demo's task and tokenizer: everything the toy pipeline needs, generated locally.
+
+The task stands in for olympiad proofs at a scale two CPU cores can train in minutes. A problem
+asks to reverse a list of digits; the expected answer has a short think block, then
+`Answer: d7 d6 ... d1`. A rubric gives one point per correctly placed digit (7 digits, 7 points),
+graded by qedjax.rewards.RuleGrader exactly as the judge's 0..7 scale would be. The SFT "teacher"
+is deliberately imperfect (a fraction of its demonstrations misplace digits, like the graded
+teacher proofs of FineProofs), so SFT learns the format and most of the skill, and RL has
+headroom to beat its teacher.
+
+The tokenizer is a byte-level BPE trained on the task and on the project's prompt templates, saved
+as a Hugging Face tokenizer directory with a Qwen3-style chat template (thinking models open the
+think block in the generation prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import random
+from typing import Iterator
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_TOKENS = [THINK_OPEN, THINK_CLOSE]
+PAD, EOS = "<|endoftext|>", "<|im_end|>"
+
+# Qwen3-Thinking-style: the last assistant turn always carries a think block, and the generation
+# prompt opens one, so a rendered prompt is a prefix of the rendered conversation.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message.role == 'assistant' %}"
+    "<|im_start|>assistant\n<think>\n"
+    "{% if message.reasoning_content is defined and message.reasoning_content %}"
+    "{{ message.reasoning_content | trim }}\n"
+    "{% endif %}"
+    "</think>\n\n{{ message.content | trim }}<|im_end|>\n"
+    "{% else %}"
+    "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    """The generated data of the demo."""
+
+    num_digits: int = 7
+    sft_rows: int = 2000
+    rl_problems: int = 256
+    eval_problems: int = 32
+    teacher_error_rate: float = 0.5  # fraction of demonstrations with misplaced digits
+    vocab_size: int = 512
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.num_digits != 7:
+            raise ValueError("toy.num_digits must be 7: one rubric point per digit on the 0..7 scale")
+        if not 0 <= self.teacher_error_rate <= 1:
+            raise ValueError(f"toy.teacher_error_rate must be in [0, 1], got {self.teacher_error_rate}")
+
+
+def problem_text(digits: list[int]) -> str:
+    return "Reverse the list: " + " ".join(map(str, digits))
+
+
+def rubric(digits: list[int]) -> dict:
+    """One checkpoint per position of the reversed list, one point each (7 in all)."""
+    target = digits[::-1]
+    return {"checkpoints": [
+        {"pattern": r"Answer:\s*" + r"(?:\S+\s+)" + "{" + str(i) + "}" + f"{d}(?:\\s|$)",
+         "points": 1, "description": f"position {i + 1} is {d}"}
+        for i, d in enumerate(target)]}
+
+
+def teacher_solution(digits: list[int], rng: random.Random, error_rate: float) -> tuple[str, str]:
+    """(reasoning, answer) of a demonstration; with probability error_rate two digits are swapped."""
+    answer = digits[::-1]
+    if rng.random() < error_rate:
+        i, j = rng.sample(range(len(answer)), 2)
+        answer[i], answer[j] = answer[j], answer[i]
+    reasoning = f"The list has {len(digits)} digits. Reading it from the end."
+    return reasoning, "Answer: " + " ".join(map(str, answer))
+
+
+def _problems(rng: random.Random, n: int, num_digits: int) -> Iterator[list[int]]:
+    for _ in range(n):
+        yield [rng.randrange(10) for _ in range(num_digits)]
+
+
+def data_paths(out_dir: str) -> dict[str, str]:
+    return {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("sft", "rl", "eval")}
+
+
+def write_data(cfg: ToyConfig, out_dir: str) -> dict[str, str]:
+    """Writes sft.jsonl (FineProofs-style columns), rl.jsonl and eval.jsonl; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    paths = data_paths(out_dir)
+    with open(paths["sft"], "w") as f:
+        for digits in _problems(rng, cfg.sft_rows, cfg.num_digits):
+            reasoning, proof = teacher_solution(digits, rng, cfg.teacher_error_rate)
+            f.write(json.dumps({"problem": problem_text(digits), "reasoning_content": reasoning,
+                                "proof": proof}) + "\n")
+    for name, n in (("rl", cfg.rl_problems), ("eval", cfg.eval_problems)):
+        with open(paths[name], "w") as f:
+            for digits in _problems(rng, n, cfg.num_digits):
+                f.write(json.dumps({"problem": problem_text(digits),
+                                    "rubric": json.dumps(rubric(digits))}) + "\n")
+    return paths
+
+
+def _prompt_texts() -> list[str]:
+    here = os.path.join(os.path.dirname(__file__), "prompts")
+    texts = []
+    for path in sorted(glob.glob(os.path.join(here, "*.txt"))):
+        with open(path) as f:
+            texts.append(f.read())
+    return texts
+
+
+def build_tokenizer(out_dir: str, *, vocab_size: int = 512, extra_texts: list[str] | None = None,
+                    seed: int = 0) -> str:
+    """Trains a byte-level BPE on toy problems + the prompt templates and saves an HF tokenizer dir."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    corpus = _prompt_texts() + list(extra_texts or [])
+    for digits in _problems(rng, 2000, 7):
+        reasoning, answer = teacher_solution(digits, rng, 0.0)
+        corpus.append(f"{problem_text(digits)}\n{reasoning}\n{answer}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(THINK_TOKENS), special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
+                                 additional_special_tokens=["<|im_start|>"])
+    hf.chat_template = CHAT_TEMPLATE
+    os.makedirs(out_dir, exist_ok=True)
+    hf.save_pretrained(out_dir)
+    return out_dir

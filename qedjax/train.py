@@ -1,0 +1,191 @@
+"""The train state and the one train step shape shared by SFT and GRPO.
+
+A train state is a pure pytree `{"params", "opt_state", "step"}`; the step is a pure function
+`(state, batch) -> (state, metrics)` jitted once with explicit shardings and the state donated.
+Only the loss differs between stages. A loss function sees one micro-batch and returns an
+*unnormalised* sum plus metric sums; the step adds micro-batches up (a `lax.scan` inside the jitted
+step) and divides by the stage's normaliser of the whole global batch, so 4 micro-batches of 2 give
+the gradient of one batch of 8. A non-finite loss or gradient leaves the state untouched and is
+reported as `skipped`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qedjax.sharding import activation_sharding, logical_to_spec
+
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def token_logprobs(model, tokens, targets, *, positions=None, segment_ids=None, temperature: float = 1.0,
+                   chunk: int = 1024):
+    """Log-probability of each target token and the entropy of each predictive distribution.
+
+    Logits are divided by `temperature` first, so the result describes the distribution a sampler
+    at that temperature draws from. The vocabulary projection runs in sequence chunks under
+    rematerialisation: [B, T, V] fp32 logits never exist at once (V = 151,936 for Qwen3).
+    Returns (logp [B, T], entropy [B, T]) in fp32.
+    """
+    hidden = model.hidden(tokens, positions, segment_ids)  # [B, T, D]
+    b, t, d = hidden.shape
+
+    @jax.checkpoint
+    def piece(h, y):  # h: [B, C, D], y: [B, C]
+        logits = model.logits(h) / temperature  # [B, C, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        probs = jax.nn.softmax(logits, axis=-1)
+        return target - lse, lse - jnp.sum(probs * logits, axis=-1)
+
+    if t <= chunk:
+        return piece(hidden, targets)
+    pad = -t % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
+    ys = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
+    logp, ent = jax.lax.map(lambda hy: piece(*hy), (hidden, ys))  # [n, B, C]
+    return (logp.swapaxes(0, 1).reshape(b, -1)[:, :t], ent.swapaxes(0, 1).reshape(b, -1)[:, :t])
+
+
+def _opt_shardings(abstract_opt_state, param_shardings, mesh: Mesh):
+    """Optimizer-state shardings: leaves that mirror a parameter (Adam's mu and nu) take its sharding."""
+    by_path = {}
+    for path, sh in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
+        by_path[tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = sh
+
+    def one(path, leaf):
+        keys = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+        for start in range(len(keys)):
+            sh = by_path.get(keys[start:])
+            if sh is not None and len(sh.spec) <= leaf.ndim:
+                return sh
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """(state, state_shardings) around sharded params; the optimizer state is created sharded."""
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    opt_sh = _opt_shardings(jax.eval_shape(optimizer.init, params), param_sh, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+    step_sh = NamedSharding(mesh, P())
+    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32), step_sh)}
+    return state, {"params": param_sh, "opt_state": opt_sh, "step": step_sh}
+
+
+def abstract_state(state_shardings, params_abstract, optimizer) -> Any:
+    """ShapeDtypeStructs (with shardings) of a train state: the restore target of a checkpoint."""
+    opt_abstract = jax.eval_shape(optimizer.init, params_abstract)
+    shapes = {"params": params_abstract, "opt_state": opt_abstract,
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_shardings)
+
+
+def micro_batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+    """Sharding of a [micro, batch, ...] array: micro-batches replicated, rows over the batch axes."""
+    return NamedSharding(mesh, logical_to_spec((None, "batch") + (None,) * (ndim - 2), rules))
+
+
+def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
+    """This process's rows of a [micro, batch, ...] batch -> global sharded arrays."""
+    return {k: jax.make_array_from_process_local_data(micro_batch_sharding(mesh, rules, v.ndim), v)
+            for k, v in local.items()}
+
+
+def _combine(name: str, a, b):
+    if name.endswith("_max"):
+        return jnp.maximum(a, b)
+    if name.endswith("_min"):
+        return jnp.minimum(a, b)
+    return a + b
+
+
+def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax.Array],
+                    optimizer: optax.GradientTransformation, state_shardings, batch_shardings,
+                    mesh: Mesh, rules):
+    """The jitted `(state, batch) -> (state, metrics)` step.
+
+    Args:
+      loss_fn: (model, micro_batch) -> (loss_sum, metric_sums); batch arrays carry a leading
+        micro-batch axis that the step scans over. Metric names ending in _max/_min combine by
+        max/min across micro-batches, the others by sum.
+      normalizer: batch -> the scalar that the summed loss (and gradient) is divided by.
+    """
+    def grads(params, micro):
+        def f(p):
+            return loss_fn(nnx.merge(graphdef, p), micro)
+
+        return jax.value_and_grad(f, has_aux=True)(params)
+
+    def step(state, batch):
+        with activation_sharding(mesh, rules):
+            params = state["params"]
+            first = jax.tree.map(lambda x: x[0], batch)
+            (_, aux_shape), _ = jax.eval_shape(grads, params, first)
+            zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+                    {k: jnp.zeros(v.shape, v.dtype) for k, v in aux_shape.items()})
+
+            def body(carry, micro):
+                g_acc, l_acc, aux_acc = carry
+                (loss_sum, aux), g = grads(params, micro)
+                aux_acc = {k: _combine(k, aux_acc[k], aux[k]) for k in aux}
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss_sum, aux_acc), None
+
+            n_micro = jax.tree.leaves(batch)[0].shape[0]
+            if n_micro == 1:
+                carry, _ = body(zero, first)
+            else:
+                carry, _ = jax.lax.scan(body, zero, batch)
+            g_sum, loss_sum, aux = carry
+            denom = jnp.maximum(normalizer(batch).astype(jnp.float32), 1e-9)
+            g = jax.tree.map(lambda x: (x / denom).astype(x.dtype), g_sum)
+            loss = loss_sum / denom
+            grad_norm = optax.global_norm(g)
+            updates, opt_state = optimizer.update(g, state["opt_state"], params)
+            new_params = optax.apply_updates(params, updates)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
+                         "step": state["step"] + finite.astype(jnp.int32)}
+            metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32),
+                       "normalizer": denom, **aux}
+            return new_state, metrics
+
+    return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def init_params(model_cfg, mesh: Mesh, rules, *, seed: int = 0, vocab_size: int | None = None):
+    """(config, graphdef, params) from a Hugging Face checkpoint or a preset, created in their shards.
+
+    Args:
+      model_cfg: qedjax.config.ModelConfig.
+      vocab_size: the tokenizer's size; an error if the model's vocabulary is smaller.
+    """
+    from qedjax import convert
+    from qedjax.models.qwen3 import Qwen3, Qwen3Config
+    from qedjax.sharding import init_sharded, state_shardings
+
+    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
+    if model_cfg.hf_path:
+        config = convert.read_config(model_cfg.hf_path, **dtypes)
+        _, abstract = convert.abstract_model(config)
+        config, graphdef, params = convert.load_params(
+            model_cfg.hf_path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype, config=config,
+            shardings=state_shardings(abstract, mesh, rules))
+    else:
+        config = Qwen3Config.preset(model_cfg.preset, **dtypes)
+        graphdef, params = init_sharded(lambda: Qwen3(config, rngs=nnx.Rngs(seed)), mesh, rules)
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but the model's vocabulary is "
+                         f"{config.vocab_size}")
+    return config, graphdef, params
