@@ -12,3 +12,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Tests rebuild the same small programs many times (every SFT/GRPO run re-jits its step); the
+# persistent cache turns the repeats into cache hits.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer_dir(tmp_path_factory):
+    """The demo's byte-level BPE tokenizer with its Qwen3-style chat template, built locally."""
+    from qedjax import toy
+
+    return toy.build_tokenizer(str(tmp_path_factory.mktemp("tokenizer")), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer(toy_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy_tokenizer_dir)

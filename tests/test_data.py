@@ -1,0 +1,122 @@
+"""SFT data: chat masks, packing against literal arrays, file formats, bad rows, the loader."""
+
+import json
+
+import numpy as np
+import pytest
+
+from qedjax import data
+
+
+def test_pack_literal_arrays():
+    examples = [(np.array([10, 11, 12, 13]), np.array([0, 0, 1, 1])),
+                (np.array([20, 21, 22]), np.array([0, 1, 1])),
+                (np.array([30, 31, 32, 33, 34, 35]), np.array([0, 0, 0, 1, 1, 1]))]
+    out = data.pack(examples, seq_len=6, pad_id=0)
+    # example 0 (3 pairs) and 1 (2 pairs) share row 0; example 2 (5 pairs) does not fit there.
+    np.testing.assert_array_equal(out["tokens"], [[10, 11, 12, 20, 21, 0], [30, 31, 32, 33, 34, 0]])
+    np.testing.assert_array_equal(out["targets"], [[11, 12, 13, 21, 22, 0], [31, 32, 33, 34, 35, 0]])
+    np.testing.assert_array_equal(out["loss_mask"], [[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 0]])
+    unpacked = data.pack(examples, seq_len=6, packing=False)
+    assert unpacked["tokens"].shape == (3, 6)
+
+
+def test_chat_mask_covers_the_assistant_turn_only(toy_tokenizer):
+    messages = [{"role": "user", "content": "Reverse the list: 1 2 3"},
+                {"role": "assistant", "content": "Answer: 3 2 1", "reasoning_content": "Reading from the end."}]
+    ids, mask = data.tokenize_chat(toy_tokenizer, messages)
+    prompt = toy_tokenizer.decode(ids[mask == 0])
+    target = toy_tokenizer.decode(ids[mask == 1])
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n") and "Reverse the list" in prompt
+    assert target == "Reading from the end.\n</think>\n\nAnswer: 3 2 1<|im_end|>\n"
+    assert mask.tolist() == sorted(mask.tolist())  # one contiguous target span at the end
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+GOOD = {"problem": "Reverse the list: 4 5", "reasoning_content": "Easy.", "proof": "Answer: 5 4"}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "hf"])
+def test_formats_give_the_same_examples(tmp_path, toy_tokenizer, fmt):
+    import datasets
+
+    rows = [GOOD, {**GOOD, "problem": "Reverse the list: 1 2"}]
+    ds = datasets.Dataset.from_list(rows)
+    path = {"jsonl": tmp_path / "d.jsonl", "json": tmp_path / "d.json", "csv": tmp_path / "d.csv",
+            "parquet": tmp_path / "d.parquet", "hf": tmp_path / "d_hf"}[fmt]
+    if fmt == "hf":
+        ds.save_to_disk(str(path))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        getattr(ds, {"jsonl": "to_json", "csv": "to_csv", "parquet": "to_parquet"}[fmt])(str(path))
+    examples, stats = data.build_examples(data.DataConfig(path=str(path), seq_len=128), toy_tokenizer)
+    ref = data.tokenize_chat(toy_tokenizer, data.row_messages(GOOD, data.Columns(), "x"))
+    assert stats["examples"] == 2
+    np.testing.assert_array_equal(examples[0][0], ref[0])
+
+
+def test_messages_column_and_column_mapping(tmp_path, toy_tokenizer):
+    chat = {"messages": [{"role": "user", "content": "Reverse the list: 4 5"},
+                         {"role": "assistant", "content": "Answer: 5 4", "reasoning_content": "Easy."}]}
+    renamed = {"question": "Reverse the list: 4 5", "thoughts": "Easy.", "solution": "Answer: 5 4"}
+    a, _ = data.build_examples(data.DataConfig(path=_write_jsonl(tmp_path / "a.jsonl", [chat])), toy_tokenizer)
+    cols = data.Columns(problem="question", reasoning="thoughts", answer="solution")
+    b, _ = data.build_examples(data.DataConfig(path=_write_jsonl(tmp_path / "b.jsonl", [renamed]), columns=cols),
+                               toy_tokenizer)
+    np.testing.assert_array_equal(a[0][0], b[0][0])
+
+
+def test_bad_rows_raise_with_file_and_row_or_are_counted(tmp_path, toy_tokenizer):
+    rows = [GOOD, {"problem": "Reverse the list: 1", "reasoning_content": "x"}, {**GOOD, "proof": "  "},
+            {**GOOD, "problem": 7}, GOOD]
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows[:2] + rows[4:])
+    with pytest.raises(data.BadRowError, match=r"bad.jsonl: row 1: missing column 'proof'"):
+        data.build_examples(data.DataConfig(path=path), toy_tokenizer)
+    path = _write_jsonl(tmp_path / "empty.jsonl", [GOOD, rows[2]])
+    with pytest.raises(data.BadRowError, match=r"empty.jsonl: row 1: column 'proof' is empty"):
+        data.build_examples(data.DataConfig(path=path), toy_tokenizer)
+    with pytest.raises(data.BadRowError, match=r"row 0: column 'problem' is int, expected a string"):
+        data.row_messages(rows[3], data.Columns(), "row 0")
+    path = _write_jsonl(tmp_path / "mixed.jsonl", rows[:3] + [GOOD])
+    examples, stats = data.build_examples(data.DataConfig(path=path, bad_rows="skip"), toy_tokenizer)
+    assert (stats["examples"], stats["bad_rows"]) == (2, 2)
+
+
+def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, toy_tokenizer):
+    long = {**GOOD, "proof": "Answer: " + " ".join(["9"] * 200)}
+    path = _write_jsonl(tmp_path / "long.jsonl", [GOOD, long])
+    ex, stats = data.build_examples(data.DataConfig(path=path, seq_len=64), toy_tokenizer)
+    assert stats["truncated"] == 1 and max(len(e[0]) for e in ex) == 65
+    ex, stats = data.build_examples(data.DataConfig(path=path, seq_len=64, overlong="drop"), toy_tokenizer)
+    assert stats["dropped_overlong"] == 1 and stats["examples"] == 1
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.build_examples(data.DataConfig(path=str(tmp_path / "nope.jsonl")), toy_tokenizer)
+
+
+def test_loader_is_seeded_sharded_and_resumable():
+    arrays = {"tokens": np.arange(40, dtype=np.int32).reshape(20, 2)}
+    a = data.Loader(arrays, global_batch=4, micro_batches=2, seed=3)
+    first = [next(a)["tokens"] for _ in range(3)]
+    assert first[0].shape == (2, 2, 2)
+    state = a.get_state()
+    rest = [next(a)["tokens"] for _ in range(4)]
+    b = data.Loader(arrays, global_batch=4, micro_batches=2, seed=3)
+    b.set_state(state)
+    for x, y in zip(rest, [next(b)["tokens"] for _ in range(4)]):
+        np.testing.assert_array_equal(x, y)
+    # one epoch covers every row once; two processes split each global batch between them
+    epoch = np.concatenate([next(data.Loader(arrays, global_batch=20, seed=3))["tokens"].reshape(-1)])
+    assert sorted(epoch.tolist()) == list(range(40))
+    p0 = data.Loader(arrays, global_batch=4, seed=3, process_index=0, process_count=2)
+    p1 = data.Loader(arrays, global_batch=4, seed=3, process_index=1, process_count=2)
+    rows0, rows1 = next(p0)["tokens"][0, :, 0] // 2, next(p1)["tokens"][0, :, 0] // 2
+    assert len(rows0) == len(rows1) == 2 and not set(rows0) & set(rows1)
+    with pytest.raises(ValueError, match="must divide"):
+        data.Loader(arrays, global_batch=5, micro_batches=2)
