@@ -1,0 +1,370 @@
+"""The judge grader against a real HTTP server on 127.0.0.1 with scripted replies, and its prompts."""
+
+import asyncio
+import csv
+import http.server
+import json
+import pathlib
+import re
+import socket
+import threading
+import time
+
+import pytest
+
+from qedjax.judge import JudgeConfig, cache_key
+from qedjax.rewards import Grade, GradeItem, JudgeGrader, parse_score, render_judge_prompt
+
+PROOFBENCH = pathlib.Path("/work/shared/data/imobench/proofbench_v2.csv")
+
+
+class FakeJudge:
+    """An OpenAI-compatible server whose behaviour per request comes from `script(prompt, n)`.
+
+    `n` counts the requests seen so far for the same proof. The script returns an action:
+    ("text", str) | ("status", code, headers) | ("slow", seconds, str) | ("drop",) | ("raw", str).
+    """
+
+    def __init__(self, script):
+        self.script = script
+        self.lock = threading.Lock()
+        self.calls: dict[str, int] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests: list[tuple[str, dict, dict]] = []  # (path, headers, body)
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as two writes
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["input"] if "input" in body else body["messages"][0]["content"]
+                proof = re.search(r"SCRIPT:\S+", prompt).group(0)
+                with owner.lock:
+                    owner.requests.append((self.path, dict(self.headers), body))
+                    n = owner.calls.get(proof, 0)
+                    owner.calls[proof] = n + 1
+                    owner.in_flight += 1
+                    owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+                try:
+                    self.act(owner.script(proof, n), body)
+                finally:
+                    with owner.lock:
+                        owner.in_flight -= 1
+
+            def act(self, action, body):
+                kind = action[0]
+                if kind == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if kind == "status":
+                    self.send(action[1], "{}", action[2])
+                    return
+                if kind == "raw":
+                    self.send(200, action[1])
+                    return
+                if kind == "slow":
+                    time.sleep(action[1])
+                text = action[-1]
+                if self.path.endswith("/responses"):
+                    reply = {"output": [{"type": "reasoning", "content": []},
+                                        {"type": "message", "content": [{"type": "output_text", "text": text}]}]}
+                else:
+                    reply = {"choices": [{"message": {"role": "assistant", "content": text}}]}
+                self.send(200, json.dumps(reply))
+
+            def send(self, code, payload, headers=None):
+                data = payload.encode()
+                self.send_response(code)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client gave up on a slow reply
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 256
+
+            def handle_error(self, request, client_address):
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(script):
+        servers.append(FakeJudge(script))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def item(proof: str, scheme: str = "1 pt: answer. 6 pts: proof.") -> GradeItem:
+    return GradeItem(
+        problem="Prove that 1 + 1 = 2.",
+        response=f"<think>private reasoning</think>{proof}",
+        references={"marking_scheme": scheme},
+    )
+
+
+def config(server: FakeJudge, **overrides) -> JudgeConfig:
+    settings = dict(base_url=server.base_url, model="judge-model", concurrency=8, timeout_s=5.0,
+                    max_retries=2, backoff_s=0.01)
+    settings.update(overrides)
+    return JudgeConfig(**settings)
+
+
+def scores(proof: str, n: int):
+    score = re.fullmatch(r"SCRIPT:score=(\S+)", proof)
+    return ("text", f"Checkpoint 1 met.\n<score>{score.group(1)}</score>")
+
+
+def test_scores_are_parsed(serve):
+    server = serve(scores)
+    grader = JudgeGrader(config(server))
+    grades = grader.grade([item(f"SCRIPT:score={s}") for s in range(8)])
+    assert [g.score for g in grades] == [float(s) for s in range(8)]
+    assert [g.reward for g in grades] == [s / 7 for s in range(8)]
+    assert {g.reason for g in grades} == {"ok"}
+    assert grades[5].raw == "Checkpoint 1 met.\n<score>5</score>"
+    path, headers, body = server.requests[0]
+    assert path == "/v1/chat/completions"
+    assert body["model"] == "judge-model" and body["reasoning_effort"] == "medium"
+    prompt = body["messages"][0]["content"]
+    assert "Prove that 1 + 1 = 2." in prompt and "1 pt: answer. 6 pts: proof." in prompt
+    assert "private reasoning" not in prompt  # only what follows </think> is graded
+
+
+def test_responses_api(serve):
+    server = serve(lambda proof, n: ("text", "Fine.\n<points>6 out of 7</points>"))
+    cfg = config(server, api="responses", style="proofbench", max_tokens=1000, reasoning_effort="high")
+    references = {"solution": "Peano.", "guidelines": "Full marks for Peano."}
+    grades = JudgeGrader(cfg).grade([GradeItem("Prove that 1 + 1 = 2.", "SCRIPT:ok", references)])
+    assert grades == [Grade(6.0, 6 / 7, "ok", "Fine.\n<points>6 out of 7</points>")]
+    path, _, body = server.requests[0]
+    assert path == "/v1/responses"
+    assert body["reasoning"] == {"effort": "high"} and body["max_output_tokens"] == 1000
+    assert "Peano." in body["input"] and "Full marks for Peano." in body["input"]
+
+
+def failures(proof: str, n: int):
+    return {
+        "SCRIPT:good": ("text", "<score>7</score>"),
+        "SCRIPT:garbage": ("text", "I think it is pretty good, maybe a seven-ish"),
+        "SCRIPT:notag": ("text", "Score: 7"),
+        "SCRIPT:range": ("text", "<score>9</score>"),
+        "SCRIPT:words": ("text", "<score>seven</score>"),
+        "SCRIPT:http500": ("status", 500, {}),
+        "SCRIPT:http400": ("status", 400, {}),
+        "SCRIPT:http429": ("status", 429, {"Retry-After": "0.2"}),
+        "SCRIPT:slow": ("slow", 3.0, "<score>7</score>"),
+        "SCRIPT:drop": ("drop",),
+        "SCRIPT:notjson": ("raw", "<html>gateway</html>"),
+    }[proof]
+
+
+def test_failures_cost_only_their_item(serve):
+    server = serve(failures)
+    cfg = config(server, timeout_s=0.5, max_retries=2)
+    names = ["good", "garbage", "notag", "range", "words", "http500", "http400", "http429", "slow", "drop", "notjson"]
+    start = time.monotonic()
+    grades = dict(zip(names, JudgeGrader(cfg).grade([item(f"SCRIPT:{name}") for name in names])))
+    elapsed = time.monotonic() - start
+    expected = {
+        "good": "ok", "garbage": "parse_error", "notag": "parse_error", "range": "parse_error",
+        "words": "parse_error", "http500": "judge_error", "http400": "judge_error",
+        "http429": "judge_error", "slow": "timeout", "drop": "judge_error", "notjson": "judge_error",
+    }
+    assert {name: grade.reason for name, grade in grades.items()} == expected
+    assert grades["good"].reward == 1.0
+    assert all(grade.reward == 0.0 and grade.score == 0.0 for name, grade in grades.items() if name != "good")
+    assert grades["garbage"].raw == "I think it is pretty good, maybe a seven-ish"  # kept for inspection
+    assert "HTTP 500" in grades["http500"].raw
+    calls = {name: server.calls[f"SCRIPT:{name}"] for name in names}
+    # A judge's answer is final (parse errors are not re-asked); client errors are not retried;
+    # transient failures get the configured 2 retries.
+    assert calls == {
+        "good": 1, "garbage": 1, "notag": 1, "range": 1, "words": 1, "http400": 1,
+        "http500": 3, "http429": 3, "slow": 3, "drop": 3, "notjson": 3,
+    }
+    assert elapsed >= 2 * 0.2  # Retry-After was honoured between the 429s
+    assert elapsed < 3 * 0.5 + 2.0  # the slow replies were cut at the timeout, not waited for
+
+
+def test_retry_after_then_success(serve):
+    server = serve(lambda proof, n: ("status", 429, {"Retry-After": "0.4"}) if n == 0 else ("text", "<score>4</score>"))
+    start = time.monotonic()
+    grades = JudgeGrader(config(server)).grade([item("SCRIPT:a")])
+    assert time.monotonic() - start >= 0.4
+    assert grades[0].reason == "ok" and grades[0].score == 4.0
+    assert server.calls["SCRIPT:a"] == 2
+
+
+def test_server_errors_then_success(serve):
+    server = serve(lambda proof, n: ("status", 503, {}) if n < 2 else ("text", "<score>3</score>"))
+    grades = JudgeGrader(config(server, max_retries=2)).grade([item("SCRIPT:a")])
+    assert grades[0] == Grade(3.0, 3 / 7, "ok", "<score>3</score>")
+
+
+def test_unreachable_server_is_a_judge_error():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once the socket closes
+    cfg = JudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", max_retries=1, backoff_s=0.01, timeout_s=2.0)
+    grades = JudgeGrader(cfg).grade([item("SCRIPT:a")])
+    assert grades[0].reason == "judge_error" and grades[0].reward == 0.0
+
+
+def test_concurrency_limit_is_respected(serve):
+    server = serve(lambda proof, n: ("slow", 0.2, "<score>1</score>"))
+    start = time.monotonic()
+    grades = JudgeGrader(config(server, concurrency=4)).grade([item(f"SCRIPT:{i}") for i in range(24)])
+    elapsed = time.monotonic() - start
+    assert {g.reason for g in grades} == {"ok"}
+    assert server.max_in_flight == 4  # counted on the server: 4 at once, never more
+    assert 24 * 0.2 / 4 <= elapsed < 24 * 0.2 / 2
+
+
+def test_cache_avoids_a_second_call_and_holds_no_key(serve, tmp_path, monkeypatch):
+    secret = "sk-test-do-not-leak-123"
+    monkeypatch.setenv("JUDGE_TEST_KEY", secret)
+    server = serve(scores)
+    cfg = config(server, api_key_env="JUDGE_TEST_KEY", cache_dir=str(tmp_path / "cache"))
+    items = [item(f"SCRIPT:score={s}") for s in (2, 5, 7)]
+    first = JudgeGrader(cfg).grade(items)
+    assert sum(server.calls.values()) == 3
+    assert server.requests[0][1]["Authorization"] == f"Bearer {secret}"
+    second = JudgeGrader(cfg).grade(items)
+    assert second == first
+    assert sum(server.calls.values()) == 3  # nothing asked twice
+    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert len(files) == 3
+    assert all(secret not in p.read_text() and secret not in p.name for p in files)
+    assert secret not in repr(JudgeGrader(cfg).config)
+    # A different judge model must not be served another model's verdicts.
+    assert cache_key(cfg, "p") != cache_key(JudgeConfig(model="other"), "p")
+
+
+def test_grade_from_a_thread_and_from_inside_an_event_loop(serve):
+    server = serve(scores)
+    grader = JudgeGrader(config(server))
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(thread=grader.grade([item("SCRIPT:score=3")])))
+    thread.start()
+    thread.join(timeout=30)
+
+    async def caller():
+        return grader.grade([item("SCRIPT:score=4")])
+
+    result["loop"] = asyncio.run(caller())
+    assert result["thread"][0].score == 3.0 and result["loop"][0].score == 4.0
+
+
+def test_unusable_responses_make_no_call(serve):
+    server = serve(scores)
+    grades = JudgeGrader(config(server)).grade(
+        [
+            GradeItem("P", "<think>ran out of budget SCRIPT:score=7", {"marking_scheme": "m"}),
+            GradeItem("P", "<think>done</think>\n## Self-Evaluation\nSCRIPT:score=7", {"marking_scheme": "m"}),
+            GradeItem("P", "SCRIPT:score=6 proof.\n\n**Self-evaluation:** perfect, 7 points", {"marking_scheme": "m"}),
+        ]
+    )
+    assert [(g.reason, g.reward) for g in grades] == [("truncated", 0.0), ("no_answer", 0.0), ("ok", 6 / 7)]
+    assert sum(server.calls.values()) == 1
+    assert "perfect, 7 points" not in server.requests[0][2]["messages"][0]["content"]
+
+
+def test_missing_reference_field_is_an_error_before_any_call(serve):
+    server = serve(scores)
+    with pytest.raises(ValueError, match="marking_scheme"):
+        JudgeGrader(config(server)).grade([item("SCRIPT:score=1"), GradeItem("P", "SCRIPT:score=2", {})])
+    with pytest.raises(ValueError, match="guidelines"):
+        JudgeGrader(config(server, style="proofbench")).grade(
+            [GradeItem("P", "SCRIPT:score=2", {"solution": "S", "guidelines": "  "})]
+        )
+    assert server.calls == {}
+
+
+@pytest.mark.parametrize(
+    "style, text, expected",
+    [
+        ("rubric", "<score>5</score>", 5.0),
+        ("rubric", "<score> 6 </score>\n", 6.0),
+        ("rubric", "format: <score>N</score> ... so <score>0</score>", 0.0),  # the last tag wins
+        ("rubric", "<score>3</score> on reflection <score>4/7</score>", 4.0),
+        ("rubric", "<SCORE>2</SCORE>", 2.0),
+        ("rubric", "<think>maybe <score>1</score></think>final <score>2</score>", 2.0),
+        ("rubric", "<think>maybe <score>1</score> then the budget ended", None),
+        ("rubric", "<score>8</score>", None),
+        ("rubric", "<score>-1</score>", None),
+        ("rubric", "<score>7</score> then <score>twelve</score>", None),
+        ("rubric", "score: 7", None),
+        ("rubric", "<points>7 out of 7</points>", None),  # the rubric judge answers in <score>
+        ("rubric", "", None),
+        ("proofbench", "<points>7 out of 7</points>", 7.0),
+        ("proofbench", "<points>1 out of 7</points>", 1.0),
+        ("proofbench", "<points>6</points>", 6.0),
+        ("proofbench", "<points>9 out of 7</points>", None),
+    ],
+)
+def test_parse_score(style, text, expected):
+    assert parse_score(style, text) == expected
+
+
+def _proofbench_rows():
+    with PROOFBENCH.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 60
+    return rows
+
+
+def test_proofbench_rows_render_with_all_fields():
+    for row in _proofbench_rows():
+        references = {"solution": row["Solution"], "guidelines": row["Grading guidelines"]}
+        prompt = render_judge_prompt("proofbench", row["Problem"], "My proof.", references)
+        for field in (row["Problem"], row["Solution"], row["Grading guidelines"], "My proof."):
+            assert field in prompt
+        assert "{{" not in prompt
+        # Fields keep their order, so the judge reads problem, reference, guidelines, then the proof.
+        positions = [prompt.index(f) for f in (row["Problem"], row["Solution"], row["Grading guidelines"])]
+        assert positions == sorted(positions) and prompt.rindex("My proof.") > positions[-1]
+
+
+def test_prompt_never_drops_a_missing_field():
+    row = _proofbench_rows()[0]
+    with pytest.raises(ValueError, match="guidelines"):
+        render_judge_prompt("proofbench", row["Problem"], "My proof.", {"solution": row["Solution"]})
+    with pytest.raises(ValueError, match="solution"):
+        render_judge_prompt("proofbench", row["Problem"], "My proof.", {"solution": "", "guidelines": "g"})
+    with pytest.raises(ValueError, match="problem"):
+        render_judge_prompt("rubric", "", "My proof.", {"marking_scheme": "m"})
+    prompt = render_judge_prompt("rubric", "Problem {{proof}}", "Proof {{problem}}", {"marking_scheme": "M"})
+    assert "Problem {{proof}}" in prompt and "Proof {{problem}}" in prompt  # inserted text is not re-scanned
+
+
+def test_config_never_holds_the_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-appear")
+    assert "sk-should-not-appear" not in repr(JudgeConfig()) + repr(JudgeGrader(JudgeConfig()).__dict__)
