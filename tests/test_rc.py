@@ -138,3 +138,35 @@ def test_rc_rejects_bad_arguments():
     with pytest.raises(KeyError):
         render_prompt("rc_reason")
     assert RCState("p").messages()[0]["role"] == "user"
+
+
+def test_rc_with_a_tiny_model(toy_tokenizer):
+    """The real JAX engine under RC: one policy and one summariser call per turn, states in order,
+    each summary slot filled from the turn before, truncation marked (tokens run out mid-think)."""
+    from flax import nnx
+
+    from qedjax.models.qwen3 import Qwen3, Qwen3Config
+    from qedjax.rollout.jax_engine import JaxEngine
+
+    calls = []
+
+    class Counting(JaxEngine):
+        def generate(self, requests, params):
+            calls.append((self.role, len(requests)))
+            return super().generate(requests, params)
+
+    model = Qwen3(Qwen3Config.preset("tiny"), rngs=nnx.Rngs(0))
+    policy, summarizer = Counting(model, toy_tokenizer), Counting(model, toy_tokenizer)
+    policy.role, summarizer.role = "policy", "summarizer"
+    problems = ["Reverse the list: 1 2 3", "Reverse the list: 4 5 6"]
+    results = run_rc(policy, problems, turns=3, params=SamplingParams(max_new_tokens=12, seed=1),
+                     summarizer=summarizer, summary_params=SamplingParams(max_new_tokens=8, seed=2))
+    assert calls == [("policy", 2), ("summarizer", 2), ("policy", 2), ("summarizer", 2), ("policy", 2)]
+    for result in results:
+        assert [t.state.turn for t in result.turns] == [0, 1, 2]
+        assert result.turns[0].state.summary == ""
+        for before, after in zip(result.turns, result.turns[1:]):
+            assert after.state.summary == before.new_summary
+        # A random tiny model never closes its think block within 12 tokens.
+        assert all(t.truncated for t in result.turns)
+        assert result.calls == 5 and result.policy_tokens == sum(len(t.completion.tokens) for t in result.turns)

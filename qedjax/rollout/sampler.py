@@ -1,0 +1,242 @@
+"""The JAX-native batched sampler: prefill, then a jitted decode loop over a preallocated KV cache.
+
+Prompts of different lengths are left-padded to a shared length (padding is segment 0, so no real
+token attends to it), the cache is filled by one prefill pass, and a `lax.while_loop` decodes one
+token per step for the whole batch until every row has hit a stop id or the token limit. Each row
+samples from its own random stream (seed, row), so a prompt draws the same tokens alone or in any
+batch. Shapes are bucketed (batch to a power of two; prompt and generation lengths to powers of
+two, then multiples of 1024), so a run with mixed lengths compiles a bounded number of programs.
+
+Logprobs are those of the sampled tokens under softmax(logits / temperature), the distribution the
+trainer recomputes for GRPO's ratio (top-k/top-p only restrict which tokens can be drawn; with
+temperature 0 the logprobs are those of the untempered distribution).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qedjax.models.qwen3 import KVCache, Qwen3
+from qedjax.rollout.engine import FINISH_LENGTH, FINISH_STOP
+from qedjax.sharding import ROLLOUT_RULES, activation_sharding, logical_to_spec, state_shardings
+
+MAX_STOP_IDS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    tokens: list[int]  # new tokens, the stop token included when there was one
+    logprobs: list[float]
+    finish_reason: str  # FINISH_STOP | FINISH_LENGTH
+
+
+def bucket(n: int, minimum: int = 16, step: int = 1024) -> int:
+    """The padded size for n: a power of two up to `step`, then a multiple of `step`."""
+    n = max(n, minimum)
+    if n <= step:
+        return 1 << (n - 1).bit_length()
+    return -(-n // step) * step
+
+
+def _filter_logits(logits, top_k, top_p, use_top_k: bool, use_top_p: bool):
+    """Masks logits outside the top-k / nucleus sets (rows [B, V]; k and p per row)."""
+    if not (use_top_k or use_top_p):
+        return logits
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    rank = jnp.arange(logits.shape[-1])[None, :]
+    keep = jnp.ones_like(sorted_logits, dtype=bool)
+    if use_top_k:
+        keep &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    if use_top_p:
+        probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this token
+        keep &= before < top_p[:, None]
+    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    return jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(masked)
+
+
+def _sample(logits, keys, temperature, top_k, top_p, use_top_k, use_top_p):
+    """One token per row and its logprob. logits [B, V] fp32; keys [B] PRNG keys."""
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    logp_all = jax.nn.log_softmax(scaled, axis=-1)
+    filtered = _filter_logits(scaled, top_k, top_p, use_top_k, use_top_p)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
+    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+
+
+class Sampler:
+    """Generates from a Qwen3 model. See the module docstring.
+
+    Args:
+      model: a Qwen3 module (its parameters are used as they are; call `update` for new ones).
+      mesh: optional mesh; parameters and the cache are then laid out by the rollout rules.
+      max_batch: requests beyond this are generated in several passes.
+    """
+
+    def __init__(self, model: Qwen3, *, mesh: Mesh | None = None, rules=ROLLOUT_RULES, max_batch: int = 256,
+                 pad_id: int = 0):
+        self.config = model.config
+        self.graphdef, state = nnx.split(model)
+        self.mesh, self.rules = mesh, rules
+        self.max_batch = max_batch
+        self.pad_id = pad_id
+        self._param_shardings = None
+        if mesh is not None:
+            self._param_shardings = state_shardings(state, mesh, rules)
+        self.params = None
+        self.update(nnx.to_pure_dict(state))
+        self.compiled_shapes: set[tuple[int, int, int]] = set()
+        # One compiled program per (batch, prompt, generation) bucket and sampling-filter flags.
+        self._generate = jax.jit(self._generate_impl, static_argnums=(6, 7, 8))
+
+    def update(self, params) -> None:
+        """New parameter values (a pure dict as from nnx.to_pure_dict, any layout)."""
+        if self._param_shardings is not None:
+            params = jax.device_put(params, self._param_shardings)
+        self.params = params
+
+    def _row_sharding(self, ndim: int):
+        if self.mesh is None:
+            return None
+        return NamedSharding(self.mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), self.rules))
+
+    def _generate_impl(self, params, tokens, positions, segments, controls, keys, max_new: int, use_top_k: bool,
+                  use_top_p: bool):
+        """tokens/positions/segments [B, P]; controls: temperature, top_k, top_p, stop ids, limits."""
+        cfg = self.config
+        b, p = tokens.shape
+        model = nnx.merge(self.graphdef, params)
+        ctx = activation_sharding(self.mesh, self.rules) if self.mesh is not None else _null()
+        with ctx:
+            cache = KVCache.init(cfg, b, p + max_new)
+            if self.mesh is not None:
+                spec = logical_to_spec(("batch", None, "act_heads", None), self.rules)
+                kv = NamedSharding(self.mesh, spec)
+                cache = dataclasses.replace(
+                    cache, k=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.k),
+                    v=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.v))
+            hidden, cache = model.hidden(tokens, positions, segments, cache)
+            logits = model.logits(hidden[:, -1])
+            temperature, top_k, top_p, stop_ids, limit = (controls["temperature"], controls["top_k"],
+                                                          controls["top_p"], controls["stop_ids"],
+                                                          controls["limit"])
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)
+            token, logp = _sample(logits, step_keys, temperature, top_k, top_p, use_top_k, use_top_p)
+            out_tokens = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(token)
+            out_logp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(logp)
+            done = jnp.any(token[:, None] == stop_ids[None, :], axis=-1) | (limit <= 1)
+            length = jnp.ones((b,), jnp.int32)
+            pos = positions[:, -1] + 1
+
+            def cond(carry):
+                i, _, _, _, _, done, _, _ = carry
+                return (i < max_new) & ~jnp.all(done)
+
+            def body(carry):
+                i, cache, token, out_tokens, out_logp, done, length, pos = carry
+                hidden, cache = model.hidden(token[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32), cache)
+                logits = model.logits(hidden[:, 0])
+                keys_i = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+                new, logp = _sample(logits, keys_i, temperature, top_k, top_p, use_top_k, use_top_p)
+                new = jnp.where(done, self.pad_id, new)
+                out_tokens = out_tokens.at[:, i].set(new)
+                out_logp = out_logp.at[:, i].set(jnp.where(done, 0.0, logp))
+                length = length + (~done).astype(jnp.int32)
+                done = done | jnp.any(new[:, None] == stop_ids[None, :], axis=-1) | (length >= limit)
+                return i + 1, cache, new, out_tokens, out_logp, done, length, pos + 1
+
+            carry = (jnp.int32(1), cache, token, out_tokens, out_logp, done, length, pos)
+            _, _, _, out_tokens, out_logp, _, length, _ = jax.lax.while_loop(cond, body, carry)
+        return out_tokens, out_logp, length
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int] = (),
+                 seed: int | Sequence[int] = 0) -> list[SampleResult]:
+        """Samples a continuation of every prompt.
+
+        Args:
+          prompts: token-id lists (any lengths, none empty).
+          max_new_tokens: the most tokens generated per prompt.
+          temperature: 0 is greedy.
+          top_p, top_k: nucleus / top-k truncation (1.0 / 0 disable them).
+          stop_ids: tokens that end a row (kept as its last token).
+          seed: one seed (row i then uses the stream (seed, i)) or one seed per prompt.
+        Returns:
+          One SampleResult per prompt.
+        """
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if len(stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids")
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        rows = [jax.random.fold_in(jax.random.key(s), i) if isinstance(seed, int) else jax.random.key(s)
+                for i, s in enumerate(seeds)]
+        results: list[SampleResult] = []
+        for start in range(0, len(prompts), self.max_batch):
+            chunk = list(range(start, min(start + self.max_batch, len(prompts))))
+            results += self._generate_chunk([prompts[i] for i in chunk], [rows[i] for i in chunk],
+                                            max_new_tokens, temperature, top_p, top_k, stop_ids)
+        return results
+
+    def _generate_chunk(self, prompts, keys, max_new_tokens, temperature, top_p, top_k, stop_ids):
+        n = len(prompts)
+        b = bucket(n, minimum=1)
+        if self.mesh is not None:  # the batch must divide over the batch shards
+            shards = int(np.prod([self.mesh.shape[a] for a in _axes(self.rules["batch"])]))
+            b = -(-b // shards) * shards
+        p = bucket(max(len(x) for x in prompts))
+        new = bucket(max_new_tokens)
+        tokens = np.full((b, p), self.pad_id, np.int32)
+        segments = np.zeros((b, p), np.int32)
+        positions = np.zeros((b, p), np.int32)
+        for r, prompt in enumerate(prompts + [prompts[0]] * (b - n)):  # filler rows repeat a prompt
+            tokens[r, p - len(prompt):] = prompt
+            segments[r, p - len(prompt):] = 1
+            positions[r, p - len(prompt):] = np.arange(len(prompt))
+        stops = np.full((MAX_STOP_IDS,), -1, np.int32)
+        stops[: len(stop_ids)] = stop_ids
+        controls = {"temperature": np.full((b,), temperature, np.float32), "top_k": np.full((b,), top_k, np.int32),
+                    "top_p": np.full((b,), top_p, np.float32), "stop_ids": stops,
+                    "limit": np.full((b,), max_new_tokens, np.int32)}
+        keys = jnp.stack(list(keys) + [keys[0]] * (b - n))
+        if self.mesh is not None:
+            row = self._row_sharding
+            tokens, positions, segments = (jax.device_put(x, row(2)) for x in (tokens, positions, segments))
+            keys = jax.device_put(keys, row(1))
+        self.compiled_shapes.add((b, p, new))
+        out_tokens, out_logp, length = jax.device_get(self._generate(
+            self.params, tokens, positions, segments, controls, keys, new, top_k > 0, top_p < 1.0))
+        stop_set = set(int(s) for s in stop_ids)
+        results = []
+        for r in range(n):
+            k = int(length[r])
+            toks = out_tokens[r, :k].tolist()
+            reason = FINISH_STOP if toks and toks[-1] in stop_set else FINISH_LENGTH
+            results.append(SampleResult(toks, out_logp[r, :k].astype(float).tolist(), reason))
+        return results
+
+
+def _axes(axes):
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
