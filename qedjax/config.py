@@ -18,8 +18,12 @@ import yaml
 
 from qedjax.checkpoint import CheckpointConfig
 from qedjax.data import DataConfig
+from qedjax.eval.run import EvalConfig
+from qedjax.judge import JudgeConfig
 from qedjax.models.qwen3 import DTYPES, PRESETS
 from qedjax.optim import OptimConfig
+from qedjax.pipeline import TARGETS, EngineConfig
+from qedjax.rl import GRPOConfig
 from qedjax.toy import ToyConfig
 
 STAGES = ("sft", "grpo", "eval", "export")
@@ -32,11 +36,15 @@ class RunConfig:
     stages: tuple[str, ...] = ("sft",)  # run in this order by `python -m qedjax.launch`
     mesh: str = ""  # "data=D,fsdp=F,tensor=T"; empty: all devices on data (--mesh overrides)
     deterministic: bool = False  # keep timings out of metrics.jsonl (identical files for a seed)
+    eval_targets: tuple[str, ...] = ("final",)  # what the eval stage evaluates: base | sft | grpo | final
 
     def __post_init__(self):
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ValueError(f"run.stages: unknown stage(s) {bad}; known: {STAGES}")
+        bad = [t for t in self.eval_targets if t not in TARGETS]
+        if bad:
+            raise ValueError(f"run.eval_targets: unknown target(s) {bad}; known: {TARGETS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +89,12 @@ class Config:
 
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()  # the rollout engine of the grpo and eval stages
+    judge: JudgeConfig | None = None  # the judge endpoint, for stages whose grader is "judge"
     toy: ToyConfig | None = None  # generate the demo's tokenizer and data into the run dir
     sft: SFTConfig | None = None
+    grpo: GRPOConfig | None = None
+    eval: EvalConfig | None = None
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
@@ -106,7 +118,7 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise TypeError(f"config key {key}: expected a mapping, got {type(value).__name__}")
-        return build(tp, value, key)
+        return build(tp, value, f"{key}.")
     if origin in (tuple, Sequence, list) or tp in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"config key {key}: expected a list, got {type(value).__name__} {value!r}")
@@ -124,6 +136,11 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise TypeError(f"config key {key}: expected true/false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"config key {key}: expected a number, got {value!r}")
         return float(value)

@@ -16,8 +16,8 @@ import time
 
 import jax
 
-from qedjax import sharding
-from qedjax.config import load_config
+from qedjax import pipeline, rl, sft, sharding
+from qedjax.config import config_hash, load_config
 from qedjax.metrics import MetricsWriter
 from qedjax.provenance import write_run_info
 
@@ -74,10 +74,14 @@ def with_toy_data(cfg, run_dir: str):
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("qedjax toy data written")
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer=tok_dir))
+    rep = dataclasses.replace
+    cfg = rep(cfg, model=rep(cfg.model, tokenizer=tok_dir))
     if cfg.sft is not None:
-        cfg = dataclasses.replace(cfg, sft=dataclasses.replace(
-            cfg.sft, data=dataclasses.replace(cfg.sft.data, path=paths["sft"])))
+        cfg = rep(cfg, sft=rep(cfg.sft, data=rep(cfg.sft.data, path=paths["sft"])))
+    if cfg.grpo is not None:
+        cfg = rep(cfg, grpo=rep(cfg.grpo, problems=rep(cfg.grpo.problems, path=paths["rl"], format="rules")))
+    if cfg.eval is not None:
+        cfg = rep(cfg, eval=rep(cfg.eval, benchmark=rep(cfg.eval.benchmark, path=paths["eval"], format="rules")))
     return cfg
 
 
@@ -95,22 +99,28 @@ def main(argv=None) -> int:
         cfg = with_toy_data(cfg, run_dir)
     write_run_info(run_dir, cfg, mesh)
     writer = MetricsWriter(run_dir, deterministic=cfg.run.deterministic)
-    tokenizer = cfg.model.tokenizer or cfg.model.hf_path
+    tokenizer_path = cfg.model.tokenizer or cfg.model.hf_path
+    tokenizer = sft.load_tokenizer(tokenizer_path)
+    make_engine = pipeline.engine_factory(cfg, tokenizer, mesh, run_dir)
     if jax.process_index() == 0:
         print(f"[qedjax] run dir {run_dir} | mesh {sharding.format_mesh(mesh)} on {jax.device_count()} "
               f"{jax.devices()[0].platform} device(s) | stages {', '.join(stages)}")
-    timings = {}
+    timings, evals = {}, {}
     for stage in stages:
         t0 = time.perf_counter()
         if stage == "sft":
-            from qedjax import sft
-
-            sft.run(cfg, mesh, run_dir, writer, tokenizer_path=tokenizer)
-        else:
-            raise NotImplementedError(f"stage {stage!r} is not available yet")
+            sft.run(cfg, mesh, run_dir, writer, tokenizer_path=tokenizer_path)
+        elif stage == "grpo":
+            grader = pipeline.build_grader(cfg.grpo.grader, cfg, run_dir, style="rubric")
+            rl.run(cfg, mesh, run_dir, writer, tokenizer=tokenizer, grader=grader, make_engine=make_engine)
+        elif stage == "eval":
+            evals = pipeline.run_evals(cfg, mesh, run_dir, tokenizer, make_engine)
         timings[stage] = time.perf_counter() - t0
     writer.close()
+    summary = pipeline.write_summary(run_dir, evals, timings, {"config_hash": config_hash(cfg)})
     if jax.process_index() == 0:
+        if evals:
+            print(pipeline.summary_table(summary))
         print("[qedjax] done: " + ", ".join(f"{s} {t:.1f}s" for s, t in timings.items()))
     return 0
 

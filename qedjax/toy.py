@@ -1,8 +1,8 @@
 """The embedded demo's task and tokenizer: everything the toy pipeline needs, generated locally.
 
 The task stands in for olympiad proofs at a scale two CPU cores can train in minutes. A problem
-asks to reverse a list of digits; the expected answer has a short think block, then
-`Answer: d7 d6 ... d1`. A rubric gives one point per correctly placed digit (7 digits, 7 points),
+asks to add one (mod 10) to each digit of a list; the expected answer has a short think block,
+then `Answer: e1 e2 ... e7`. A rubric gives one point per correctly placed digit (7 digits, 7 points),
 graded by qedjax.rewards.RuleGrader exactly as the judge's 0..7 scale would be. The SFT "teacher"
 is deliberately imperfect (a fraction of its demonstrations misplace digits, like the graded
 teacher proofs of FineProofs), so SFT learns the format and most of the skill, and RL has
@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import random
+import re
 from typing import Iterator
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -54,7 +55,9 @@ class ToyConfig:
     rl_problems: int = 256
     eval_problems: int = 32
     teacher_error_rate: float = 0.5  # fraction of demonstrations with misplaced digits
-    vocab_size: int = 512
+    vocab_size: int = 1024
+    summary_rows: float = 0.25  # fraction of SFT rows that continue from an RC summary
+    summarize_rows: float = 0.15  # fraction of SFT rows that teach writing an RC summary
     seed: int = 1234
 
     def __post_init__(self):
@@ -65,26 +68,44 @@ class ToyConfig:
 
 
 def problem_text(digits: list[int]) -> str:
-    return "Reverse the list: " + " ".join(map(str, digits))
+    return "Add one to each digit: " + " ".join(map(str, digits))
+
+
+def target(digits: list[int]) -> list[int]:
+    return [(d + 1) % 10 for d in digits]
 
 
 def rubric(digits: list[int]) -> dict:
-    """One checkpoint per position of the reversed list, one point each (7 in all)."""
-    target = digits[::-1]
+    """One checkpoint per position of the answer, one point each (7 in all)."""
+    target_ = target(digits)
     return {"checkpoints": [
         {"pattern": r"Answer:\s*" + r"(?:\S+\s+)" + "{" + str(i) + "}" + f"{d}(?:\\s|$)",
          "points": 1, "description": f"position {i + 1} is {d}"}
-        for i, d in enumerate(target)]}
+        for i, d in enumerate(target_)]}
+
+
+def teacher_answer(digits: list[int], rng: random.Random, error_rate: float) -> list[int]:
+    """The right answer; with probability error_rate two of its digits are swapped."""
+    answer = target(digits)
+    if rng.random() < error_rate:
+        i, j = rng.sample(range(len(answer)), 2)
+        answer[i], answer[j] = answer[j], answer[i]
+    return answer
+
+
+def solution(answer: list[int]) -> tuple[str, str]:
+    """(reasoning, final answer) text of a demonstration whose result is `answer`."""
+    text = " ".join(map(str, answer))
+    return f"Adding one to each digit: {text}.", f"Answer: {text}"
+
+
+def summary_of(answer: list[int]) -> str:
+    return "I added one to each digit and got " + " ".join(map(str, answer)) + "."
 
 
 def teacher_solution(digits: list[int], rng: random.Random, error_rate: float) -> tuple[str, str]:
     """(reasoning, answer) of a demonstration; with probability error_rate two digits are swapped."""
-    answer = digits[::-1]
-    if rng.random() < error_rate:
-        i, j = rng.sample(range(len(answer)), 2)
-        answer[i], answer[j] = answer[j], answer[i]
-    reasoning = f"The list has {len(digits)} digits. Reading it from the end."
-    return reasoning, "Answer: " + " ".join(map(str, answer))
+    return solution(teacher_answer(digits, rng, error_rate))
 
 
 def _problems(rng: random.Random, n: int, num_digits: int) -> Iterator[list[int]]:
@@ -103,9 +124,7 @@ def write_data(cfg: ToyConfig, out_dir: str) -> dict[str, str]:
     paths = data_paths(out_dir)
     with open(paths["sft"], "w") as f:
         for digits in _problems(rng, cfg.sft_rows, cfg.num_digits):
-            reasoning, proof = teacher_solution(digits, rng, cfg.teacher_error_rate)
-            f.write(json.dumps({"problem": problem_text(digits), "reasoning_content": reasoning,
-                                "proof": proof}) + "\n")
+            f.write(json.dumps(sft_row(digits, rng, cfg)) + "\n")
     for name, n in (("rl", cfg.rl_problems), ("eval", cfg.eval_problems)):
         with open(paths[name], "w") as f:
             for digits in _problems(rng, n, cfg.num_digits):
@@ -114,13 +133,43 @@ def write_data(cfg: ToyConfig, out_dir: str) -> dict[str, str]:
     return paths
 
 
+def sft_row(digits: list[int], rng: random.Random, cfg: ToyConfig) -> dict:
+    """One demonstration, prompted the way the RL loop and the eval prompt (qedjax.rollout.rc):
+    a first RC turn, a turn that continues from a summary, or the writing of a summary."""
+    from qedjax.rollout.rc import render_prompt
+
+    problem = problem_text(digits)
+    kind = rng.random()
+    if kind < cfg.summarize_rows:
+        attempt = teacher_answer(digits, rng, cfg.teacher_error_rate)
+        prompt = render_prompt("rc_summarize", problem=problem, summary=render_prompt("rc_no_summary"),
+                               attempt=solution(attempt)[0], note="")
+        return {"problem": prompt, "reasoning_content": "Summarising the attempt.", "proof": summary_of(attempt)}
+    if kind < cfg.summarize_rows + cfg.summary_rows:
+        earlier = teacher_answer(digits, rng, cfg.teacher_error_rate)
+        prompt = render_prompt("rc_reason_summary", problem=problem, summary=summary_of(earlier))
+    else:
+        prompt = render_prompt("rc_reason", problem=problem)
+    reasoning, proof = teacher_solution(digits, rng, cfg.teacher_error_rate)
+    return {"problem": prompt, "reasoning_content": reasoning, "proof": proof}
+
+
 def _prompt_texts() -> list[str]:
     here = os.path.join(os.path.dirname(__file__), "prompts")
     texts = []
     for path in sorted(glob.glob(os.path.join(here, "*.txt"))):
         with open(path) as f:
-            texts.append(f.read())
+            texts.append(f.read().strip())
     return texts
+
+
+def _template_chunks() -> list[str]:
+    """The fixed text between the placeholders of every prompt template. The toy tokenizer gives
+    each chunk one token, so the demo's long RC prompts cost a handful of tokens each."""
+    chunks = set()
+    for text in _prompt_texts():
+        chunks.update(c for c in re.split(r"\{\{\w+\}\}", text) if c.strip())
+    return sorted(chunks, key=lambda c: (-len(c), c))
 
 
 def build_tokenizer(out_dir: str, *, vocab_size: int = 512, extra_texts: list[str] | None = None,
@@ -137,10 +186,11 @@ def build_tokenizer(out_dir: str, *, vocab_size: int = 512, extra_texts: list[st
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(THINK_TOKENS), special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(THINK_TOKENS) - len(_template_chunks()),
+                                  special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS + _template_chunks()])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                  additional_special_tokens=["<|im_start|>"])
     hf.chat_template = CHAT_TEMPLATE

@@ -101,6 +101,11 @@ def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, j
             for k, v in local.items()}
 
 
+def _identity(name: str) -> float:
+    """The neutral start of a metric's combination across micro-batches."""
+    return -jnp.inf if name.endswith("_max") else jnp.inf if name.endswith("_min") else 0.0
+
+
 def _combine(name: str, a, b):
     if name.endswith("_max"):
         return jnp.maximum(a, b)
@@ -132,7 +137,7 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
             first = jax.tree.map(lambda x: x[0], batch)
             (_, aux_shape), _ = jax.eval_shape(grads, params, first)
             zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-                    {k: jnp.zeros(v.shape, v.dtype) for k, v in aux_shape.items()})
+                    {k: jnp.full(v.shape, _identity(k), v.dtype) for k, v in aux_shape.items()})
 
             def body(carry, micro):
                 g_acc, l_acc, aux_acc = carry
@@ -164,6 +169,30 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
+def model_config(model_cfg):
+    """The Qwen3Config a ModelConfig describes (a HF checkpoint's config.json, or a preset)."""
+    from qedjax import convert
+    from qedjax.models.qwen3 import Qwen3Config
+
+    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
+    if model_cfg.hf_path:
+        return convert.read_config(model_cfg.hf_path, **dtypes)
+    return Qwen3Config.preset(model_cfg.preset, **dtypes)
+
+
+def abstract_params(model_cfg, mesh: Mesh, rules):
+    """(config, graphdef, params as ShapeDtypeStructs with shardings): a restore target, no memory."""
+    from qedjax import convert
+    from qedjax.sharding import state_shardings
+
+    config = model_config(model_cfg)
+    graphdef, abstract = convert.abstract_model(config)
+    shardings = state_shardings(abstract, mesh, rules)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract), shardings)
+    return config, graphdef, target
+
+
 def init_params(model_cfg, mesh: Mesh, rules, *, seed: int = 0, vocab_size: int | None = None):
     """(config, graphdef, params) from a Hugging Face checkpoint or a preset, created in their shards.
 
@@ -172,18 +201,16 @@ def init_params(model_cfg, mesh: Mesh, rules, *, seed: int = 0, vocab_size: int 
       vocab_size: the tokenizer's size; an error if the model's vocabulary is smaller.
     """
     from qedjax import convert
-    from qedjax.models.qwen3 import Qwen3, Qwen3Config
+    from qedjax.models.qwen3 import Qwen3
     from qedjax.sharding import init_sharded, state_shardings
 
-    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
+    config = model_config(model_cfg)
     if model_cfg.hf_path:
-        config = convert.read_config(model_cfg.hf_path, **dtypes)
         _, abstract = convert.abstract_model(config)
         config, graphdef, params = convert.load_params(
             model_cfg.hf_path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype, config=config,
             shardings=state_shardings(abstract, mesh, rules))
     else:
-        config = Qwen3Config.preset(model_cfg.preset, **dtypes)
         graphdef, params = init_sharded(lambda: Qwen3(config, rngs=nnx.Rngs(seed)), mesh, rules)
     if vocab_size is not None and vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but the model's vocabulary is "

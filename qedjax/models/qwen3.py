@@ -47,8 +47,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                      num_attention_heads=32, rope_theta=1e6, max_position_embeddings=40960,
                      tie_word_embeddings=False),
     # Small shapes for tests and the embedded demo (vocab set by the toy tokenizer).
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                 rms_norm_eps=1e-6, max_position_embeddings=2048, tie_word_embeddings=True),
+    # The embedded demo's model (configs/tiny.yaml): wide enough to learn the toy task in minutes.
+    "demo": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
                  rms_norm_eps=1e-6, max_position_embeddings=2048, tie_word_embeddings=True),
     # ~100M parameters: the CPU benchmark shape.
     "bench-100m": dict(vocab_size=32768, hidden_size=640, intermediate_size=2048, num_hidden_layers=12,

@@ -7,6 +7,7 @@ tokens. Weights come in-process: `load_weights(version, params)` takes the train
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 from flax import nnx
@@ -47,6 +48,7 @@ class JaxEngine:
         self.sampler = Sampler(model, mesh=mesh, max_batch=max_batch, pad_id=tokenizer.pad_token_id or 0)
         self.stop_ids = stop_token_ids(tokenizer)
         self._version = version
+        self._lock = threading.Lock()  # load_weights may run while another thread generates
 
     @property
     def version(self) -> int:
@@ -57,8 +59,9 @@ class JaxEngine:
             raise ValueError("JaxEngine.load_weights needs the parameters (in-process engine)")
         if isinstance(weights, nnx.Module):
             weights = nnx.to_pure_dict(nnx.state(weights, nnx.Param))
-        self.sampler.update(weights)
-        self._version = version
+        with self._lock:
+            self.sampler.update(weights)
+            self._version = version
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -69,9 +72,11 @@ class JaxEngine:
 
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
         texts, prompts = self.encode(requests)
+        with self._lock:  # one version for the whole call
+            version, weights = self._version, self.sampler.params
         results = self.sampler.generate(prompts, max_new_tokens=params.max_new_tokens,
                                         temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                        stop_ids=self.stop_ids, seed=params.seed)
+                                        stop_ids=self.stop_ids, seed=params.seed, params=weights)
         out = []
         for text, prompt, r in zip(texts, prompts, results):
             body = r.tokens[:-1] if r.finish_reason == "stop" else r.tokens
@@ -80,5 +85,5 @@ class JaxEngine:
                 decoded = THINK_OPEN + "\n" + decoded
             out.append(Completion(text=decoded, tokens=tuple(r.tokens), logprobs=tuple(r.logprobs),
                                   finish_reason=r.finish_reason, prompt_tokens=tuple(prompt),
-                                  policy_version=self._version))
+                                  policy_version=version))
         return out

@@ -100,7 +100,9 @@ class Sampler:
         self._generate = jax.jit(self._generate_impl, static_argnums=(6, 7, 8))
 
     def update(self, params) -> None:
-        """New parameter values (a pure dict as from nnx.to_pure_dict, any layout)."""
+        """New parameter values (a pure dict as from nnx.to_pure_dict, any layout). They are copied:
+        a trainer may donate its buffers to the next step while this sampler still uses them."""
+        params = jax.tree.map(jnp.copy, params)
         if self._param_shardings is not None:
             params = jax.device_put(params, self._param_shardings)
         self.params = params
@@ -161,7 +163,7 @@ class Sampler:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int] = (),
-                 seed: int | Sequence[int] = 0) -> list[SampleResult]:
+                 seed: int | Sequence[int] = 0, params=None) -> list[SampleResult]:
         """Samples a continuation of every prompt.
 
         Args:
@@ -171,6 +173,7 @@ class Sampler:
           top_p, top_k: nucleus / top-k truncation (1.0 / 0 disable them).
           stop_ids: tokens that end a row (kept as its last token).
           seed: one seed (row i then uses the stream (seed, i)) or one seed per prompt.
+          params: parameters to use instead of the current ones (a snapshot, for concurrent updates).
         Returns:
           One SampleResult per prompt.
         """
@@ -183,14 +186,15 @@ class Sampler:
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
         rows = [jax.random.fold_in(jax.random.key(s), i) if isinstance(seed, int) else jax.random.key(s)
                 for i, s in enumerate(seeds)]
+        params = self.params if params is None else params
         results: list[SampleResult] = []
         for start in range(0, len(prompts), self.max_batch):
             chunk = list(range(start, min(start + self.max_batch, len(prompts))))
-            results += self._generate_chunk([prompts[i] for i in chunk], [rows[i] for i in chunk],
+            results += self._generate_chunk(params, [prompts[i] for i in chunk], [rows[i] for i in chunk],
                                             max_new_tokens, temperature, top_p, top_k, stop_ids)
         return results
 
-    def _generate_chunk(self, prompts, keys, max_new_tokens, temperature, top_p, top_k, stop_ids):
+    def _generate_chunk(self, params, prompts, keys, max_new_tokens, temperature, top_p, top_k, stop_ids):
         n = len(prompts)
         b = bucket(n, minimum=1)
         if self.mesh is not None:  # the batch must divide over the batch shards
@@ -217,7 +221,7 @@ class Sampler:
             keys = jax.device_put(keys, row(1))
         self.compiled_shapes.add((b, p, new))
         out_tokens, out_logp, length = jax.device_get(self._generate(
-            self.params, tokens, positions, segments, controls, keys, new, top_k > 0, top_p < 1.0))
+            params, tokens, positions, segments, controls, keys, new, top_k > 0, top_p < 1.0))
         stop_set = set(int(s) for s in stop_ids)
         results = []
         for r in range(n):

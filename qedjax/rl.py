@@ -1,0 +1,424 @@
+"""The RL loop (stages 2 and 3 of the recipe): GRPO with rubric rewards, over reasoning-cache states.
+
+One optimizer step:
+  1. take the next `problems_per_step` problems (seeded order; optional difficulty filter);
+  2. states: with RC, each problem's states come from an RC rollout (reason -> summarise, `turns`
+     times) of the current policy with a frozen summariser, and `states_per_problem` of its
+     `turns + 1` states are drawn; without RC the only state is the bare problem (plain GRPO);
+  3. a group of `group_size` rollouts per state from the rollout engine;
+  4. every rollout graded alone against the plain problem (truncated ones get 0 without a call);
+  5. advantages per group, a GRPO train step, and the new weights published to the engine.
+Synchronous mode does these in order (lag 0). Asynchronous mode produces the rollouts of the next
+batches in a background thread while the trainer trains; a batch generated more than `max_lag`
+policy versions before the trainer reaches it is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import random
+import threading
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from qedjax import grpo, train
+from qedjax.checkpoint import Checkpointer, CheckpointConfig, StopRequest, restore_params
+from qedjax.eval.benchmarks import BenchmarkConfig, Problem, load_benchmark
+from qedjax.metrics import MetricsWriter
+from qedjax.optim import OptimConfig, learning_rate, make_optimizer
+from qedjax.rewards import MAX_SCORE, Grade, Grader, GradeItem
+from qedjax.rollout.engine import Completion, RolloutEngine, SamplingParams
+from qedjax.rollout.rc import RCState, derive_seed, rc_states
+from qedjax.rollout.sampler import bucket
+from qedjax.sharding import TRAIN_RULES, batch_divisor
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "behaviour_logp", "ref_logp", "weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class RCTrainConfig:
+    enabled: bool = False
+    turns: int = 3  # reasoning turns of the RC rollout that makes the states (3 -> 4 states)
+    states_per_problem: int = 2
+    mode: str = "replace"
+    summarizer: str = "frozen"  # "frozen": the initial policy, never updated | "policy": the current one
+    summary_max_new_tokens: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    problems: BenchmarkConfig = BenchmarkConfig()
+    init: str = "sft"  # "sft": the SFT stage's result | "model": the model section | a checkpoint dir
+    steps: int = 100
+    problems_per_step: int = 64
+    group_size: int = 16
+    rc: RCTrainConfig = RCTrainConfig()
+    sampling: SamplingParams = SamplingParams(max_new_tokens=49152, temperature=0.8)
+    loss: grpo.LossConfig = grpo.LossConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", warmup_ratio=0.0, weight_decay=0.01,
+                                     clip_norm=0.3)
+    grader: str = "rule"  # "judge" (rubric style) | "answer" | "rule"
+    mode: str = "sync"  # "sync" | "async"
+    max_lag: int = 5
+    micro_batches: int = 1
+    skip_zero_variance: bool = True  # leave groups with equal rewards (advantage 0) out of the batch
+    filter_solved: bool = False  # stop sampling problems the policy solved in every rollout of a group
+    filter_unsolved: bool = False  # ... or failed in every rollout
+    checkpoint: CheckpointConfig = CheckpointConfig(every=10, keep=2)
+    log_every: int = 1
+
+    def __post_init__(self):
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"grpo.mode must be 'sync' or 'async', got {self.mode!r}")
+        if self.group_size < 2:
+            raise ValueError("grpo.group_size must be >= 2 (advantages are relative to the group)")
+        if self.rc.enabled and self.rc.states_per_problem > self.rc.turns + 1:
+            raise ValueError(f"grpo.rc.states_per_problem ({self.rc.states_per_problem}) exceeds the "
+                             f"{self.rc.turns + 1} states of {self.rc.turns} turns")
+        if self.rc.summarizer not in ("frozen", "policy"):
+            raise ValueError(f"grpo.rc.summarizer must be 'frozen' or 'policy', got {self.rc.summarizer!r}")
+
+    @property
+    def sequences_per_step(self) -> int:
+        states = self.rc.states_per_problem if self.rc.enabled else 1
+        return self.problems_per_step * states * self.group_size
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """One step's worth of graded groups, and how they were made."""
+
+    version: int
+    states: list[RCState]  # one per group
+    completions: list[list[Completion]]
+    grades: list[list[Grade]]
+    summary_tokens: list[int]
+    times: dict[str, float]
+    problems: list[Problem]
+
+
+class ProblemSampler:
+    """Seeded epochs over the problems, skipping those the difficulty filter removed."""
+
+    def __init__(self, problems: Sequence[Problem], seed: int):
+        self.problems = list(problems)
+        self.seed = seed
+        self.cursor = 0
+        self.removed: set[str] = set()
+
+    def take(self, n: int) -> list[Problem]:
+        active = [p for p in self.problems if p.id not in self.removed]
+        if not active:
+            raise RuntimeError("the difficulty filter removed every problem")
+        out = []
+        while len(out) < n:
+            epoch, at = divmod(self.cursor, len(self.problems))
+            order = list(range(len(self.problems)))
+            random.Random(self.seed * 1000003 + epoch).shuffle(order)
+            p = self.problems[order[at]]
+            self.cursor += 1
+            if p.id not in self.removed:
+                out.append(p)
+        return out
+
+    def state(self) -> dict:
+        return {"cursor": self.cursor, "removed": sorted(self.removed)}
+
+    def restore(self, state: dict) -> None:
+        self.cursor = int(state.get("cursor", 0))
+        self.removed = set(state.get("removed", ()))
+
+
+def collect(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEngine, grader: Grader,
+            problems: list[Problem], step: int, seed: int) -> Rollouts:
+    """Steps 2-4 of the module docstring for one batch of problems."""
+    t0 = time.perf_counter()
+    version = engine.version
+    rng = random.Random(derive_seed(seed, "states", step))
+    summary_tokens: list[int] = []
+    if cfg.rc.enabled:
+        params = dataclasses.replace(cfg.sampling, seed=derive_seed(seed, "rc", step))
+        summary_params = dataclasses.replace(params, max_new_tokens=cfg.rc.summary_max_new_tokens)
+        per_problem = rc_states(engine, [p.problem for p in problems], turns=cfg.rc.turns, params=params,
+                                summarizer=summarizer, summary_params=summary_params, mode=cfg.rc.mode)
+        states, owners = [], []
+        for problem, options in zip(problems, per_problem):
+            for state in rng.sample(list(options), cfg.rc.states_per_problem):
+                states.append(state)
+                owners.append(problem)
+                summary_tokens.append(engine.count_tokens(state.summary) if state.summary else 0)
+    else:
+        states, owners = [RCState(p.problem) for p in problems], list(problems)
+    t_states = time.perf_counter()
+    requests = [s.messages() for s in states for _ in range(cfg.group_size)]
+    flat = engine.generate(requests, dataclasses.replace(cfg.sampling, seed=derive_seed(seed, "group", step)))
+    t_gen = time.perf_counter()
+    grades = grade_all(grader, owners, flat, cfg.group_size)
+    t_grade = time.perf_counter()
+    g = cfg.group_size
+    return Rollouts(version=version, states=states, completions=[flat[i * g:(i + 1) * g] for i in range(len(states))],
+                    grades=[grades[i * g:(i + 1) * g] for i in range(len(states))], summary_tokens=summary_tokens,
+                    times={"states_s": t_states - t0, "generate_s": t_gen - t_states, "grade_s": t_grade - t_gen},
+                    problems=owners)
+
+
+def grade_all(grader: Grader, owners: list[Problem], completions: list[Completion], group_size: int) -> list[Grade]:
+    """Grades each rollout alone against its plain problem; length-truncated ones get 0 uncalled."""
+    out: list[Grade | None] = [None] * len(completions)
+    items, where = [], []
+    for i, c in enumerate(completions):
+        if c.truncated:
+            out[i] = Grade(0.0, 0.0, "truncated", "hit the token limit")
+        else:
+            p = owners[i // group_size]
+            items.append(GradeItem(p.problem, c.text, p.references))
+            where.append(i)
+    for i, grade in zip(where, grader.grade(items) if items else []):
+        out[i] = grade
+    return out
+
+
+def build_batch(ro: Rollouts, cfg: GRPOConfig, rows: int, pad_id: int):
+    """Host arrays [micro, rows/micro, T] of every sequence with signal, plus row statistics."""
+    seqs, advantages = [], []
+    zero_var = 0
+    for comps, grades in zip(ro.completions, ro.grades):
+        rewards = np.asarray([g.reward for g in grades], np.float32)
+        adv = np.asarray(grpo.group_advantages(rewards, len(rewards), cfg.loss.normalize_std))
+        if np.all(rewards == rewards[0]):
+            zero_var += 1
+            if cfg.skip_zero_variance:
+                continue
+        for c, a in zip(comps, adv):
+            seqs.append(c)
+            advantages.append(a)
+    longest = max([len(c.prompt_tokens) + len(c.tokens) - 1 for c in seqs], default=1)
+    t = bucket(longest, minimum=16, step=512)
+    out = {k: np.zeros((rows, t), np.float32 if k in ("behaviour_logp", "ref_logp", "weight") else np.int32)
+           for k in BATCH_KEYS}
+    out["tokens"][:] = pad_id
+    out["advantage"] = np.zeros((rows,), np.float32)
+    for r, (c, a) in enumerate(zip(seqs, advantages)):
+        full = list(c.prompt_tokens) + list(c.tokens)
+        n, p = len(full) - 1, len(c.prompt_tokens)
+        out["tokens"][r, :n] = full[:-1]
+        out["targets"][r, :n] = full[1:]
+        out["positions"][r, :n] = np.arange(n)
+        out["segment_ids"][r, :n] = 1
+        out["loss_mask"][r, p - 1:n] = 1
+        out["behaviour_logp"][r, p - 1:n] = c.logprobs
+        out["advantage"][r] = a
+    out["weight"] = grpo.token_weights(out["loss_mask"], cfg.loss.aggregation)
+    m = cfg.micro_batches
+    batch = {k: v.reshape(m, rows // m, *v.shape[1:]) for k, v in out.items()}
+    return batch, {"sequences_trained": len(seqs), "zero_variance_groups": zero_var}
+
+
+def rollout_metrics(ro: Rollouts, version: int) -> dict:
+    """Rewards, lengths, grader outcomes, lag and timings of one batch of rollouts."""
+    flat_c = [c for group in ro.completions for c in group]
+    flat_g = [g for group in ro.grades for g in group]
+    rewards = np.asarray([g.reward for g in flat_g])
+    lengths = np.asarray([len(c.tokens) for c in flat_c])
+    scores = np.clip(np.rint([g.score for g in flat_g]), 0, MAX_SCORE).astype(int)
+    reasons: dict[str, int] = {}
+    for g in flat_g:
+        reasons[g.reason] = reasons.get(g.reason, 0) + 1
+    lags = np.asarray([version - c.policy_version for c in flat_c])
+    gen_tokens = int(lengths.sum())
+    out = {
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "score_hist": np.bincount(scores, minlength=MAX_SCORE + 1).tolist(),
+        "response_len_mean": float(lengths.mean()), "response_len_p90": float(np.percentile(lengths, 90)),
+        "truncation_rate": float(np.mean([g.reason == "truncated" for g in flat_g])),
+        "lag_min": int(lags.min()), "lag_mean": float(lags.mean()), "lag_max": int(lags.max()),
+        "rollout_tokens": gen_tokens,
+        "rollout_tokens_per_s": gen_tokens / max(ro.times["generate_s"], 1e-9),
+        **ro.times,
+        **{f"grader_{k}": v for k, v in sorted(reasons.items()) if k != "ok"},
+    }
+    if ro.summary_tokens:
+        out["summary_len_mean"] = float(np.mean(ro.summary_tokens))
+        out["states_with_summary"] = float(np.mean([bool(s.summary) for s in ro.states]))
+    return out
+
+
+def update_difficulty(sampler: ProblemSampler, ro: Rollouts, cfg: GRPOConfig) -> None:
+    for problem, grades in zip(ro.problems, ro.grades):
+        rewards = [g.reward for g in grades]
+        if cfg.filter_solved and min(rewards) >= 1.0:
+            sampler.removed.add(problem.id)
+        if cfg.filter_unsolved and max(rewards) <= 0.0:
+            sampler.removed.add(problem.id)
+
+
+class Producer(threading.Thread):
+    """Asynchronous rollouts: keeps up to `depth` graded batches ready while the trainer trains."""
+
+    def __init__(self, make_batch, depth: int):
+        super().__init__(daemon=True)
+        self.make_batch = make_batch
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self):
+        try:
+            while not self.stopped.is_set():
+                batch = self.make_batch()
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaced in the trainer thread by get()
+            self.error = e
+
+    def get(self) -> Rollouts:
+        while True:
+            if self.error is not None:
+                raise RuntimeError("rollout producer failed") from self.error
+            try:
+                return self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def stop(self):
+        self.stopped.set()
+        self.join(timeout=60)
+
+
+def initial_params(cfg, mesh, run_dir: str, rules, vocab_size: int):
+    """(config, graphdef, params) the RL stage starts from: SFT's result, the model, or a checkpoint."""
+    init = cfg.grpo.init
+    if init == "model":
+        return train.init_params(cfg.model, mesh, rules, seed=cfg.run.seed, vocab_size=vocab_size)
+    directory = os.path.join(run_dir, "sft", "checkpoints") if init == "sft" else init
+    config, graphdef, target = train.abstract_params(cfg.model, mesh, rules)
+    return config, graphdef, restore_params(directory, target)
+
+
+def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Grader, make_engine,
+        rules=TRAIN_RULES) -> str:
+    """Runs (or resumes, or skips if finished) the GRPO stage; returns its checkpoint directory.
+
+    Args:
+      make_engine: (model, version) -> RolloutEngine (the launcher's choice of engine).
+    """
+    g = cfg.grpo
+    problems = load_benchmark(g.problems)
+    config, graphdef, params = initial_params(cfg, mesh, run_dir, rules, len(tokenizer))
+    optimizer = make_optimizer(g.optim, g.steps)
+    lr = learning_rate(g.optim, g.steps)
+    state, shardings = train.init_state(params, optimizer, mesh)
+    ckpt_dir = os.path.join(run_dir, "grpo", "checkpoints")
+    ckpt = Checkpointer(ckpt_dir, g.checkpoint)
+    sampler = ProblemSampler(problems, cfg.run.seed)
+    start = ckpt.latest_step() or 0
+    if start:
+        state, data_state = ckpt.restore(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+        sampler.restore(data_state)
+    if start >= g.steps:
+        ckpt.close()
+        return ckpt_dir
+    engine = make_engine(nnx.merge(graphdef, state["params"]), start)
+    summarizer = engine if g.rc.summarizer == "policy" else make_engine(nnx.merge(graphdef, state["params"]), start)
+    rows = -(-g.sequences_per_step // (g.micro_batches * batch_divisor(mesh, rules))) * (
+        g.micro_batches * batch_divisor(mesh, rules))
+    batch_sh = {k: train.micro_batch_sharding(mesh, rules, 3) for k in BATCH_KEYS}
+    batch_sh["advantage"] = train.micro_batch_sharding(mesh, rules, 2)
+    step_fn = train.make_train_step(graphdef, grpo.make_loss(g.loss, g.sampling.temperature),
+                                    grpo.normalizer(g.loss.aggregation, g.sequences_per_step), optimizer,
+                                    shardings, batch_sh, mesh, rules)
+    ref_logp = make_ref_logprobs(graphdef, state["params"], g, mesh, rules) if g.loss.kl_coef else None
+    pad_id = tokenizer.pad_token_id or 0
+
+    def next_rollouts():
+        picked = sampler.take(g.problems_per_step)
+        return collect(g, engine, summarizer, grader, picked, sampler.cursor, cfg.run.seed)
+
+    producer = Producer(next_rollouts, g.max_lag) if g.mode == "async" else None
+    if producer is not None:
+        producer.start()
+    writer.write("grpo", start, {"event": "start", "total_steps": g.steps, "problems": len(problems)})
+    bar = tqdm(total=g.steps, initial=start, desc="grpo", disable=jax.process_index() != 0,
+               dynamic_ncols=True, mininterval=2.0)
+    dropped = 0
+    step = start  # RL iterations; the policy version is the optimizer's step count
+    try:
+        with StopRequest() as stop:
+            while step < g.steps and not stop.requested:
+                ro = producer.get() if producer is not None else next_rollouts()
+                version = int(state["step"])
+                ro, stale = drop_stale(ro, version, g.max_lag)
+                dropped += stale
+                if not ro.completions:
+                    continue
+                update_difficulty(sampler, ro, g)
+                batch, stats = build_batch(ro, g, rows, pad_id)
+                row = {**rollout_metrics(ro, version), **stats, "dropped_stale": dropped,
+                       "zero_variance_frac": stats["zero_variance_groups"] / len(ro.grades),
+                       "problems_removed": len(sampler.removed), "lr": float(lr(version))}
+                t0 = time.perf_counter()
+                if stats["sequences_trained"]:  # no group with signal: no update (Adam would still move)
+                    if ref_logp is not None:
+                        batch["ref_logp"] = ref_logp(batch)
+                    state, m = step_fn(state, train.put_batch(batch, mesh, rules))
+                    row.update(grpo.summarize_step(jax.device_get(m)))
+                    engine.load_weights(int(state["step"]), state["params"])
+                row["train_s"] = time.perf_counter() - t0
+                row["train_tokens_per_s"] = row.get("train_tokens", 0) / max(row["train_s"], 1e-9)
+                step += 1
+                if step % g.log_every == 0:
+                    writer.write("grpo", step, row)
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", lag=row["lag_max"])
+                ckpt.save(step, state, sampler.state(), force=step == g.steps or stop.requested)
+    finally:
+        if producer is not None:
+            producer.stop()
+        bar.close()
+        ckpt.close()
+    if step < g.steps:
+        raise KeyboardInterrupt(f"grpo stopped at step {step}; checkpoint saved in {ckpt_dir}")
+    return ckpt_dir
+
+
+def drop_stale(ro: Rollouts, version: int, max_lag: int) -> tuple[Rollouts, int]:
+    """Removes groups sampled more than max_lag policy versions ago; returns them counted."""
+    keep = [i for i, group in enumerate(ro.completions) if version - min(c.policy_version for c in group) <= max_lag]
+    if len(keep) == len(ro.completions):
+        return ro, 0
+    stale = sum(len(ro.completions[i]) for i in range(len(ro.completions)) if i not in keep)
+    pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+    summaries = pick(ro.summary_tokens) if ro.summary_tokens else []
+    return dataclasses.replace(ro, states=pick(ro.states), completions=pick(ro.completions), grades=pick(ro.grades),
+                               problems=pick(ro.problems), summary_tokens=summaries), stale
+
+
+def make_ref_logprobs(graphdef, params, g: GRPOConfig, mesh, rules):
+    """Logprobs of the frozen reference policy (the starting point) for the KL penalty."""
+    ref = jax.tree.map(lambda x: x.copy(), params)
+
+    @jax.jit
+    def fn(ref_params, batch):
+        model = nnx.merge(graphdef, ref_params)
+
+        def one(micro):
+            logp, _ = train.token_logprobs(model, micro["tokens"], micro["targets"], positions=micro["positions"],
+                                           segment_ids=micro["segment_ids"], temperature=g.sampling.temperature)
+            return logp
+
+        return jax.lax.map(one, batch)
+
+    keys = ("tokens", "targets", "positions", "segment_ids")
+    return lambda batch: np.asarray(fn(ref, train.put_batch({k: batch[k] for k in keys}, mesh, rules)))
