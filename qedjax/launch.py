@@ -59,6 +59,10 @@ def validate(cfg, mesh, stages) -> None:
                              f"of mesh {sharding.format_mesh(mesh)}")
     if cfg.model.hf_path is None and cfg.model.tokenizer is None and cfg.toy is None:
         raise ValueError("model.tokenizer is not set (and there is no model.hf_path or toy section)")
+    for key in ("hf_path", "tokenizer"):
+        path = getattr(cfg.model, key)
+        if path and "://" not in path and not os.path.isdir(path):
+            raise FileNotFoundError(f"model.{key}: {path!r} is not a directory")
 
 
 def with_toy_data(cfg, run_dir: str):
