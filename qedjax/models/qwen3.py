@@ -86,6 +86,7 @@ class Qwen3Config:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: bool = False  # recompute each block in the backward pass (long sequences)
+    attention_block: int = 1024  # queries longer than this use blockwise attention (0: never)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -97,6 +98,8 @@ class Qwen3Config:
                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.attention_block < 0:
+            raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"Qwen3Config.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -134,7 +137,7 @@ class Qwen3Config:
             fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
         if isinstance(fields.get("eos_token_id"), list):
             fields["eos_token_id"] = fields["eos_token_id"][0]
-        names = {f.name for f in dataclasses.fields(cls)} - {"param_dtype", "dtype", "remat"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"param_dtype", "dtype", "remat", "attention_block"}
         missing = sorted(n for n in names if n not in fields)
         if missing:
             raise ValueError(f"{source}: missing keys {missing}")
@@ -198,6 +201,70 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], dtype=bool),
                               segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def dense_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots):
+    """Softmax attention with the whole [T, S] score matrix.
+
+    q: [B, T, K, G, H]; k, v: [B, S, K, H]; q_seg, q_slots: [B, T]; kv_seg: [B, S]; kv_slots: [S].
+    A query sees the keys of its own segment at slots up to its own. Returns [B, T, K, G, H].
+    """
+    h = q.shape[-1]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+    mask = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_slots[None, None, :] <= q_slots[:, :, None])
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, NEG), axis=-1).astype(q.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+
+
+def blockwise_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block: int):
+    """The same attention computed block by block with a running softmax (flash-attention style).
+
+    Memory is O(block^2) per step instead of O(T x S): queries go in blocks (`lax.map`), keys in
+    blocks (`lax.scan`) that update a running max, denominator and output; both loops are
+    rematerialised, so the backward pass keeps only per-block running statistics. Fully masked
+    (future) key blocks are still computed: a plain XLA loop cannot skip them.
+    """
+    b, t, kh, g, h = q.shape
+    s = k.shape[1]
+    pt, ps = -t % block, -s % block
+    q = jnp.pad(q, ((0, 0), (0, pt), (0, 0), (0, 0), (0, 0)))
+    q_seg = jnp.pad(q_seg, ((0, 0), (0, pt)), constant_values=-1)
+    q_slots = jnp.pad(q_slots, ((0, 0), (0, pt)))
+    k = jnp.pad(k, ((0, 0), (0, ps), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, ps), (0, 0), (0, 0)))
+    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, ps)), constant_values=-2)  # padding keys match no query
+    kv_slots = jnp.pad(kv_slots, (0, ps))
+    nq, nk = (t + pt) // block, (s + ps) // block
+    blocks_of = lambda x, n: jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)  # noqa: E731
+    kv_blocks = (blocks_of(k, nk), blocks_of(v, nk), blocks_of(kv_seg, nk), kv_slots.reshape(nk, block))
+
+    def one_query_block(args):
+        qb, qs, qsl = args  # [B, C, K, G, H], [B, C], [B, C]
+
+        def step(carry, kv):
+            o, l, m = carry  # [B, K, G, C, H], [B, K, G, C], [B, K, G, C]
+            kb, vb, ks, ksl = kv
+            sc = jnp.einsum("BTKGH,BSKH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * (h ** -0.5)
+            mask = (qs[:, :, None] == ks[:, None, :]) & (ksl[None, None, :] <= qsl[:, :, None])
+            sc = jnp.where(mask[:, None, None], sc, NEG)
+            m_new = jnp.maximum(m, sc.max(axis=-1))
+            p = jnp.exp(sc - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            o = o * corr[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb,
+                                                 preferred_element_type=jnp.float32)
+            return (o, l * corr + p.sum(axis=-1), m_new), None
+
+        init = (jnp.zeros((b, kh, g, block, h), jnp.float32), jnp.zeros((b, kh, g, block), jnp.float32),
+                jnp.full((b, kh, g, block), NEG, jnp.float32))
+        (o, l, _), _ = jax.lax.scan(jax.checkpoint(step), init, kv_blocks)
+        return jnp.moveaxis(o / l[..., None], 3, 1).astype(qb.dtype)  # [B, C, K, G, H]
+
+    out = jax.lax.map(jax.checkpoint(one_query_block), (blocks_of(q, nq), blocks_of(q_seg, nq),
+                                                        blocks_of(q_slots, nq)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, t + pt, kh, g, h)[:, :t]
 
 
 @jax.tree_util.register_dataclass
@@ -278,13 +345,13 @@ class Attention(nnx.Module):
             new_kv = (k_all, v_all)
         b, t, n, h = q.shape
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, h)  # [B, T, K, G, H]
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_all.astype(dt),
-                            preferred_element_type=jnp.float32) * (h ** -0.5)
-        mask = ((q_segments[:, :, None] == kv_segments[:, None, :])
-                & (kv_slots[None, None, :] <= q_slots[..., None]))  # [B, T, S]
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_all.astype(dt)).reshape(b, t, n, h)
+        q_slots = jnp.broadcast_to(q_slots, (b, t))
+        args = (q, k_all.astype(dt), v_all.astype(dt), q_segments, kv_segments, q_slots, kv_slots)
+        if cfg.attention_block and t > cfg.attention_block:
+            out = blockwise_attention(*args, block=cfg.attention_block)
+        else:
+            out = dense_attention(*args)
+        out = out.reshape(b, t, n, h)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt)), new_kv
 
 
