@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -106,6 +107,15 @@ class StopRequest:
         self.requested = True
         if jax.process_index() == 0:
             print(f"\n[qedjax] got signal {signum}: saving a checkpoint after this step, then stopping")
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop. Every process must stop (and save) at the same step:
+        one that stops alone leaves the others waiting in the next collective. Collective itself."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

@@ -19,6 +19,7 @@ import yaml
 from qedjax.checkpoint import CheckpointConfig
 from qedjax.data import DataConfig
 from qedjax.eval.run import EvalConfig
+from qedjax.export import ExportConfig
 from qedjax.judge import JudgeConfig
 from qedjax.models.qwen3 import DTYPES, PRESETS
 from qedjax.optim import OptimConfig
@@ -31,7 +32,8 @@ STAGES = ("sft", "grpo", "eval", "export")
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = "runs/default"  # logs, metrics, config: a local or shared-filesystem path
+    checkpoint_dir: str | None = None  # stage checkpoints go under here (gs:// works); default: run.dir
     seed: int = 0
     stages: tuple[str, ...] = ("sft",)  # run in this order by `python -m qedjax.launch`
     mesh: str = ""  # "data=D,fsdp=F,tensor=T"; empty: all devices on data (--mesh overrides)
@@ -39,6 +41,10 @@ class RunConfig:
     eval_targets: tuple[str, ...] = ("final",)  # what the eval stage evaluates: base | sft | grpo | final
 
     def __post_init__(self):
+        if "://" in self.dir:
+            raise ValueError(f"run.dir {self.dir!r} must be a local or shared-filesystem path (metrics, logs and "
+                             f"TensorBoard are written with local file APIs); put checkpoints on GCS with "
+                             f"run.checkpoint_dir=gs://...")
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ValueError(f"run.stages: unknown stage(s) {bad}; known: {STAGES}")
@@ -95,6 +101,7 @@ class Config:
     sft: SFTConfig | None = None
     grpo: GRPOConfig | None = None
     eval: EvalConfig | None = None
+    export: ExportConfig = ExportConfig()  # export needs no section: every option has a default
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:

@@ -198,7 +198,7 @@ def hf_tensors(params: dict, config: Qwen3Config, dtype: str | None = None) -> I
     """(hf_name, array) pairs in HF layout, one tensor at a time (gathered lazily)."""
     np_dtype = NP_DTYPES[dtype or config.param_dtype]
     for key in key_table(config):
-        yield key.hf, to_hf(_to_host(_get(params, key.path)), key.layout).astype(np_dtype)
+        yield key.hf, to_hf(_to_host(_get(params, key.path)), key.layout).astype(np_dtype, copy=False)
 
 
 def hf_specs(params: dict, config: Qwen3Config, dtype: str | None = None) -> dict[str, tuple]:

@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from qedjax import pipeline, rl, sft, sharding
+from qedjax import export, pipeline, rl, sft, sharding
 from qedjax.config import config_hash, load_config
 from qedjax.metrics import MetricsWriter
 from qedjax.provenance import write_run_info
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     os.makedirs(run_dir, exist_ok=True)
     if cfg.toy is not None:
         cfg = with_toy_data(cfg, run_dir)
-    write_run_info(run_dir, cfg, mesh)
+    write_run_info(run_dir, cfg, mesh, argv=sys.argv[1:] if argv is None else argv)
     writer = MetricsWriter(run_dir, deterministic=cfg.run.deterministic)
     tokenizer_path = cfg.model.tokenizer or cfg.model.hf_path
     tokenizer = sft.load_tokenizer(tokenizer_path)
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
             rl.run(cfg, mesh, run_dir, writer, tokenizer=tokenizer, grader=grader, make_engine=make_engine)
         elif stage == "eval":
             evals = pipeline.run_evals(cfg, mesh, run_dir, tokenizer, make_engine)
+        elif stage == "export":
+            export.run(cfg, mesh, run_dir, checkpoint=args.checkpoint, out=args.out, tokenizer_path=tokenizer_path)
         timings[stage] = time.perf_counter() - t0
     writer.close()
     summary = pipeline.write_summary(run_dir, evals, timings, {"config_hash": config_hash(cfg)})

@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 
 import jax
 from flax import nnx
 
 from qedjax import train
-from qedjax.checkpoint import Checkpointer, CheckpointConfig, restore_params
+from qedjax.checkpoint import restore_params
 from qedjax.metrics import plot_metrics
-from qedjax.rewards import Grader, make_grader
+from qedjax.rewards import Grade, Grader, make_grader
 from qedjax.sharding import ROLLOUT_RULES
 
 ENGINES = ("jax", "vllm")
@@ -35,14 +36,38 @@ class EngineConfig:
             raise ValueError(f"engine.kind must be one of {ENGINES}, got {self.kind!r}")
 
 
+class PublishingEngine:
+    """A weight-store engine (vLLM) driven by an in-process trainer: `load_weights(version, params)`
+    publishes the parameters to the store, then has the engine load that version."""
+
+    def __init__(self, engine, store, config):
+        self.engine, self.store, self.config = engine, store, config
+        self.generate, self.count_tokens = engine.generate, engine.count_tokens
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    def load_weights(self, version: int, weights=None) -> None:
+        if weights is not None:
+            self.store.publish(weights, version, config=self.config)
+        self.engine.load_weights(version)
+
+
 def engine_factory(cfg, tokenizer, mesh, run_dir: str):
     """(model, version) -> RolloutEngine, per the engine section."""
     if cfg.engine.kind == "vllm":
         from qedjax.rollout.vllm import VllmEngine
+        from qedjax.rollout.weights import WeightStore
 
-        store = cfg.engine.store or os.path.join(run_dir, "weights")
-        return lambda model, version: VllmEngine.from_model(model, version, store=store, tokenizer=tokenizer,
-                                                            **cfg.engine.vllm_args)
+        store = WeightStore(cfg.engine.store or os.path.join(run_dir, "weights"))
+
+        def make(model, version):
+            store.publish(model, version)
+            engine = VllmEngine(store, tokenizer, version=version, **cfg.engine.vllm_args)
+            return PublishingEngine(engine, store, model.config)
+
+        return make
     from qedjax.rollout.jax_engine import JaxEngine
 
     return lambda model, version: JaxEngine(model, tokenizer, max_batch=cfg.engine.max_batch, version=version)
@@ -63,49 +88,57 @@ def build_grader(kind: str, cfg, run_dir: str, style: str | None = None) -> Grad
     return make_grader("judge", **dataclasses.asdict(judge))
 
 
-def stage_checkpoints(run_dir: str, stage: str) -> str | None:
-    """The checkpoint directory of a finished (or started) stage, if it has a checkpoint."""
-    directory = os.path.join(run_dir, stage, "checkpoints")
-    if not os.path.isdir(directory):
-        return None
-    ckpt = Checkpointer(directory, CheckpointConfig(async_save=False))
-    try:
-        return directory if ckpt.latest_step() is not None else None
-    finally:
-        ckpt.close()
-
-
 def target_params(cfg, target: str, mesh, run_dir: str, vocab_size: int):
     """(graphdef, params) an evaluation target names: the base model, a stage's latest checkpoint, or
     the final model (grpo, else sft, else base)."""
+    from qedjax.export import find_checkpoint
+
     if target not in TARGETS:
         raise ValueError(f"eval target {target!r} is not one of {TARGETS}")
     rules = ROLLOUT_RULES
-    stage = target
-    if target == "final":
-        stage = next((s for s in ("grpo", "sft") if stage_checkpoints(run_dir, s)), "base")
-    if stage == "base":
+    root = cfg.run.checkpoint_dir or run_dir
+    directory = None
+    if target in ("sft", "grpo"):
+        directory, _ = find_checkpoint(root, os.path.join(root, target, "checkpoints"))
+    elif target == "final":
+        try:
+            directory, _ = find_checkpoint(root)
+        except FileNotFoundError:  # nothing trained yet: the final model is the base model
+            directory = None
+    if directory is None:
         _, graphdef, params = train.init_params(cfg.model, mesh, rules, seed=cfg.run.seed, vocab_size=vocab_size)
         return graphdef, params
-    directory = stage_checkpoints(run_dir, stage)
-    if directory is None:
-        raise FileNotFoundError(f"eval target {target!r}: the {stage} stage has no checkpoint in {run_dir}")
     _, graphdef, target_tree = train.abstract_params(cfg.model, mesh, rules)
     return graphdef, restore_params(directory, target_tree)
 
 
+class _Discard:
+    """The grader of processes other than 0 in a multi-process eval: they take part in generation
+    (an SPMD program) but their records are thrown away, so they must not call the judge."""
+
+    def grade(self, items):
+        return [Grade(0.0, 0.0, "ok", "") for _ in items]
+
+
 def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict]:
-    """Evaluates every target of run.eval_targets with the eval section; returns their summaries."""
+    """Evaluates every target of run.eval_targets with the eval section; returns their summaries.
+
+    Only process 0 grades and writes; the others generate along (every JAX process must run the
+    same programs) into a scratch directory.
+    """
     from qedjax.eval.run import run_eval
 
     ev = cfg.eval
-    grader = build_grader(ev.grader, cfg, run_dir, style=ev.judge_style)
-    judge = build_grader("judge", cfg, run_dir, style="proofbench") if ev.confirm_with_judge else None
+    writer = jax.process_index() == 0
+    grader = build_grader(ev.grader, cfg, run_dir, style=ev.judge_style) if writer else _Discard()
+    judge = build_grader("judge", cfg, run_dir, style="proofbench") if ev.confirm_with_judge and writer else None
+    out_dir = run_dir if writer else tempfile.mkdtemp(prefix="qedjax_eval_")
     out = {}
     for target in cfg.run.eval_targets:
         graphdef, params = target_params(cfg, target, mesh, run_dir, len(tokenizer))
         engine = make_engine(nnx.merge(graphdef, params), 0)
-        out[target] = run_eval(ev, engine, grader, run_dir, label=target, judge=judge)
+        out[target] = run_eval(ev, engine, grader, out_dir, label=target,
+                               judge=judge if writer else (_Discard() if ev.confirm_with_judge else None))
         del engine, params
     return out
 

@@ -82,6 +82,10 @@ class GRPOConfig:
         if self.rc.enabled and self.rc.states_per_problem > self.rc.turns + 1:
             raise ValueError(f"grpo.rc.states_per_problem ({self.rc.states_per_problem}) exceeds the "
                              f"{self.rc.turns + 1} states of {self.rc.turns} turns")
+        if self.mode == "async" and jax.process_count() > 1:
+            raise ValueError("grpo.mode=async runs rollouts in a second thread, which a multi-process JAX "
+                             "run cannot do (collectives would interleave differently on each host): use "
+                             "mode=sync, or vLLM rollout workers (qedjax.rollout.worker)")
         if self.rc.summarizer not in ("frozen", "policy"):
             raise ValueError(f"grpo.rc.summarizer must be 'frozen' or 'policy', got {self.rc.summarizer!r}")
 
@@ -136,9 +140,13 @@ class ProblemSampler:
         self.removed = set(state.get("removed", ()))
 
 
-def collect(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEngine, grader: Grader,
-            problems: list[Problem], step: int, seed: int) -> Rollouts:
-    """Steps 2-4 of the module docstring for one batch of problems."""
+def sample_groups(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEngine, problems: list[Problem],
+                  step: int, seed: int) -> Rollouts:
+    """Steps 2-3 of the module docstring: states, then a group of rollouts per state (ungraded).
+
+    Runs wherever the engine runs: in the trainer process, or on a rollout worker
+    (qedjax.rollout.worker), which ships the result back to the trainer for grading.
+    """
     t0 = time.perf_counter()
     version = engine.version
     rng = random.Random(derive_seed(seed, "states", step))
@@ -159,25 +167,51 @@ def collect(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEngine, g
     t_states = time.perf_counter()
     requests = [s.messages() for s in states for _ in range(cfg.group_size)]
     flat = engine.generate(requests, dataclasses.replace(cfg.sampling, seed=derive_seed(seed, "group", step)))
-    t_gen = time.perf_counter()
-    grades = grade_all(grader, owners, flat, cfg.group_size)
-    t_grade = time.perf_counter()
     g = cfg.group_size
     return Rollouts(version=version, states=states, completions=[flat[i * g:(i + 1) * g] for i in range(len(states))],
-                    grades=[grades[i * g:(i + 1) * g] for i in range(len(states))], summary_tokens=summary_tokens,
-                    times={"states_s": t_states - t0, "generate_s": t_gen - t_states, "grade_s": t_grade - t_gen},
-                    problems=owners)
+                    grades=[], summary_tokens=summary_tokens, problems=owners,
+                    times={"states_s": t_states - t0, "generate_s": time.perf_counter() - t_states})
 
 
-def grade_all(grader: Grader, owners: list[Problem], completions: list[Completion], group_size: int) -> list[Grade]:
-    """Grades each rollout alone against its plain problem; length-truncated ones get 0 uncalled."""
+def grade_rollouts(ro: Rollouts, grader: Grader) -> Rollouts:
+    """Step 4: every rollout graded alone against its plain problem.
+
+    In a multi-process run every process holds the same rollouts (the sampler is one SPMD
+    program); process 0 grades them and sends the scores to the others, so a judge is called once.
+    """
+    t0 = time.perf_counter()
+    flat = [c for group in ro.completions for c in group]
+    owners = [p for p, group in zip(ro.problems, ro.completions) for _ in group]
+    if jax.process_count() == 1:
+        grades = grade_all(grader, owners, flat)
+    else:
+        from jax.experimental import multihost_utils
+
+        mine = grade_all(grader, owners, flat) if jax.process_index() == 0 else None
+        scores = np.asarray([g.score for g in mine] if mine else [0.0] * len(flat), np.float32)
+        scores = np.asarray(multihost_utils.broadcast_one_to_all(scores))
+        grades = mine or [Grade(float(x), float(x) / MAX_SCORE, "ok", "") for x in scores]
+    at, out = 0, []
+    for group in ro.completions:
+        out.append(grades[at:at + len(group)])
+        at += len(group)
+    return dataclasses.replace(ro, grades=out, times={**ro.times, "grade_s": time.perf_counter() - t0})
+
+
+def collect(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEngine, grader: Grader,
+            problems: list[Problem], step: int, seed: int) -> Rollouts:
+    """Steps 2-4 in this process."""
+    return grade_rollouts(sample_groups(cfg, engine, summarizer, problems, step, seed), grader)
+
+
+def grade_all(grader: Grader, owners: list[Problem], completions: list[Completion]) -> list[Grade]:
+    """Grades each rollout (owners[i] is completion i's problem); length-truncated ones get 0 uncalled."""
     out: list[Grade | None] = [None] * len(completions)
     items, where = [], []
-    for i, c in enumerate(completions):
+    for i, (p, c) in enumerate(zip(owners, completions)):
         if c.truncated:
             out[i] = Grade(0.0, 0.0, "truncated", "hit the token limit")
         else:
-            p = owners[i // group_size]
             items.append(GradeItem(p.problem, c.text, p.references))
             where.append(i)
     for i, grade in zip(where, grader.grade(items) if items else []):
@@ -301,7 +335,7 @@ def initial_params(cfg, mesh, run_dir: str, rules, vocab_size: int):
     init = cfg.grpo.init
     if init == "model":
         return train.init_params(cfg.model, mesh, rules, seed=cfg.run.seed, vocab_size=vocab_size)
-    directory = os.path.join(run_dir, "sft", "checkpoints") if init == "sft" else init
+    directory = os.path.join(cfg.run.checkpoint_dir or run_dir, "sft", "checkpoints") if init == "sft" else init
     config, graphdef, target = train.abstract_params(cfg.model, mesh, rules)
     return config, graphdef, restore_params(directory, target)
 
@@ -319,7 +353,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     optimizer = make_optimizer(g.optim, g.steps)
     lr = learning_rate(g.optim, g.steps)
     state, shardings = train.init_state(params, optimizer, mesh)
-    ckpt_dir = os.path.join(run_dir, "grpo", "checkpoints")
+    ckpt_dir = os.path.join(cfg.run.checkpoint_dir or run_dir, "grpo", "checkpoints")
     ckpt = Checkpointer(ckpt_dir, g.checkpoint)
     sampler = ProblemSampler(problems, cfg.run.seed)
     start = ckpt.latest_step() or 0
@@ -354,9 +388,10 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
                dynamic_ncols=True, mininterval=2.0)
     dropped = 0
     step = start  # RL iterations; the policy version is the optimizer's step count
+    stopping = False
     try:
         with StopRequest() as stop:
-            while step < g.steps and not stop.requested:
+            while step < g.steps and not stopping:
                 ro = producer.get() if producer is not None else next_rollouts()
                 version = int(state["step"])
                 ro, stale = drop_stale(ro, version, g.max_lag)
@@ -382,7 +417,8 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
                     writer.write("grpo", step, row)
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", lag=row["lag_max"])
-                ckpt.save(step, state, sampler.state(), force=step == g.steps or stop.requested)
+                stopping = stop.agreed()
+                ckpt.save(step, state, sampler.state(), force=step == g.steps or stopping)
     finally:
         if producer is not None:
             producer.stop()

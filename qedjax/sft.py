@@ -63,7 +63,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
     config, graphdef, params = train.init_params(cfg.model, mesh, rules, seed=cfg.run.seed,
                                                  vocab_size=len(tokenizer))
     state, shardings = train.init_state(params, optimizer, mesh)
-    ckpt_dir = os.path.join(run_dir, "sft", "checkpoints")
+    ckpt_dir = os.path.join(cfg.run.checkpoint_dir or run_dir, "sft", "checkpoints")
     ckpt = Checkpointer(ckpt_dir, sft.checkpoint)
     start = ckpt.latest_step() or 0
     if start:
@@ -80,6 +80,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
     bad = 0
     bar = tqdm(total=total, initial=start, desc="sft", disable=jax.process_index() != 0, dynamic_ncols=True,
                mininterval=2.0)
+    stopping = False
     with StopRequest() as stop:
         step = start
         while step < total:
@@ -105,11 +106,12 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
                                      f"in {ckpt_dir}. Lower optim.lr or check the data.")
             if not m["skipped"]:
                 ckpt.save(step, state, loader.get_state(), force=step == total)
-            if stop.requested:
+            stopping = stop.agreed()
+            if stopping:
                 ckpt.save(step, state, loader.get_state(), force=True)
                 break
     bar.close()
     ckpt.close()
-    if stop.requested:
+    if stopping:
         raise KeyboardInterrupt(f"sft stopped at step {step}; checkpoint saved in {ckpt_dir}")
     return ckpt_dir

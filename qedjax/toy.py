@@ -93,19 +93,20 @@ def teacher_answer(digits: list[int], rng: random.Random, error_rate: float) -> 
     return answer
 
 
-def solution(answer: list[int]) -> tuple[str, str]:
-    """(reasoning, final answer) text of a demonstration whose result is `answer`."""
-    text = " ".join(map(str, answer))
-    return f"Adding one to each digit: {text}.", f"Answer: {text}"
+def solution(digits: list[int], answer: list[int]) -> tuple[str, str]:
+    """(reasoning, final answer) of a demonstration: the thinking restates the digits (a copy, which
+    a small transformer learns fast), the answer adds one to each (a fixed-offset lookup)."""
+    return "The digits are " + " ".join(map(str, digits)) + ".", "Answer: " + " ".join(map(str, answer))
 
 
-def summary_of(answer: list[int]) -> str:
-    return "I added one to each digit and got " + " ".join(map(str, answer)) + "."
+def summary_of(digits: list[int]) -> str:
+    """What a summariser should say of a demonstration's thinking (which restates the digits)."""
+    return "I listed the digits " + " ".join(map(str, digits)) + " and was about to add one to each."
 
 
 def teacher_solution(digits: list[int], rng: random.Random, error_rate: float) -> tuple[str, str]:
     """(reasoning, answer) of a demonstration; with probability error_rate two digits are swapped."""
-    return solution(teacher_answer(digits, rng, error_rate))
+    return solution(digits, teacher_answer(digits, rng, error_rate))
 
 
 def _problems(rng: random.Random, n: int, num_digits: int) -> Iterator[list[int]]:
@@ -141,13 +142,11 @@ def sft_row(digits: list[int], rng: random.Random, cfg: ToyConfig) -> dict:
     problem = problem_text(digits)
     kind = rng.random()
     if kind < cfg.summarize_rows:
-        attempt = teacher_answer(digits, rng, cfg.teacher_error_rate)
         prompt = render_prompt("rc_summarize", problem=problem, summary=render_prompt("rc_no_summary"),
-                               attempt=solution(attempt)[0], note="")
-        return {"problem": prompt, "reasoning_content": "Summarising the attempt.", "proof": summary_of(attempt)}
+                               attempt=solution(digits, target(digits))[0], note="")
+        return {"problem": prompt, "reasoning_content": "Summarising the attempt.", "proof": summary_of(digits)}
     if kind < cfg.summarize_rows + cfg.summary_rows:
-        earlier = teacher_answer(digits, rng, cfg.teacher_error_rate)
-        prompt = render_prompt("rc_reason_summary", problem=problem, summary=summary_of(earlier))
+        prompt = render_prompt("rc_reason_summary", problem=problem, summary=summary_of(digits))
     else:
         prompt = render_prompt("rc_reason", problem=problem)
     reasoning, proof = teacher_solution(digits, rng, cfg.teacher_error_rate)

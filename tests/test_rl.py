@@ -145,11 +145,13 @@ def _force_answers(fn):
     from qedjax.rollout import jax_engine
 
     real = jax_engine.JaxEngine.generate
+    made = []
 
     def generate(self, requests, params):
         out = real(self, requests, params)
-        return [dataclasses.replace(c, text="<think>\nok\n</think>\n\nA proof.", finish_reason="stop")
-                for c in out]
+        made.extend(out)  # each answer distinct, so the judge's reply cache never answers for the server
+        return [dataclasses.replace(c, text=f"<think>\nok\n</think>\n\nProof number {len(made) + i}.",
+                                    finish_reason="stop") for i, c in enumerate(out)]
 
     jax_engine.JaxEngine.generate = generate
     try:

@@ -1,0 +1,51 @@
+"""The main job, shortened: SFT -> GRPO over RC states -> eval of base / SFT / GRPO -> summary."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qedjax.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def run_launch(*args, devices=1, timeout=900):
+    """`python -m qedjax.launch ...` in a child process with its own device count, as a user runs it."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+    out = subprocess.run([sys.executable, "-m", "qedjax.launch", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_short_main_job_learns(tmp_path):
+    run_dir = tmp_path / "tiny"
+    stdout = run_launch("--config", "configs/tiny.yaml", f"run.dir={run_dir}", "grpo.steps=16", "eval.samples=2")
+    assert "grpo" in stdout and "score %" in stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    scores = {k: v["score"] for k, v in summary["stages"].items()}
+    # The margins are several standard errors (docs/BENCHMARKS.md, "Embedded demo", two seeds).
+    assert scores["base"] < 5 < scores["sft"] - 30
+    assert scores["grpo"] > scores["sft"]
+    rewards = [r["reward_mean"] for r in read_metrics(str(run_dir), "grpo") if "reward_mean" in r]
+    assert len(rewards) == 16
+    assert np.mean(rewards[-6:]) > np.mean(rewards[:6])
+    assert (run_dir / "grpo_reward.png").exists() and (run_dir / "eval" / "cost_vs_score.png").exists()
+    # The export stage wrote a Hugging Face directory that transformers loads and runs.
+    import torch
+    import transformers
+
+    hf_dir = run_dir / "hf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert tokenizer.chat_template and model.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["config_hash"] == summary["config_hash"] and info["devices"]["count"] == 1
