@@ -218,6 +218,10 @@ def test_answerbench_oracle_scores_the_gold_answers(tmp_path):
     assert summary["score"] >= 95.0, summary["reasons"]
 
 
+def toy_digits(text: str) -> list[int]:
+    return [int(d) for d in re.search(r"Add one to each digit: ([\d ]+)", text).group(1).split()]
+
+
 def test_tiny_eval_on_the_demo_task(tmp_path):
     """The main job's tiny eval: the demo's eval.jsonl, format "rules", graded by the RuleGrader."""
     from qedjax import toy
@@ -225,11 +229,11 @@ def test_tiny_eval_on_the_demo_task(tmp_path):
 
     paths = toy.write_data(toy.ToyConfig(sft_rows=4, rl_problems=4, eval_problems=6), str(tmp_path / "toy"))
 
-    def reverse(kind, text, params, index):
-        digits = re.search(r"Reverse the list: ([\d ]+)", text).group(1).split()
-        return "<think>read it from the end</think>\nAnswer: " + " ".join(reversed(digits))
+    def solve(kind, text, params, index):
+        digits = toy_digits(text)
+        return "<think>add one to each</think>\nAnswer: " + " ".join(str((d + 1) % 10) for d in digits)
 
     bench = BenchmarkConfig(path=paths["eval"], format="rules", name="toy")
     cfg = EvalConfig(benchmark=bench, scaffold="rc", rc=RCConfig(turns=2), sampling=SAMPLING, grader="rule")
-    summary = run_eval(cfg, FakeEngine(reverse), RuleGrader(), tmp_path / "run", label="tiny")
+    summary = run_eval(cfg, FakeEngine(solve), RuleGrader(), tmp_path / "run", label="tiny")
     assert summary["n"] == 6 and summary["score"] == 100.0 and summary["benchmark"] == "toy"

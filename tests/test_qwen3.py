@@ -12,6 +12,9 @@ from hf_utils import hf_config, hf_logits, save_random_hf
 from qedjax import convert
 from qedjax.models.qwen3 import PRESETS, KVCache, Qwen3, Qwen3Config, positions_from_segments
 
+# Jitted calls: op-by-op execution of the model is many times slower than compiling it.
+run = nnx.jit(lambda model, *args, **kwargs: model(*args, **kwargs))
+
 SHAPES = {
     # tied, kv ratio 2, head_dim != hidden/heads
     "tied_kv2": dict(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
@@ -34,7 +37,7 @@ def test_logits_match_transformers_fp32(tmp_path, name):
     hf = save_random_hf(cfg, tmp_path, seed=1)
     model = convert.load_hf(tmp_path, dtype="float32")
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (3, 17))
-    ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+    ours = np.asarray(run(model, jnp.asarray(tokens, jnp.int32)))
     ref = hf_logits(hf, tokens)
     assert ours.shape == (3, 17, cfg.vocab_size)
     assert np.abs(ours - ref).max() <= 1e-4
@@ -49,7 +52,7 @@ def test_logits_match_transformers_bf16(tmp_path):
     model = convert.load_hf(tmp_path, dtype="bfloat16")
     assert model.embed_tokens[...].dtype == jnp.bfloat16
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 16))
-    ours = np.asarray(model(jnp.asarray(tokens, jnp.int32)), np.float32)
+    ours = np.asarray(run(model, jnp.asarray(tokens, jnp.int32)), np.float32)
     ref = hf_logits(hf.to(torch.bfloat16), tokens)
     assert np.abs(ours - ref).max() <= 5e-2
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
@@ -99,9 +102,9 @@ def test_packed_segments_equal_separate_sequences():
     segments = jnp.asarray([[1] * 7 + [2] * 5 + [0, 0]], jnp.int32)
     np.testing.assert_array_equal(positions_from_segments(segments)[0],
                                   [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 0, 1])
-    out = np.asarray(model(packed, segment_ids=segments))
-    alone_a = np.asarray(model(jnp.asarray(a[None], jnp.int32)))
-    alone_b = np.asarray(model(jnp.asarray(b[None], jnp.int32)))
+    out = np.asarray(run(model, packed, segment_ids=segments))
+    alone_a = np.asarray(run(model, jnp.asarray(a[None], jnp.int32)))
+    alone_b = np.asarray(run(model, jnp.asarray(b[None], jnp.int32)))
     np.testing.assert_allclose(out[0, :7], alone_a[0], atol=1e-5)
     np.testing.assert_allclose(out[0, 7:12], alone_b[0], atol=1e-5)
 
@@ -110,12 +113,12 @@ def test_kv_cache_decode_matches_full_forward():
     cfg = Qwen3Config(**SHAPES["untied_mha"])
     model = Qwen3(cfg, rngs=nnx.Rngs(4))
     tokens = jnp.asarray(np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 10)), jnp.int32)
-    full = np.asarray(model(tokens))
+    full = np.asarray(run(model, tokens))
     cache = KVCache.init(cfg, batch=2, max_len=16)
-    first, cache = model(tokens[:, :6], cache=cache)
+    first, cache = run(model, tokens[:, :6], cache=cache)
     steps = [first]
     for t in range(6, 10):
-        logits, cache = model(tokens[:, t:t + 1], cache=cache)
+        logits, cache = run(model, tokens[:, t:t + 1], cache=cache)
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], axis=1), full, atol=1e-5)
     assert int(cache.index) == 10
@@ -129,9 +132,9 @@ def test_left_padded_cache_matches_unpadded():
     padded = jnp.asarray([[0, 0, 0, *short]], jnp.int32)
     segments = jnp.asarray([[0, 0, 0, 1, 1, 1]], jnp.int32)
     positions = jnp.asarray([[0, 0, 0, 0, 1, 2]], jnp.int32)
-    logits, _ = model(padded, positions=positions, segment_ids=segments,
+    logits, _ = run(model, padded, positions=positions, segment_ids=segments,
                       cache=KVCache.init(cfg, 1, 8))
-    alone = model(jnp.asarray(short[None], jnp.int32))
+    alone = run(model, jnp.asarray(short[None], jnp.int32))
     np.testing.assert_allclose(np.asarray(logits)[0, 3:], np.asarray(alone)[0], atol=1e-5)
 
 
@@ -143,16 +146,16 @@ def test_blockwise_attention_equals_dense():
     dense, blocked = Qwen3(dense_cfg, rngs=nnx.Rngs(7)), Qwen3(block_cfg, rngs=nnx.Rngs(7))
     tokens = jnp.asarray(np.random.RandomState(3).randint(0, dense_cfg.vocab_size, (2, 37)), jnp.int32)
     segments = jnp.asarray([[1] * 20 + [2] * 15 + [0] * 2, [1] * 37], jnp.int32)
-    np.testing.assert_allclose(np.asarray(blocked(tokens, segment_ids=segments)),
-                               np.asarray(dense(tokens, segment_ids=segments)), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(run(blocked, tokens, segment_ids=segments)),
+                               np.asarray(run(dense, tokens, segment_ids=segments)), atol=2e-5)
 
     def loss(model):
         return jnp.mean(model(tokens, segment_ids=segments) ** 2)
 
-    g_dense = nnx.grad(loss)(dense)
-    g_block = nnx.grad(loss)(blocked)
+    g_dense = nnx.jit(nnx.grad(loss))(dense)
+    g_block = nnx.jit(nnx.grad(loss))(blocked)
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g_dense)), jax.tree.leaves(nnx.to_pure_dict(g_block))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
-    prefill_dense, _ = dense(tokens[:, :30], cache=KVCache.init(dense_cfg, 2, 40))
-    prefill_block, _ = blocked(tokens[:, :30], cache=KVCache.init(block_cfg, 2, 40))
+    prefill_dense, _ = run(dense, tokens[:, :30], cache=KVCache.init(dense_cfg, 2, 40))
+    prefill_block, _ = run(blocked, tokens[:, :30], cache=KVCache.init(block_cfg, 2, 40))
     np.testing.assert_allclose(np.asarray(prefill_block), np.asarray(prefill_dense), atol=2e-5)

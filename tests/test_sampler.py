@@ -51,11 +51,18 @@ def test_logprobs_match_a_full_forward_pass(hf_and_ours, temperature):
     """The behaviour logprobs GRPO divides by: same numbers as the trainer's recomputation."""
     _, model = hf_and_ours
     results = Sampler(model).generate(PROMPTS, max_new_tokens=32, temperature=temperature, seed=5)
-    for prompt, r in zip(PROMPTS, results):
-        seq = jnp.asarray([prompt + r.tokens], jnp.int32)
-        logp, _ = train.token_logprobs(model, seq[:, :-1], seq[:, 1:], temperature=temperature)
-        recomputed = np.asarray(logp[0, len(prompt) - 1:])
-        np.testing.assert_allclose(r.logprobs, recomputed, atol=1e-4)
+    seqs = [p + r.tokens for p, r in zip(PROMPTS, results)]
+    width = max(map(len, seqs))
+    padded = np.zeros((len(seqs), width), np.int32)
+    segments = np.zeros((len(seqs), width), np.int32)
+    for i, seq in enumerate(seqs):  # right-padded rows, padding in segment 0
+        padded[i, :len(seq)] = seq
+        segments[i, :len(seq)] = 1
+    recompute = nnx.jit(lambda m, x, seg: train.token_logprobs(m, x[:, :-1], x[:, 1:], segment_ids=seg[:, :-1],
+                                                               temperature=temperature)[0])
+    logp = np.asarray(recompute(model, jnp.asarray(padded), jnp.asarray(segments)))
+    for i, (prompt, r) in enumerate(zip(PROMPTS, results)):
+        np.testing.assert_allclose(r.logprobs, logp[i, len(prompt) - 1:len(seqs[i]) - 1], atol=1e-4)
 
 
 def test_stop_ids_and_finish_reasons(hf_and_ours):
