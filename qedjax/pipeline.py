@@ -20,15 +20,18 @@ from qedjax.metrics import plot_metrics
 from qedjax.rewards import Grade, Grader, make_grader
 from qedjax.sharding import ROLLOUT_RULES
 
-ENGINES = ("jax", "vllm")
+ENGINES = ("jax", "vllm", "workers")
 TARGETS = ("base", "sft", "grpo", "final")
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    kind: str = "jax"  # "jax": the in-process sampler | "vllm": vLLM on GPUs (weights via the store)
+    # "jax": the in-process sampler | "vllm": vLLM on this host's GPUs (weights via the store) |
+    # "workers": rollout workers elsewhere (qedjax.rollout.worker; weights via the store, work via the queue)
+    kind: str = "jax"
     max_batch: int = 256  # JAX sampler: rows decoded together
-    store: str | None = None  # vLLM: the weight store URL (default run_dir/weights)
+    store: str | None = None  # vllm, workers: the weight store path or URL (default run_dir/weights)
+    queue: str | None = None  # workers: the work queue directory, shared with them (default run_dir/rollout_queue)
     vllm_args: dict = dataclasses.field(default_factory=dict)  # vLLM: extra vllm.LLM arguments
 
     def __post_init__(self):
@@ -54,8 +57,75 @@ class PublishingEngine:
         self.engine.load_weights(version)
 
 
+class WorkerPublisher:
+    """The trainer's engine when rollout workers generate (engine.kind=workers). It generates nothing:
+    `load_weights(version, params)` publishes the parameters to the store the workers follow, and
+    rl.run takes its rollouts from the work queue at `queue_dir` (qedjax.rollout.worker.Dispatcher)."""
+
+    def __init__(self, store, queue_dir: str, config, version: int):
+        self.store, self.queue_dir, self.config = store, queue_dir, config
+        self._version = version
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def load_weights(self, version: int, weights=None) -> None:
+        if weights is not None:
+            self.store.publish(weights, version, config=self.config)
+        self._version = version
+
+    def generate(self, requests, params):
+        raise RuntimeError("engine.kind=workers: rollout workers (python -m qedjax.rollout.worker) generate the "
+                           "grpo stage's rollouts; nothing generates in the trainer (use engine.kind=jax or vllm "
+                           "for other stages)")
+
+    def count_tokens(self, text: str) -> int:
+        raise RuntimeError("engine.kind=workers: the trainer holds no generating engine")
+
+
+def check_engine(cfg) -> None:
+    """Checks between the engine and the grpo section, before anything compiles."""
+    g = cfg.grpo
+    if g is None:
+        return
+    if g.mode == "async" and jax.process_count() > 1 and cfg.engine.kind != "workers":
+        raise ValueError("grpo.mode=async runs rollouts in a second thread, which a multi-process JAX run cannot "
+                         "do (collectives would interleave differently on each host): use mode=sync, or rollout "
+                         "workers (engine.kind=workers, qedjax.rollout.worker)")
+    if cfg.engine.kind == "workers" and g.rc.enabled and g.rc.summarizer == "frozen":
+        raise ValueError("engine.kind=workers summarises RC states with the workers' engine, the current policy: "
+                         "set grpo.rc.summarizer=policy (a frozen summariser would be a second engine per worker)")
+
+
+def _uncommit_newer(store, version: int) -> None:
+    """Uncommits store versions above `version`. An earlier run of the stage that got past its last
+    checkpoint left them; they would shadow the resumed run's versions (workers follow the newest) and
+    push them out of the store's `keep`. Deleting a manifest is how the store itself uncommits a
+    version (qedjax.rollout.weights); it has no public call for it yet."""
+    from qedjax.rollout.weights import _manifest_key, _prefix_range
+
+    if jax.process_index() == 0:
+        for v in store.versions():
+            if v > version:
+                store._kv.delete_range(_prefix_range(_manifest_key(v))).result()
+
+
 def engine_factory(cfg, tokenizer, mesh, run_dir: str):
     """(model, version) -> RolloutEngine, per the engine section."""
+    check_engine(cfg)
+    if cfg.engine.kind == "workers":
+        from qedjax.rollout.weights import WeightStore
+
+        store = WeightStore(cfg.engine.store or os.path.join(run_dir, "weights"))
+        queue_dir = cfg.engine.queue or os.path.join(run_dir, "rollout_queue")
+
+        def publisher(model, version):
+            _uncommit_newer(store, version)
+            store.publish(model, version)
+            return WorkerPublisher(store, queue_dir, model.config, version)
+
+        return publisher
     if cfg.engine.kind == "vllm":
         from qedjax.rollout.vllm import VllmEngine
         from qedjax.rollout.weights import WeightStore
@@ -128,6 +198,9 @@ def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict
     """
     from qedjax.eval.run import run_eval
 
+    if cfg.engine.kind == "workers":
+        raise ValueError("the eval stage generates in this process: run it with engine.kind=jax or vllm "
+                         "(rollout workers serve the grpo stage only)")
     ev = cfg.eval
     writer = jax.process_index() == 0
     grader = build_grader(ev.grader, cfg, run_dir, style=ev.judge_style) if writer else _Discard()

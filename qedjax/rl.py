@@ -10,7 +10,9 @@ One optimizer step:
   5. advantages per group, a GRPO train step, and the new weights published to the engine.
 Synchronous mode does these in order (lag 0). Asynchronous mode produces the rollouts of the next
 batches in a background thread while the trainer trains; a batch generated more than `max_lag`
-policy versions before the trainer reaches it is dropped and counted.
+policy versions before the trainer reaches it is dropped and counted. With rollout workers
+(engine.kind=workers) steps 2-3 run on other machines (qedjax.rollout.worker): the trainer queues
+each step's problems there, `max_lag + 1` steps ahead (one in sync mode), and grades what comes back.
 """
 
 from __future__ import annotations
@@ -82,10 +84,6 @@ class GRPOConfig:
         if self.rc.enabled and self.rc.states_per_problem > self.rc.turns + 1:
             raise ValueError(f"grpo.rc.states_per_problem ({self.rc.states_per_problem}) exceeds the "
                              f"{self.rc.turns + 1} states of {self.rc.turns} turns")
-        if self.mode == "async" and jax.process_count() > 1:
-            raise ValueError("grpo.mode=async runs rollouts in a second thread, which a multi-process JAX "
-                             "run cannot do (collectives would interleave differently on each host): use "
-                             "mode=sync, or vLLM rollout workers (qedjax.rollout.worker)")
         if self.rc.summarizer not in ("frozen", "policy"):
             raise ValueError(f"grpo.rc.summarizer must be 'frozen' or 'policy', got {self.rc.summarizer!r}")
 
@@ -364,8 +362,11 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     if start >= g.steps:
         ckpt.close()
         return ckpt_dir
-    engine = make_engine(nnx.merge(graphdef, state["params"]), start)
-    summarizer = engine if g.rc.summarizer == "policy" else make_engine(nnx.merge(graphdef, state["params"]), start)
+    version = int(state["step"])  # the policy version: optimizer steps (RL iterations may train nothing)
+    remote = cfg.engine.kind == "workers"  # rollouts come from rollout workers (qedjax.rollout.worker)
+    engine = make_engine(nnx.merge(graphdef, state["params"]), version)
+    summarizer = engine if g.rc.summarizer == "policy" or remote else make_engine(
+        nnx.merge(graphdef, state["params"]), version)
     rows = -(-g.sequences_per_step // (g.micro_batches * batch_divisor(mesh, rules))) * (
         g.micro_batches * batch_divisor(mesh, rules))
     batch_sh = {k: train.micro_batch_sharding(mesh, rules, 3) for k in BATCH_KEYS}
@@ -380,7 +381,13 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
         picked = sampler.take(g.problems_per_step)
         return collect(g, engine, summarizer, grader, picked, sampler.cursor, cfg.run.seed)
 
-    producer = Producer(next_rollouts, g.max_lag) if g.mode == "async" else None
+    if remote:  # depth max_lag + 1 keeps lag <= max_lag; depth 1 is sync mode (lag 0)
+        from qedjax.rollout.worker import Dispatcher
+
+        producer = Dispatcher(engine.queue_dir, g, sampler, cfg.run.seed, grader, version=lambda: int(state["step"]),
+                              depth=g.max_lag + 1 if g.mode == "async" else 1)
+    else:
+        producer = Producer(next_rollouts, g.max_lag) if g.mode == "async" else None
     if producer is not None:
         producer.start()
     writer.write("grpo", start, {"event": "start", "total_steps": g.steps, "problems": len(problems)})
@@ -426,6 +433,8 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
         ckpt.close()
     if step < g.steps:
         raise KeyboardInterrupt(f"grpo stopped at step {step}; checkpoint saved in {ckpt_dir}")
+    if remote:
+        producer.close()  # the stage is done: the workers exit
     return ckpt_dir
 
 

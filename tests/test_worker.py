@@ -1,0 +1,286 @@
+"""Rollout workers: the file queue (exclusive claims across processes, whole files only, dead-worker
+requeue), Rollouts through JSON, the trainer/worker protocol with a scripted engine, and the RL loop
+with `engine.kind=workers` fed by a worker thread that follows the weight store."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from qedjax import launch, rl
+from qedjax.config import build, to_dict
+from qedjax.eval.benchmarks import Problem
+from qedjax.metrics import read_metrics
+from qedjax.rewards import Grade
+from qedjax.rollout import worker
+from qedjax.rollout.engine import Completion, SamplingParams
+from qedjax.rollout.queue import WorkQueue
+from qedjax.rollout.rc import RCState
+from fakes import FakeEngine, FakeGrader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CLAIMER = """
+import json, os, sys, time
+from qedjax.rollout.queue import WorkQueue
+root, me, go = sys.argv[1:]
+queue = WorkQueue(root)
+while not os.path.exists(go):
+    time.sleep(0.001)
+got = []
+while (claimed := queue.claim(me)) is not None:
+    item, payload = claimed
+    assert payload == {"n": int(item.split("-")[1])}, (item, payload)
+    got.append(item)
+print(json.dumps(got))
+"""
+
+WRITER = """
+import sys
+from qedjax.rollout.queue import WorkQueue
+queue = WorkQueue(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    queue.complete(f"r-{i:03d}", {"i": i, "data": list(range(100_000))}, "w")
+"""
+
+
+def _python(code, *args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, env=env, text=True)
+
+
+def test_two_processes_claim_every_item_exactly_once(tmp_path):
+    queue = WorkQueue(tmp_path / "q")
+    items = [f"item-{i:03d}" for i in range(40)]
+    for i, item in enumerate(items):
+        queue.submit(item, {"n": i})
+    go = tmp_path / "go"
+    procs = [_python(CLAIMER, tmp_path / "q", f"w{k}", go) for k in range(2)]
+    time.sleep(0.5)  # both started and waiting
+    go.touch()
+    got = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(got[0] + got[1]) == items  # each item once: no loss, no double claim
+    assert all(g == sorted(g) for g in got)  # oldest first
+    assert queue.counts() == {"todo": 0, "claimed": 40, "done": 0}
+
+
+def test_results_are_never_read_half_written(tmp_path):
+    queue = WorkQueue(tmp_path / "q")
+    n = 20
+    writer = _python(WRITER, tmp_path / "q", n)
+    got, deadline = {}, time.monotonic() + 60
+    while len(got) < n and time.monotonic() < deadline:
+        got.update(queue.take_results())  # a partial file would fail to parse here
+        time.sleep(0.001)
+    writer.communicate(timeout=60)
+    assert writer.returncode == 0
+    assert sorted(got) == [f"r-{i:03d}" for i in range(n)]
+    assert all(r["data"] == list(range(100_000)) and r["i"] == int(k[2:]) for k, r in got.items())
+    assert os.listdir(tmp_path / "q" / "tmp") == [] and queue.take_results() == {}
+
+
+def test_claims_of_a_dead_worker_are_requeued(tmp_path):
+    queue = WorkQueue(tmp_path / "q")
+    for i in range(3):
+        queue.submit(f"i-{i}", {"n": i})
+    queue.heartbeat("dead")
+    assert queue.claim("dead") == ("i-0", {"n": 0})
+    queue.heartbeat("alive")
+    assert queue.claim("alive") == ("i-1", {"n": 1})
+    trainer = WorkQueue(tmp_path / "q")  # its own clock and memory of heartbeats
+    assert trainer.requeue_dead(0.2) == []  # first sight of both heartbeats
+    time.sleep(0.3)
+    queue.heartbeat("alive")
+    assert trainer.requeue_dead(0.2) == ["i-0"]  # "dead" stood still; "alive" moved on
+    assert trainer.counts() == {"todo": 2, "claimed": 1, "done": 0}
+    assert queue.claim("other") == ("i-0", {"n": 0})
+    # A worker stopping mid-item hands it back; a finished one leaves no claim behind.
+    queue.release("i-1", "alive")
+    assert queue.claim("alive") == ("i-1", {"n": 1})
+    assert queue.release_all("alive") == ["i-1"]  # the worker restarted under the same id
+    queue.complete("i-0", {"ok": 1}, "other")
+    assert trainer.counts() == {"todo": 2, "claimed": 0, "done": 1}
+    assert trainer.take_results() == {"i-0": {"ok": 1}}
+    # A new trainer session starts clean and opens the queue; closing it tells idle workers to go.
+    queue.close()
+    assert queue.closed
+    trainer.purge()
+    assert not queue.closed and trainer.counts() == {"todo": 0, "claimed": 0, "done": 0}
+    with pytest.raises(ValueError, match="worker id"):
+        queue.claim("bad@id")
+
+
+def _rollouts() -> rl.Rollouts:
+    problems = [Problem("p1", "Show that 1 + 1 = 2.", {"marking_scheme": "7 points"}, "algebra", "easy"),
+                Problem("p2", "Prove x^2 >= 0.", {"answer": "0"})]
+
+    def completion(k):
+        return Completion(text=f"<think>\nstep {k} ü ∑\n</think>\n\nDone.", tokens=(5, 17, k),
+                          logprobs=(-0.1234567890123457, -1e-300, -17.25 * k),
+                          finish_reason="stop" if k % 2 else "length", prompt_tokens=(1, 2, 3, 4), policy_version=k)
+
+    states = [RCState("Show that 1 + 1 = 2.", "", 0), RCState("Prove x^2 >= 0.", "so far", 2)]
+    return rl.Rollouts(version=3, states=states,
+                       completions=[[completion(1), completion(2)], [completion(3), completion(4)]],
+                       grades=[[Grade(7.0, 1.0, "ok", "fine"), Grade(0.0, 0.0, "truncated", "")]] * 2,
+                       summary_tokens=[0, 12], times={"states_s": 0.1 + 0.2, "generate_s": 1 / 3}, problems=problems)
+
+
+def test_rollouts_and_work_items_round_trip_through_json():
+    ro = _rollouts()
+    back = worker.rollouts_from_json(json.loads(json.dumps(worker.rollouts_to_json(ro))))
+    assert back == ro
+    assert isinstance(back.completions[0][0].tokens, tuple) and isinstance(back.completions[0][0].logprobs, tuple)
+    g = rl.GRPOConfig(group_size=4, rc=rl.RCTrainConfig(enabled=True, turns=2, summarizer="policy"),
+                      sampling=SamplingParams(max_new_tokens=64, temperature=0.7, top_k=5, seed=9))
+    payload = json.loads(json.dumps(worker.work_payload(g, ro.problems, step=6, seed=2, version=4)))
+    assert worker.grpo_config(payload) == g == build(rl.GRPOConfig, to_dict(g))
+    assert [worker.problem_from_json(p) for p in payload["problems"]] == ro.problems
+    with pytest.raises(ValueError, match="format"):
+        worker.grpo_config({**payload, "format": "other/9"})
+    args = worker.parse_args(["--store", "s", "--queue", "q", "--tokenizer", "t", "--tensor-parallel-size", "2",
+                              "--enforce-eager", "--vllm-arg", "swap_space=8", "--vllm-arg", "kv_cache_dtype=fp8"])
+    assert worker.vllm_options(args) == {"tensor_parallel_size": 2, "enforce_eager": True, "swap_space": 8,
+                                         "kv_cache_dtype": "fp8"}
+
+
+class _Store:
+    """A weight store with one committed version and nothing in it (for scripted engines)."""
+
+    def latest(self):
+        return 0
+
+
+def _serve_in_thread(queue_dir, make_engine):
+    errors = []
+
+    def target():
+        try:
+            worker.serve(str(queue_dir), _Store(), make_engine, worker_id="w0", poll_s=0.01)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            errors.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_workers_make_the_rollouts_sync_mode_would(tmp_path):
+    problems = [Problem(str(i), f"Show that {i} is {i}.", {}) for i in range(6)]
+    g = rl.GRPOConfig(problems_per_step=2, group_size=2, sampling=SamplingParams(max_new_tokens=40, seed=3),
+                      rc=rl.RCTrainConfig(enabled=True, turns=1, states_per_problem=2, summarizer="policy"))
+    grader = FakeGrader(lambda item: 7.0 if "1" in item.response else 0.0)
+    sampler = rl.ProblemSampler(problems, seed=5)
+    dispatcher = worker.Dispatcher(str(tmp_path / "q"), g, sampler, 11, grader, depth=2, version=lambda: 0, poll_s=0.01)
+    dispatcher.start()
+    thread, errors = _serve_in_thread(tmp_path / "q", lambda version: FakeEngine())
+    got = [dispatcher.get() for _ in range(3)]
+    assert sampler.cursor == 4 * 2  # three steps taken, one more queued ahead (depth 2)
+    reference, engine = rl.ProblemSampler(problems, seed=5), FakeEngine()
+    for ro in got:
+        picked = reference.take(2)
+        want = rl.collect(g, engine, engine, grader, picked, reference.cursor, 11)
+        assert (ro.problems, ro.states, ro.completions, ro.grades, ro.summary_tokens) == (
+            want.problems, want.states, want.completions, want.grades, want.summary_tokens)
+        assert {"states_s", "generate_s", "grade_s", "wait_s"} <= set(ro.times)
+    dispatcher.stop()
+    dispatcher.close()
+    thread.join(10)
+    assert not thread.is_alive() and not errors  # the closed queue sent the worker home
+    counts = WorkQueue(tmp_path / "q").counts()  # the step queued ahead was withdrawn, or finished unused
+    assert counts["todo"] == counts["claimed"] == 0 and counts["done"] <= 1
+    # A worker that fails reports it: the trainer stops with the worker's traceback.
+    sampler = rl.ProblemSampler(problems, seed=5)
+    dispatcher = worker.Dispatcher(str(tmp_path / "q2"), g, sampler, 11, grader, depth=1, version=lambda: 0,
+                                   poll_s=0.01)
+    dispatcher.start()
+    thread, errors = _serve_in_thread(tmp_path / "q2", lambda version: FakeEngine(fail_on_call=0))
+    with pytest.raises(RuntimeError, match="(?s)rollout worker w0 failed.*engine killed"):
+        dispatcher.get()
+    thread.join(10)
+    assert len(errors) == 1 and "engine killed" in str(errors[0])
+    # A worker interrupted mid-item (SIGTERM raises SystemExit in `main`) hands the item back.
+
+    class Interrupted(FakeEngine):
+        def generate(self, requests, params):
+            raise SystemExit(143)
+
+    queue = WorkQueue(tmp_path / "q3")
+    queue.submit("a-0", worker.work_payload(g, problems[:2], step=2, seed=0, version=0))
+    thread, errors = _serve_in_thread(tmp_path / "q3", lambda version: Interrupted())
+    thread.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], SystemExit)
+    assert queue.counts() == {"todo": 1, "claimed": 0, "done": 0} and queue.heartbeat_of("w0") is None
+
+
+def _config(tmp_path, name, **grpo):
+    raw = {
+        "run": {"dir": str(tmp_path / name), "seed": 0, "stages": ["grpo"]},
+        "model": {"preset": "tiny"},
+        "toy": {"sft_rows": 8, "rl_problems": 16, "eval_problems": 2},
+        "engine": {"kind": "workers", "store": str(tmp_path / "weights"), "queue": str(tmp_path / "queue")},
+        "grpo": {"init": "model", "steps": 3, "problems_per_step": 2, "group_size": 4, "mode": "async", "max_lag": 1,
+                 "skip_zero_variance": False,  # a random policy scores 0 everywhere: train anyway, new versions
+                 "rc": {"enabled": True, "turns": 1, "states_per_problem": 2, "summary_max_new_tokens": 8,
+                        "summarizer": "policy"},
+                 "sampling": {"max_new_tokens": 12, "temperature": 1.0, "seed": 0},
+                 "loss": {"clip_low": 0.2, "clip_high": 0.28},
+                 "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+                 "checkpoint": {"every": 3, "keep": 1, "async_save": False}, **grpo},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path), tmp_path / name
+
+
+@pytest.mark.slow
+def test_rl_loop_with_a_worker_following_the_store(tmp_path):
+    from transformers import AutoTokenizer
+
+    from qedjax.rollout.weights import WeightStore
+
+    path, run_dir = _config(tmp_path, "workers")
+    versions = []
+
+    class Recording(worker.StoreJaxEngine):
+        def generate(self, requests, params):
+            versions.append(self.version)
+            return super().generate(requests, params)
+
+    def make_engine(version):
+        tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "toy" / "tokenizer"))
+        return Recording(WeightStore(tmp_path / "weights"), tokenizer, version=version, max_batch=64)
+
+    errors = []
+
+    def run(fn, *args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            errors.append(e)
+
+    serving = threading.Thread(target=run, args=(worker.serve, str(tmp_path / "queue"), str(tmp_path / "weights"),
+                                                  make_engine), kwargs={"worker_id": "w0", "poll_s": 0.05}, daemon=True)
+    training = threading.Thread(target=run, args=(launch.main, ["--config", path]), daemon=True)
+    serving.start()
+    training.start()
+    deadline = time.monotonic() + 240
+    while training.is_alive() and not errors and time.monotonic() < deadline:
+        time.sleep(0.2)
+    serving.join(30)
+    if errors:
+        raise errors[0]
+    assert not training.is_alive() and not serving.is_alive()  # finished; the closed queue stopped the worker
+    rows = [r for r in read_metrics(str(run_dir), "grpo") if "reward_mean" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["lag_max"] <= 1 and r["lag_min"] >= 0 for r in rows)
+    assert all(sum(r["score_hist"]) == 2 * 2 * 4 and "wait_s" in r for r in rows)
+    assert versions == sorted(versions) and versions[-1] > 0  # the worker followed the trainer's versions
+    counts = WorkQueue(tmp_path / "queue").counts()  # the step queued ahead: withdrawn, or finished unused
+    assert counts["todo"] == counts["claimed"] == 0 and counts["done"] <= 1 and WorkQueue(tmp_path / "queue").closed
