@@ -207,6 +207,15 @@ def hf_specs(params: dict, config: Qwen3Config, dtype: str | None = None) -> dic
     return {k.hf: (hf_shape(tuple(_get(params, k.path).shape), k.layout), np_dtype) for k in key_table(config)}
 
 
+def params_and_config(model_or_params, config: Qwen3Config | None, caller: str):
+    """(config, params pure dict) from a Qwen3 module, or from a params dict given with its config."""
+    if isinstance(model_or_params, Qwen3):
+        return model_or_params.config, nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
+    if config is None:
+        raise ValueError(f"{caller}: pass `config` with a params dict")
+    return config, model_or_params
+
+
 def save_hf(model: Qwen3 | dict, out_dir: str | os.PathLike, *, config: Qwen3Config | None = None,
             dtype: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
             tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> str:
@@ -221,13 +230,7 @@ def save_hf(model: Qwen3 | dict, out_dir: str | os.PathLike, *, config: Qwen3Con
     The directory is written to a temporary sibling and renamed into place, so a failed save leaves
     nothing half-written. Only process 0 writes; every process must call it (gathers are collective).
     """
-    if isinstance(model, Qwen3):
-        config = model.config
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    elif config is None:
-        raise ValueError("save_hf: pass `config` when saving a params dict")
-    else:
-        params = model
+    config, params = params_and_config(model, config, "save_hf")
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")

@@ -48,6 +48,7 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
+from qedjax import convert
 from qedjax.convert import NP_DTYPES, _get, _to_host, abstract_model, hf_shape, key_table, to_hf
 from qedjax.models.qwen3 import Qwen3, Qwen3Config
 
@@ -361,13 +362,7 @@ class WeightStore:
           dtype: stored dtype, "float32" or "bfloat16" (default: the config's param dtype).
         Returns when the version is committed (visible to readers) on every process.
         """
-        if isinstance(params_or_model, Qwen3):
-            config = params_or_model.config
-            params = nnx.to_pure_dict(nnx.state(params_or_model, nnx.Param))
-        elif config is None:
-            raise ValueError("publish: pass `config` with a params dict")
-        else:
-            params = params_or_model
+        config, params = convert.params_and_config(params_or_model, config, "publish")
         if not isinstance(version, int) or not 0 <= version < 10**8:
             raise ValueError(f"version must be an int in [0, 1e8), got {version!r}")
         dtype = dtype or config.param_dtype
