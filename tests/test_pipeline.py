@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 def run_launch(*args, devices=1, timeout=900):
     """`python -m qedjax.launch ...` in a child process with its own device count, as a user runs it."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache")}
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     out = subprocess.run([sys.executable, "-m", "qedjax.launch", *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -49,3 +50,16 @@ def test_short_main_job_learns(tmp_path):
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["config_hash"] == summary["config_hash"] and info["devices"]["count"] == 1
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_metrics_for_the_whole_pipeline(tmp_path):
+    short = ["sft.steps=12", "grpo.steps=3", "grpo.problems_per_step=4", "eval.samples=1", "toy.sft_rows=256",
+             "run.deterministic=true", "run.stages=[sft,grpo,eval]"]
+    for name in ("a", "b"):
+        run_launch("--config", "configs/tiny.yaml", f"run.dir={tmp_path / name}", *short)
+    a, b = ((tmp_path / n / "metrics.jsonl").read_bytes() for n in ("a", "b"))
+    assert a == b and b"reward_mean" in a and b'"stage": "sft"' in a
+    compare = subprocess.run([sys.executable, "tools/compare_runs.py", str(tmp_path / "a"), str(tmp_path / "b")],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout
