@@ -164,3 +164,14 @@ def _restore_target(cfg):
     shardings = sharding.state_shardings(abstract, mesh, sharding.TRAIN_RULES)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         nnx.to_pure_dict(abstract), shardings)
+
+
+def test_repeated_non_finite_steps_stop_the_run_with_a_checkpoint(tmp_path, toy_tokenizer_dir, monkeypatch):
+    cfg = _sft_config(tmp_path, toy_tokenizer_dir, tmp_path / "nan", "data=8", max_bad_steps=2)
+    real = sft.sft_loss
+    monkeypatch.setattr(sft, "sft_loss", lambda model, batch: (real(model, batch)[0] * np.inf, real(model, batch)[1]))
+    with pytest.raises(sft.NonFiniteError, match=r"2 consecutive steps had a non-finite loss.*checkpoint at step 0"):
+        _run_sft(cfg, [])
+    from qedjax.checkpoint import Checkpointer
+
+    assert Checkpointer(str(tmp_path / "nan/sft/checkpoints")).latest_step() == 0
