@@ -1,0 +1,350 @@
+"""CPU benchmark of the SFT train step: qedjax vs transformers + torch AdamW, MFU, and 4B memory.
+
+1. Step throughput. One random Hugging Face Qwen3 (fp32) is saved and loaded into qedjax with
+   convert.load_hf, so both sides start from the same weights. Both run one full optimizer step on
+   the same [B, T] batch: forward, masked next-token cross-entropy (mean over the target tokens; the
+   first quarter of every row is an unmasked "prompt"), backward, global-norm clipping to 1.0 and
+   AdamW (lr 1e-4, betas 0.9/0.999, eps 1e-8, weight decay 0.1 on matrices except the embedding).
+   qedjax runs `train.make_train_step` with `sft.sft_loss`, the step the SFT stage runs, on a
+   one-device mesh; torch runs `Qwen3ForCausalLM` (train mode, sdpa attention) and
+   `torch.optim.AdamW`. The first two steps of each side are checked to give the same losses, then
+   rounds alternate one step of each side; the jit compile and the first calls are excluded.
+2. MFU = 6 * params * tokens/s / peak (params count the tied embedding once; attention scores are
+   not in 6N). The peak is measured, not taken from a data sheet: the best rate of a 3072^3 fp32
+   matmul in numpy, jax and torch, measured before and after the steps (the machine may be shared,
+   and a busy moment only lowers it), is taken as the achievable peak of these cores.
+3. Memory of a qwen3-4b train state on fsdp=8, from the compiled step's memory analysis. A child
+   process with 8 fake CPU devices builds the abstract state (eval_shape, ShapeDtypeStructs carrying
+   the train shardings), then lowers and compiles the step for a [1, 8, 4096] batch with remat on,
+   fp32 parameters and bf16 compute, never allocating the state. Compiling all 36 layers on a small
+   CPU is slow, so by default the child compiles 2 and 4 layers and the figures are extrapolated
+   linearly per layer (`--memory-layers 2 4 36` compiles the real depth too).
+
+Timings on a shared machine are noisy: figures are medians over rounds, best in brackets, and the
+ratio is the median of per-round ratios.
+
+Usage:
+  .venv/bin/python tools/bench_sft.py                            # bench-100m 2x128 and 4x256, 4B memory
+  .venv/bin/python tools/bench_sft.py --batch 8 --seq 512 --repeats 3 --skip-memory
+  .venv/bin/python tools/bench_sft.py --skip-step --memory-layers 2 4 36
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="bench-100m", help="model preset for the step benchmark")
+    p.add_argument("--batch", type=int, nargs="+", default=[2, 4], help="batch sizes, paired with --seq")
+    p.add_argument("--seq", type=int, nargs="+", default=[128, 256], help="sequence lengths")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per framework and shape")
+    p.add_argument("--torch-optim", default="fused", choices=("default", "foreach", "fused"),
+                   help="torch.optim.AdamW implementation (fused is the fastest on CPU)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="cores for both frameworks (default: all this process may use)")
+    p.add_argument("--skip-step", action="store_true", help="skip the throughput benchmark")
+    p.add_argument("--skip-memory", action="store_true", help="skip the qwen3-4b memory analysis")
+    p.add_argument("--memory-preset", default="qwen3-4b")
+    p.add_argument("--memory-layers", type=int, nargs="+", default=[2, 4],
+                   help="layer counts to compile; the last two are extrapolated to the preset's depth")
+    p.add_argument("--memory-batch", type=int, default=8)
+    p.add_argument("--memory-seq", type=int, default=4096)
+    p.add_argument("--memory-mesh", default="fsdp=8")
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if len(args.batch) != len(args.seq):
+        p.error(f"--batch and --seq pair up: got {len(args.batch)} batch sizes and {len(args.seq)} lengths")
+    return args
+
+
+def measure_peak(repeats: int = 3, n: int = 3072) -> dict[str, float]:
+    """Best GFLOP/s of an [n, n] x [n, n] fp32 matmul in numpy, jax and torch."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    a, b = (np.random.default_rng(i).standard_normal((n, n), dtype=np.float32) for i in range(2))
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    matmul = jax.jit(jnp.matmul)
+    calls = {"numpy": lambda: a @ b, "jax": lambda: matmul(ja, jb).block_until_ready(), "torch": lambda: ta @ tb}
+    out = {}
+    for name, call in calls.items():
+        call()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - start)
+        out[name] = 2 * n**3 / best / 1e9
+    return out
+
+
+# ------------------------------------------------------------------------------------------- step
+
+
+def sft_batch(vocab: int, b: int, t: int, seed: int = 0):
+    """One packed-SFT-shaped batch: a document per row, the first quarter a prompt without loss."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (b, t + 1), dtype=np.int32)
+    mask = np.ones((b, t), np.int32)
+    mask[:, : t // 4] = 0
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
+            "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+
+
+def qedjax_trainer(model_dir: str, batch):
+    """(step() -> loss, flops per step): the SFT stage's jitted step on a one-device mesh."""
+    import jax
+
+    from qedjax import convert, sft, train
+    from qedjax.optim import OptimConfig, make_optimizer
+    from qedjax.sharding import TRAIN_RULES, make_mesh, state_shardings
+
+    mesh = make_mesh("", devices=jax.devices()[:1])
+    _, abstract = convert.abstract_model(convert.read_config(model_dir))
+    _, graphdef, params = convert.load_params(model_dir, dtype="float32",
+                                              shardings=state_shardings(abstract, mesh, TRAIN_RULES))
+    optimizer = make_optimizer(OptimConfig(lr=LR, schedule="constant", warmup_ratio=0.0,
+                                           weight_decay=WEIGHT_DECAY, clip_norm=CLIP), 1000)
+    state, shardings = train.init_state(params, optimizer, mesh)
+    batch_sh = {k: train.micro_batch_sharding(mesh, TRAIN_RULES, 3) for k in batch}
+    step_fn = train.make_train_step(graphdef, sft.sft_loss, sft.target_tokens, optimizer, shardings, batch_sh,
+                                    mesh, TRAIN_RULES)
+    device_batch = train.put_batch({k: v[None] for k, v in batch.items()}, mesh, TRAIN_RULES)
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, device_batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = compiled(holder["state"], device_batch)
+        return float(jax.block_until_ready(metrics)["loss"])
+
+    return step, flops, compile_s
+
+
+def torch_trainer(model, batch, impl: str):
+    """step() -> loss: the same step as a plain transformers + torch.optim.AdamW loop."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+    kwargs = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}],
+                            lr=LR, betas=(0.9, 0.999), eps=1e-8, **kwargs)
+    tokens = torch.as_tensor(batch["tokens"], dtype=torch.long)
+    targets = torch.as_tensor(batch["targets"], dtype=torch.long).flatten()
+    mask = torch.as_tensor(batch["loss_mask"], dtype=torch.float32).flatten()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=tokens, use_cache=False).logits  # [B, T, V] fp32
+        loss = (F.cross_entropy(logits.flatten(0, 1), targets, reduction="none") * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def bench_step(args) -> list[dict]:
+    import jax
+    import torch
+
+    from qedjax.models.qwen3 import Qwen3Config
+
+    sys.path.insert(0, ROOT)
+    from tests.hf_utils import random_hf_model
+
+    cfg = Qwen3Config.preset(args.preset)
+    rows = []
+    for b, t in zip(args.batch, args.seq):
+        batch = sft_batch(cfg.vocab_size, b, t)
+        hf = random_hf_model(cfg)
+        n_params = sum(p.numel() for p in hf.parameters())  # tied embedding counted once
+        with tempfile.TemporaryDirectory(prefix="bench-sft-") as d:
+            hf.save_pretrained(d)
+            jax_step, hlo_flops, compile_s = qedjax_trainer(d, batch)
+        torch_step = torch_trainer(hf, batch, args.torch_optim)
+        if not rows:
+            print(f"# {args.preset}: {n_params / 1e6:.1f}M params, fp32, AdamW ({args.torch_optim} in torch); "
+                  f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
+                  f"attn={hf.config._attn_implementation}), jax {jax.__version__}", flush=True)
+
+        def timed(step):
+            start = time.perf_counter()
+            loss = step()
+            return time.perf_counter() - start, loss
+
+        first = [(timed(jax_step), timed(torch_step)) for _ in range(2)]  # warm-up and parity
+        (jax_first, jax_loss0), (torch_first, torch_loss0) = first[0]
+        (_, jax_loss1), (_, torch_loss1) = first[1]
+        for i, (a, c) in enumerate(((jax_loss0, torch_loss0), (jax_loss1, torch_loss1))):
+            if abs(a - c) > 1e-3 * abs(c):
+                raise SystemExit(f"losses disagree at {b}x{t} step {i}: qedjax {a:.6f}, torch {c:.6f}")
+        t_jax, t_torch = [], []
+        for r in range(args.repeats):
+            for name in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
+                (t_jax if name == "jax" else t_torch).append(timed(jax_step if name == "jax" else torch_step)[0])
+        row = dict(batch=b, seq=t, tokens=b * t, params=n_params, compile_s=compile_s, jax_first_s=jax_first,
+                   torch_first_s=torch_first, losses=[[jax_loss0, torch_loss0], [jax_loss1, torch_loss1]],
+                   hlo_gflop=hlo_flops / 1e9, jax_s=t_jax, torch_s=t_torch)
+        rows.append(row)
+        print(f"# {b}x{t}: qedjax {[round(x, 2) for x in t_jax]} s, torch {[round(x, 2) for x in t_torch]} s",
+              flush=True)
+        del hf, jax_step, torch_step
+    return rows
+
+
+def print_step_table(rows: list[dict], peak: float):
+    print(f"{'B x T':>11} | {'qedjax tok/s':>14} | {'torch tok/s':>14} | {'qedjax/torch':>12} | "
+          f"{'MFU jax':>7} | {'MFU torch':>9} | {'HLO GFLOP/s':>11} | {'compile s':>9} | losses step 0, 1")
+    for row in rows:
+        print_step_row(row, peak)
+
+
+def print_step_row(row: dict, peak: float):
+    med_j, med_t = statistics.median(row["jax_s"]), statistics.median(row["torch_s"])
+    ratio = statistics.median(t / j for j, t in zip(row["jax_s"], row["torch_s"]))
+    tok, six_n = row["tokens"], 6 * row["params"]
+    mfu = lambda s: 100 * six_n * tok / s / 1e9 / peak  # noqa: E731
+    print(f"{row['batch']:>4} x {row['seq']:<4} | {tok / med_j:>5.0f} [{tok / min(row['jax_s']):>5.0f}] | "
+          f"{tok / med_t:>5.0f} [{tok / min(row['torch_s']):>5.0f}] | {ratio:>12.2f} | {mfu(med_j):>6.1f}% | "
+          f"{mfu(med_t):>8.1f}% | {row['hlo_gflop'] / med_j:>11.0f} | {row['compile_s']:>9.1f} | "
+          f"{row['losses'][0][0]:.4f}/{row['losses'][0][1]:.4f}, {row['losses'][1][0]:.4f}/{row['losses'][1][1]:.4f}",
+          flush=True)
+
+
+# ----------------------------------------------------------------------------------------- memory
+
+
+def memory_child(args):
+    """Runs with 8 fake CPU devices: compiles the step of each layer count, prints one JSON line each."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from qedjax import convert, sft, train
+    from qedjax.models.qwen3 import Qwen3Config
+    from qedjax.optim import OptimConfig, make_optimizer
+    from qedjax.sharding import TRAIN_RULES, make_mesh, state_shardings
+
+    mesh = make_mesh(args.memory_mesh)
+    b, t = args.memory_batch, args.memory_seq
+    for layers in args.memory_layers:
+        cfg = Qwen3Config.preset(args.memory_preset, num_hidden_layers=layers, remat=True,
+                                 param_dtype="float32", dtype="bfloat16")
+        graphdef, abstract = convert.abstract_model(cfg)
+        param_sh = state_shardings(abstract, mesh, TRAIN_RULES)
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nnx.to_pure_dict(abstract), param_sh)
+        optimizer = make_optimizer(OptimConfig(weight_decay=WEIGHT_DECAY), 1000)
+        # The shardings init_state gives the optimizer state, here from shapes alone.
+        opt_sh = train._opt_shardings(jax.eval_shape(optimizer.init, params), param_sh, mesh)
+        shardings = {"params": param_sh, "opt_state": opt_sh, "step": NamedSharding(mesh, P())}
+        state = train.abstract_state(shardings, params, optimizer)
+        batch_sh = {k: train.micro_batch_sharding(mesh, TRAIN_RULES, 3) for k in
+                    ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+        batch = {k: jax.ShapeDtypeStruct((1, b, t), jnp.int32, sharding=s) for k, s in batch_sh.items()}
+        step_fn = train.make_train_step(graphdef, sft.sft_loss, sft.target_tokens, optimizer, shardings, batch_sh,
+                                        mesh, TRAIN_RULES)
+        start = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        seconds = time.perf_counter() - start
+        m = compiled.memory_analysis()
+        state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) / mesh.size
+        print(json.dumps(dict(layers=layers, compile_s=seconds, state_bytes=state_bytes,
+                              argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
+                              alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
+                              code=m.generated_code_size_in_bytes)), flush=True)
+
+
+def bench_memory(args) -> list[dict]:
+    from qedjax.models.qwen3 import PRESETS
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--memory-preset", args.memory_preset,
+           "--memory-batch", str(args.memory_batch), "--memory-seq", str(args.memory_seq),
+           "--memory-mesh", args.memory_mesh, "--memory-layers", *map(str, args.memory_layers)]
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                                      " --xla_force_host_platform_device_count=8").strip())
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    depth = PRESETS[args.memory_preset]["num_hidden_layers"]
+    if depth not in [r["layers"] for r in rows] and len(rows) >= 2:
+        a, c = rows[-2], rows[-1]
+        extra = {k: a[k] + (c[k] - a[k]) * (depth - a["layers"]) / (c["layers"] - a["layers"])
+                 for k in ("state_bytes", "argument", "output", "alias", "temp", "code")}
+        rows.append(dict(extra, layers=depth, compile_s=float("nan"), extrapolated=True))
+    gib = 2**30
+    print(f"# {args.memory_preset} train step on {args.memory_mesh} (8 fake CPU devices), batch "
+          f"[1, {args.memory_batch}, {args.memory_seq}], remat, fp32 params + AdamW, bf16 compute; "
+          f"compiled.memory_analysis() per device")
+    print(f"{'layers':>10} | {'state':>9} | {'arguments':>9} | {'outputs':>9} | {'aliased':>9} | {'temp':>9} | "
+          f"{'peak est.':>9} | {'compile s':>9}")
+    for r in rows:
+        peak = r["argument"] + r["output"] - r["alias"] + r["temp"]
+        label = f"{r['layers']}{' (extr.)' if r.get('extrapolated') else ''}"
+        print(f"{label:>10} | " + " | ".join(f"{r[k] / gib:>5.2f} GiB" for k in
+                                             ("state_bytes", "argument", "output", "alias", "temp"))
+              + f" | {peak / gib:>5.2f} GiB | {r['compile_s']:>9.0f}", flush=True)
+    return rows
+
+
+def pin_threads(n: int):
+    """Restricts this process (and the threads jax and torch start later) to the first n usable cores;
+    XLA sizes its CPU thread pool to them, torch is told the same number."""
+    cores = sorted(os.sched_getaffinity(0))
+    if not 1 <= n <= len(cores):
+        raise SystemExit(f"--threads must be in 1..{len(cores)}, got {n}")
+    os.sched_setaffinity(0, cores[:n])
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    pin_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {os.uname().nodename}  {len(os.sched_getaffinity(0))} cores  "
+          f"load average {os.getloadavg()[0]:.1f}  cmd: {' '.join(sys.argv)}", flush=True)
+    if not args.skip_step:
+        before = measure_peak()
+        print("# matmul GFLOP/s before: " + ", ".join(f"{k} {v:.0f}" for k, v in before.items()), flush=True)
+        rows = bench_step(args)
+        after = measure_peak()
+        peak = max(*before.values(), *after.values())
+        print("# matmul GFLOP/s after: " + ", ".join(f"{k} {v:.0f}" for k, v in after.items()) +
+              f"; achievable peak (best 3072^3 fp32 matmul) {peak:.0f} GFLOP/s", flush=True)
+        print_step_table(rows, peak)
+    if not args.skip_memory:
+        bench_memory(args)
+    print(f"# load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
