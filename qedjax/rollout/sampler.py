@@ -64,13 +64,21 @@ def _filter_logits(logits, top_k, top_p, use_top_k: bool, use_top_p: bool):
 
 
 def _sample(logits, keys, temperature, top_k, top_p, use_top_k, use_top_p):
-    """One token per row and its logprob. logits [B, V] fp32; keys [B] PRNG keys."""
+    """One token per row and its logprob. logits [B, V] fp32; keys [B] PRNG keys.
+
+    The random draw needs one threefry number per vocabulary entry and row, as much work on a CPU as
+    the rest of a small model's decode step, so it is skipped when every row is greedy.
+    """
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     logp_all = jax.nn.log_softmax(scaled, axis=-1)
-    filtered = _filter_logits(scaled, top_k, top_p, use_top_k, use_top_p)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
-    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    argmax = jnp.argmax(logits, axis=-1)
+
+    def draw():
+        filtered = _filter_logits(scaled, top_k, top_p, use_top_k, use_top_p)
+        return jnp.where(greedy, argmax, jax.vmap(jax.random.categorical)(keys, filtered))
+
+    token = jax.lax.cond(jnp.all(greedy), lambda: argmax, draw).astype(jnp.int32)
     return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
 
 
