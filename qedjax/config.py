@@ -61,8 +61,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
+    attention_block: int = 512  # query/key block of blockwise attention, used above this length (0: never)
 
     def __post_init__(self):
+        if self.attention_block < 0:
+            raise ValueError(f"model.attention_block must be >= 0, got {self.attention_block}")
         if self.hf_path is None and self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r} is not a preset ({sorted(PRESETS)}); "
                              f"set model.hf_path to load a checkpoint instead")

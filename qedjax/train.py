@@ -174,7 +174,8 @@ def model_config(model_cfg):
     from qedjax import convert
     from qedjax.models.qwen3 import Qwen3Config
 
-    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
+    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
+                  attention_block=model_cfg.attention_block)
     if model_cfg.hf_path:
         return convert.read_config(model_cfg.hf_path, **dtypes)
     return Qwen3Config.preset(model_cfg.preset, **dtypes)

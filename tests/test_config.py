@@ -30,6 +30,8 @@ def test_overrides_and_types(tmp_path):
         load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["sft.optim.schedule=linear"])
     with pytest.raises(ValueError, match="run.stages: unknown stage"):
         load_config(None, ["run.stages=[pretrain]"])
+    with pytest.raises(ValueError, match="model.attention_block must be >= 0, got -1"):
+        load_config(None, ["model.attention_block=-1"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("run: [1, 2\n")
     with pytest.raises(ValueError, match="invalid YAML"):

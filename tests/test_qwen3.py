@@ -148,6 +148,9 @@ def test_blockwise_attention_equals_dense():
     segments = jnp.asarray([[1] * 20 + [2] * 15 + [0] * 2, [1] * 37], jnp.int32)
     np.testing.assert_allclose(np.asarray(run(blocked, tokens, segment_ids=segments)),
                                np.asarray(run(dense, tokens, segment_ids=segments)), atol=2e-5)
+    # One row alone: key blocks of the first segment are skipped for the second segment's queries too.
+    np.testing.assert_allclose(np.asarray(run(blocked, tokens[:1], segment_ids=segments[:1])),
+                               np.asarray(run(dense, tokens[:1], segment_ids=segments[:1])), atol=2e-5)
 
     def loss(model):
         return jnp.mean(model(tokens, segment_ids=segments) ** 2)
