@@ -17,7 +17,8 @@ from qedjax.metrics import MetricsWriter
 from qedjax.models.qwen3 import Qwen3, Qwen3Config
 from qedjax.optim import OptimConfig, make_optimizer
 
-CFG = Qwen3Config.preset("tiny", vocab_size=128)
+# Blocks of 8 over 24-token rows: the steps run blockwise attention (and its skipped blocks) on every mesh.
+CFG = Qwen3Config.preset("tiny", vocab_size=128, attention_block=8)
 
 
 def _batches(n, rows=8, seq=24, seed=0):
