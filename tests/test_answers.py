@@ -2,17 +2,16 @@
 
 import concurrent.futures
 import csv
-import pathlib
 import random
 import threading
 import time
 
 import pytest
 
+from imobench import IMOBENCH, needs_data
 from qedjax import answers
 from qedjax.answers import check_answer, clean, compare_answers, last_boxed, split_items
 
-ANSWERBENCH = pathlib.Path("/work/shared/data/imobench/answerbench_v2.csv")
 
 
 def boxed(answer: str) -> str:
@@ -108,7 +107,7 @@ def test_split_items_keeps_brackets_whole():
 
 
 def _golds() -> list[str]:
-    with ANSWERBENCH.open(newline="") as f:
+    with (IMOBENCH / "answerbench_v2.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 400
     return [row["Short Answer"] for row in rows]
@@ -127,6 +126,7 @@ def _accepted(pairs: list[tuple[str, str]]) -> list[bool]:
         return list(pool.map(lambda pair: check_answer(boxed(pair[0]), pair[1]), pairs))
 
 
+@needs_data
 def test_answerbench_gold_accepts_itself():
     golds = _golds()
     as_written = _accepted([(gold, gold) for gold in golds])
@@ -135,6 +135,7 @@ def test_answerbench_gold_accepts_itself():
     assert sum(rewritten) / len(golds) >= 0.95, [g for g, ok in zip(golds, rewritten) if not ok]
 
 
+@needs_data
 def test_answerbench_gold_rejects_other_golds():
     golds = _golds()
     rng = random.Random(0)

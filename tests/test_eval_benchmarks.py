@@ -1,22 +1,11 @@
 """Benchmark loaders on the real IMO-Bench CSVs, plus other sources, column maps and filters."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
+from imobench import IMOBENCH, needs_data
 from qedjax.eval.benchmarks import BenchmarkConfig, load_benchmark, read_rows, select, to_problems
-
-REPO = Path(__file__).resolve().parents[1]
-# Where the real CSVs may be: named by the environment, inside the checkout, or beside it (/work/shared).
-CANDIDATES = [
-    os.environ.get("QEDJAX_IMOBENCH", ""),
-    REPO / "shared/data/imobench",
-    REPO.parent / "shared/data/imobench",
-]
-IMOBENCH = next((Path(p) for p in CANDIDATES if p and (Path(p) / "proofbench_v2.csv").exists()), None)
-needs_data = pytest.mark.skipif(IMOBENCH is None, reason="IMO-Bench CSVs not found (set QEDJAX_IMOBENCH)")
 
 
 def proofbench(**kwargs) -> BenchmarkConfig:

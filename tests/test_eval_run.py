@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fakes import FakeEngine, FakeGrader
-from test_eval_benchmarks import IMOBENCH, needs_data
+from imobench import IMOBENCH, needs_data
 
 from qedjax.eval.benchmarks import BenchmarkConfig, load_benchmark
 from qedjax.eval.run import EvalConfig, read_jsonl, run_eval

@@ -4,7 +4,6 @@ import asyncio
 import csv
 import http.server
 import json
-import pathlib
 import re
 import socket
 import threading
@@ -12,10 +11,10 @@ import time
 
 import pytest
 
+from imobench import IMOBENCH, needs_data
 from qedjax.judge import JudgeConfig, cache_key
 from qedjax.rewards import Grade, GradeItem, JudgeGrader, parse_score, render_judge_prompt
 
-PROOFBENCH = pathlib.Path("/work/shared/data/imobench/proofbench_v2.csv")
 
 
 class FakeJudge:
@@ -335,12 +334,13 @@ def test_parse_score(style, text, expected):
 
 
 def _proofbench_rows():
-    with PROOFBENCH.open(newline="") as f:
+    with (IMOBENCH / "proofbench_v2.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 60
     return rows
 
 
+@needs_data
 def test_proofbench_rows_render_with_all_fields():
     for row in _proofbench_rows():
         references = {"solution": row["Solution"], "guidelines": row["Grading guidelines"]}
@@ -353,6 +353,7 @@ def test_proofbench_rows_render_with_all_fields():
         assert positions == sorted(positions) and prompt.rindex("My proof.") > positions[-1]
 
 
+@needs_data
 def test_prompt_never_drops_a_missing_field():
     row = _proofbench_rows()[0]
     with pytest.raises(ValueError, match="guidelines"):
