@@ -13,7 +13,7 @@ from qedjax import convert, sharding, train
 from qedjax.models.qwen3 import Qwen3, Qwen3Config
 from qedjax.rollout import SamplingParams
 from qedjax.rollout.jax_engine import JaxEngine
-from qedjax.rollout.sampler import Sampler, bucket
+from qedjax.rollout.sampler import DRAW_CHUNK, Sampler, bucket, draw_tokens
 
 CFG = Qwen3Config.preset("tiny", vocab_size=97)
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [42], [3, 1, 4, 1, 5]]
@@ -118,6 +118,34 @@ def test_top_k_top_p_restrict_the_support_and_sampling_follows_the_distribution(
     assert set(draws(temperature=1.0, top_k=3, top_p=0.5)) == {0, 1}
     np.testing.assert_array_equal(draws(temperature=1.0), free)  # same seed, same samples
     assert not np.array_equal(draws(temperature=1.0, top_k=0), draws(temperature=1.0, top_k=0)[::-1])
+
+
+def test_two_level_draw_follows_the_distribution_across_chunks():
+    """draw_tokens over three chunks, the last one padded: heavy tokens on the chunk edges, the
+    chunk masses and the tail come out at their probabilities, and -inf entries never do."""
+    c = DRAW_CHUNK
+    v = 2 * c + 100
+    logits = np.random.RandomState(0).randn(v)
+    edges = [0, c - 1, c, 2 * c - 1, 2 * c, v - 1]
+    logits[edges] += 5.0
+    logits[3::7] = -np.inf
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    rows, rounds = 8192, 25
+    fn = jax.jit(draw_tokens)
+    batch = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (rows, v))
+    drawn = np.concatenate([np.asarray(fn(jax.random.split(jax.random.key(i), rows), batch)) for i in range(rounds)])
+    n = len(drawn)
+    freq = np.bincount(drawn, minlength=v) / n
+    assert freq[3::7].sum() == 0 and drawn.max() < v
+
+    def close(f, p):  # within 5 standard errors of a binomial proportion
+        np.testing.assert_allclose(f, p, atol=5 * np.sqrt(p * (1 - p) / n).max() + 1e-12)
+    close(freq[edges], probs[edges])
+    close(np.array([freq[:c].sum(), freq[c:2 * c].sum(), freq[2 * c:].sum()]),
+          np.array([probs[:c].sum(), probs[c:2 * c].sum(), probs[2 * c:].sum()]))
+    light = np.setdiff1d(np.arange(v), edges)
+    close(freq[light].sum(), probs[light].sum())
 
 
 def test_compiles_are_bounded_by_buckets(hf_and_ours):

@@ -25,8 +25,13 @@ threads ran 4-10x slower than with one (small matmuls and a barrier per op while
 On a CPU, torch runs on the CPU; when CUDA is available, transformers runs there and jax uses its
 default backend. Timings on a shared machine are noisy: medians over rounds, best in brackets.
 
+With `--temperature T` both sides sample instead (no top-k/top-p; transformers with min_new_tokens so
+that no row ends early); the token comparison then means nothing. `--vocab 151936` gives the model
+Qwen3's vocabulary, where the cost of drawing a token shows.
+
 Usage:
   .venv/bin/python tools/bench_rollout.py                   # bench-100m shape cut to 4 layers, P=32 N=64
+  .venv/bin/python tools/bench_rollout.py --batch 32 --temperature 0.8 --vocab 151936 --skip-compile-count
   .venv/bin/python tools/bench_rollout.py --layers 12 --batch 32 --new 128 --repeats 3
 """
 
@@ -57,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="cores for both frameworks (1 by default: on a shared machine torch's decode with "
                         "more threads than idle cores collapses)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy on both sides; > 0: both sides sample at this temperature (no top-k/top-p)")
+    p.add_argument("--vocab", type=int, default=0, help="override the preset's vocabulary (Qwen3: 151936)")
     return p.parse_args(argv)
 
 
@@ -64,6 +72,8 @@ def model_config(args):
     from qedjax.models.qwen3 import Qwen3Config
 
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    if args.vocab:
+        overrides["vocab_size"] = args.vocab
     return Qwen3Config.preset(args.preset, **overrides)
 
 
@@ -93,22 +103,26 @@ def bench_decode(args) -> tuple[list[dict], dict]:
     hf = hf.to(device)
     sampler = Sampler(model)
     n_params = sum(p.numel() for p in hf.parameters())
-    print(f"# {args.preset} with {cfg.num_hidden_layers} layers: {n_params / 1e6:.1f}M params, fp32, greedy, "
+    print(f"# {args.preset} with {cfg.num_hidden_layers} layers: {n_params / 1e6:.1f}M params, fp32, "
+          f"vocab {cfg.vocab_size}, {'greedy' if args.temperature <= 0 else f'sampled at T={args.temperature}'}, "
           f"P={args.prompt} N={args.new}; torch {torch.__version__} on {device} ({torch.get_num_threads()} threads, "
           f"attn={hf.config._attn_implementation}), jax {jax.__version__} on {jax.devices()[0].platform}",
           flush=True)
     rng = np.random.default_rng(0)
 
     def run_qedjax(prompts, new):
-        out = sampler.generate(prompts, max_new_tokens=new, temperature=0.0)
+        out = sampler.generate(prompts, max_new_tokens=new, temperature=args.temperature)
         return np.asarray([r.tokens for r in out])
 
     def run_hf(prompts, new, cache):
         ids = torch.as_tensor(prompts, dtype=torch.long, device=device)
         kwargs = {"cache_implementation": "static"} if cache == "static" else {}
         with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                              pad_token_id=0, **kwargs)
+            # Sampling may draw the EOS id, which would end a row early: min_new_tokens masks it.
+            sampling = (dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, min_new_tokens=new)
+                        if args.temperature > 0 else dict(do_sample=False))
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, pad_token_id=0,
+                              **sampling, **kwargs)
         if device == "cuda":
             torch.cuda.synchronize()
         return out[:, ids.shape[1]:].cpu().numpy()
@@ -181,7 +195,7 @@ def bench_vllm(args, model_dir: str, rng, cfg):
         return
     llm = vllm.LLM(model=model_dir, tokenizer=None, skip_tokenizer_init=True, dtype="float32",
                    max_model_len=args.prompt + args.new, enforce_eager=False)
-    params = vllm.SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True, detokenize=False)
+    params = vllm.SamplingParams(temperature=args.temperature, max_tokens=args.new, ignore_eos=True, detokenize=False)
     for b in args.batch:
         prompts = [{"prompt_token_ids": p} for p in rng.integers(1, cfg.vocab_size, (b, args.prompt)).tolist()]
         llm.generate(prompts, params, use_tqdm=False)

@@ -63,20 +63,52 @@ def _filter_logits(logits, top_k, top_p, use_top_k: bool, use_top_p: bool):
     return jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(masked)
 
 
+DRAW_CHUNK = 512  # vocabulary entries per chunk of the two-level draw
+
+
+def _first_above(weights, u):
+    """Per row, the first index whose cumulative weight exceeds u * total: index i with probability
+    weights[i] / total. A zero weight is never chosen (the clamp covers u * total rounding up)."""
+    cdf = jnp.cumsum(weights, axis=-1)
+    count = jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1)
+    last = weights.shape[-1] - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(count, last)
+
+
+def draw_tokens(keys, logits):
+    """One token per row from softmax(logits) [B, V] (-inf entries are never drawn); keys [B].
+
+    A two-level inverse CDF: a chunk of DRAW_CHUNK entries by the chunks' masses, then an entry by its
+    probability within the chunk. It takes two uniforms per row, where jax.random.categorical
+    (Gumbel-max) takes a random number and two logarithms per vocabulary entry: on a CPU that was
+    most of a decode step at Qwen3's 152k vocabulary. The fp32 cumulative sums run over at most
+    V / DRAW_CHUNK and DRAW_CHUNK terms, so rounding moves about 1e-5 of the probability mass at
+    most (one cumulative sum over all 152k entries could move about 1e-2).
+    """
+    b, v = logits.shape
+    c = min(DRAW_CHUNK, v)
+    n = -(-v // c)
+    probs = jax.nn.softmax(jnp.pad(logits, ((0, 0), (0, n * c - v)), constant_values=-jnp.inf), axis=-1)
+    probs = probs.reshape(b, n, c)
+    u = jax.vmap(lambda key: jax.random.uniform(key, (2,)))(keys)
+    chunk = _first_above(probs.sum(axis=-1), u[:, 0])
+    within = jnp.take_along_axis(probs, chunk[:, None, None], axis=1)[:, 0]
+    return (chunk * c + _first_above(within, u[:, 1])).astype(jnp.int32)
+
+
 def _sample(logits, keys, temperature, top_k, top_p, use_top_k, use_top_p):
     """One token per row and its logprob. logits [B, V] fp32; keys [B] PRNG keys.
 
-    The random draw needs one threefry number per vocabulary entry and row, as much work on a CPU as
-    the rest of a small model's decode step, so it is skipped when every row is greedy.
+    The draw (and the top-k/top-p filter, a sort) is skipped when every row is greedy.
     """
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     logp_all = jax.nn.log_softmax(scaled, axis=-1)
-    argmax = jnp.argmax(logits, axis=-1)
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw():
         filtered = _filter_logits(scaled, top_k, top_p, use_top_k, use_top_p)
-        return jnp.where(greedy, argmax, jax.vmap(jax.random.categorical)(keys, filtered))
+        return jnp.where(greedy, argmax, draw_tokens(keys, filtered))
 
     token = jax.lax.cond(jnp.all(greedy), lambda: argmax, draw).astype(jnp.int32)
     return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
