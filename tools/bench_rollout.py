@@ -163,6 +163,8 @@ def bench_decode(args) -> tuple[list[dict], dict]:
     print(f"# time to first token, 1 prompt of {args.prompt} tokens, max_new_tokens=1 (median [best]): " +
           ", ".join(f"{s} {1e3 * statistics.median(v):.1f} [{1e3 * min(v):.1f}] ms" for s, v in ttft.items()),
           flush=True)
+    if args.temperature > 0:
+        bench_draw(max(args.batch), cfg.vocab_size, args.repeats)
     bench_vllm(args, tmp.name, rng, cfg)
     tmp.cleanup()
     return rows, ttft
@@ -185,6 +187,27 @@ def print_decode_row(row: dict, header: bool):
               + (f"{100 * row['equal']:.0f}% ({100 * row['equal_first']:.0f}%)" if name == "call" else ""),
               flush=True)
     print(f"# batch {b}: first qedjax call (compile) {row['first_s']['qedjax']:.1f} s", flush=True)
+
+
+def bench_draw(batch: int, vocab: int, repeats: int):
+    """The token draw alone, jitted, on [batch, vocab] logits: the sampler's two-level inverse CDF
+    against Gumbel-max (jax.random.categorical), next to the log-softmax every step computes anyway."""
+    import jax
+
+    from qedjax.rollout.sampler import draw_tokens
+
+    logits = jax.random.normal(jax.random.key(1), (batch, vocab))
+    keys = jax.random.split(jax.random.key(0), batch)
+    calls = {"draw_tokens": (jax.jit(draw_tokens), (keys, logits)),
+             "random.categorical": (jax.jit(jax.vmap(jax.random.categorical)), (keys, logits)),
+             "log_softmax": (jax.jit(lambda x: jax.nn.log_softmax(x, axis=-1)), (logits,))}
+    times = {}
+    for name, (fn, args) in calls.items():
+        jax.block_until_ready(fn(*args))
+        times[name] = statistics.median(timed(lambda: jax.block_until_ready(fn(*args)))[0]
+                                        for _ in range(max(repeats, 5)))
+    print(f"# token draw on [{batch}, {vocab}] (median ms): " +
+          ", ".join(f"{k} {1e3 * v:.1f}" for k, v in times.items()), flush=True)
 
 
 def bench_vllm(args, model_dir: str, rng, cfg):
