@@ -7,7 +7,7 @@
    ordered pairs by default, `--pairs N` for a random sample). Every accepted pair is printed, so
    a reader can check whether the two answers are in fact equal.
 
-    python tools/bench_answers.py                 # all pairs: a few minutes on 2 cores
+    python tools/bench_answers.py                 # all pairs: about 1.5 minutes on 2 cores
     python tools/bench_answers.py --pairs 3000    # the sample the test suite uses
 """
 
