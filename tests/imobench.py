@@ -13,7 +13,3 @@ CANDIDATES = [os.environ.get("QEDJAX_IMOBENCH", ""), REPO / "shared/data/imobenc
 IMOBENCH = next((Path(p) for p in CANDIDATES if p and (Path(p) / "proofbench_v2.csv").exists()), None)
 needs_data = pytest.mark.skipif(IMOBENCH is None, reason="IMO-Bench CSVs not found (set QEDJAX_IMOBENCH)")
 
-
-def csv_path(name: str) -> Path:
-    """`name` in the IMO-Bench folder (the caller is marked `needs_data`)."""
-    return IMOBENCH / name

@@ -40,7 +40,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchlib import ROOT, pin_threads, print_footer, print_header  # tools/, the script's own folder
+
 # transformers maps safetensors lazily: a weight costs time and memory only when first read, so
 # "transformers+read" also reads every weight once, which is when a first forward would pay for it.
 LOADERS = ("qedjax", "transformers", "transformers+read")
@@ -66,19 +67,6 @@ def parse_args(argv=None):
     if len(args.batch) != len(args.seq):
         p.error(f"--batch and --seq pair up: got {len(args.batch)} batch sizes and {len(args.seq)} lengths")
     return args
-
-
-def pin_threads(n: int):
-    """Restricts this process (and the threads jax and torch start later) to the first n usable cores."""
-    cores = sorted(os.sched_getaffinity(0))
-    if not 1 <= n <= len(cores):
-        raise SystemExit(f"--threads must be in 1..{len(cores)}, got {n}")
-    os.sched_setaffinity(0, cores[:n])
-
-
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
 
 
 def rss_mib() -> tuple[float, float]:
@@ -310,17 +298,15 @@ def bench_load(args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    pin_threads(args.threads)
+    pin_threads(args.threads, torch_threads=False)  # the qedjax load child must not import torch
     if args.load_child:
         load_child(args)
         return
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {cpu_name()}, {len(os.sched_getaffinity(0))} cores pinned "
-          f"of {os.cpu_count()}  load average {os.getloadavg()[0]:.1f}\n# command: python "
-          f"{os.path.relpath(sys.argv[0], ROOT)} {' '.join(sys.argv[1:])}", flush=True)
+    print_header()
     bench_forward(args)
     if not args.skip_load:
         bench_load(args)
-    print(f"# load average at the end {os.getloadavg()[0]:.1f}")
+    print_footer()
 
 
 if __name__ == "__main__":

@@ -38,14 +38,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchlib import ROOT, pin_threads, print_footer, print_header  # tools/, the script's own folder
+
 SIDES = ("qedjax", "hf-static", "hf-dynamic")
 
 
@@ -259,27 +259,14 @@ def bench_compile_count(args) -> dict:
     return out
 
 
-def pin_threads(n: int):
-    """Restricts this process (and the threads jax and torch start later) to the first n usable cores;
-    XLA sizes its CPU thread pool to them, torch is told the same number."""
-    cores = sorted(os.sched_getaffinity(0))
-    if not 1 <= n <= len(cores):
-        raise SystemExit(f"--threads must be in 1..{len(cores)}, got {n}")
-    os.sched_setaffinity(0, cores[:n])
-    import torch
-
-    torch.set_num_threads(n)
-
-
 def main(argv=None):
     args = parse_args(argv)
     pin_threads(args.threads)
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {os.uname().nodename}  {len(os.sched_getaffinity(0))} cores  "
-          f"load average {os.getloadavg()[0]:.1f}  cmd: {' '.join(sys.argv)}", flush=True)
+    print_header()
     bench_decode(args)
     if not args.skip_compile_count:
         bench_compile_count(args)
-    print(f"# load average at the end {os.getloadavg()[0]:.1f}")
+    print_footer()
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchlib import ROOT, pin_threads, print_footer, print_header  # tools/, the script's own folder
+
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
 
 
@@ -312,26 +313,13 @@ def bench_memory(args) -> list[dict]:
     return rows
 
 
-def pin_threads(n: int):
-    """Restricts this process (and the threads jax and torch start later) to the first n usable cores;
-    XLA sizes its CPU thread pool to them, torch is told the same number."""
-    cores = sorted(os.sched_getaffinity(0))
-    if not 1 <= n <= len(cores):
-        raise SystemExit(f"--threads must be in 1..{len(cores)}, got {n}")
-    os.sched_setaffinity(0, cores[:n])
-    import torch
-
-    torch.set_num_threads(n)
-
-
 def main(argv=None):
     args = parse_args(argv)
     pin_threads(args.threads)
     if args.memory_child:
         memory_child(args)
         return
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {os.uname().nodename}  {len(os.sched_getaffinity(0))} cores  "
-          f"load average {os.getloadavg()[0]:.1f}  cmd: {' '.join(sys.argv)}", flush=True)
+    print_header()
     if not args.skip_step:
         before = measure_peak()
         print("# matmul GFLOP/s before: " + ", ".join(f"{k} {v:.0f}" for k, v in before.items()), flush=True)
@@ -343,7 +331,7 @@ def main(argv=None):
         print_step_table(rows, peak)
     if not args.skip_memory:
         bench_memory(args)
-    print(f"# load average at the end {os.getloadavg()[0]:.1f}")
+    print_footer()
 
 
 if __name__ == "__main__":
