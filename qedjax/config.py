@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from typing import Any, Mapping, Sequence
@@ -28,6 +29,15 @@ from qedjax.rl import GRPOConfig
 from qedjax.toy import ToyConfig
 
 STAGES = ("sft", "grpo", "eval", "export")
+
+# Every config key that names a local file or directory. load_config makes them absolute, relative to
+# the working directory at launch, so no later step sees a relative path (Orbax refuses them; rollout
+# workers and child processes may run elsewhere). URLs (gs://, s3://) stay as written; the values in
+# VERBATIM are keywords, not paths. tests/test_config.py checks that no path-like key is missing.
+PATH_KEYS = ("run.dir", "run.checkpoint_dir", "model.hf_path", "model.tokenizer", "engine.store", "engine.queue",
+             "judge.cache_dir", "sft.data.path", "grpo.problems.path", "grpo.init", "eval.benchmark.path",
+             "export.checkpoint", "export.out")
+VERBATIM = {"grpo.init": ("sft", "model")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,9 +223,34 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Any:
     for o in overrides:
         apply_override(raw, o)
     try:
-        return build(Config, raw)
+        return resolve_paths(build(Config, raw))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path or 'config'}: {e}") from None
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (against the working directory); a URL or "" unchanged."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_paths(cfg, keys: Sequence[str] = PATH_KEYS):
+    """cfg with every local path of `keys` absolute (sections that are absent are skipped)."""
+    def replace(node, parts, key):
+        if node is None:
+            return None
+        if len(parts) == 1:
+            value = getattr(node, parts[0])
+            if value is None or value in VERBATIM.get(key, ()):
+                return node
+            return dataclasses.replace(node, **{parts[0]: absolute(value)})
+        child = replace(getattr(node, parts[0]), parts[1:], key)
+        return dataclasses.replace(node, **{parts[0]: child})
+
+    for key in keys:
+        cfg = replace(cfg, key.split("."), key)
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

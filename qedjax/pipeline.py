@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import jax
 from flax import nnx
@@ -216,6 +217,17 @@ def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict
     return out
 
 
+def compare_targets(run_dir: str, labels) -> dict[str, dict]:
+    """Each evaluated model against the one before it (`"sft-base"`, `"grpo-sft"`): the paired
+    difference in score over the problems both answered, with its standard error."""
+    from qedjax.eval.report import paired_difference
+    from qedjax.eval.run import read_jsonl
+
+    records = {k: read_jsonl(Path(run_dir, "eval", k, "samples.jsonl")) for k in labels}
+    labels = list(labels)
+    return {f"{b}-{a}": paired_difference(records[a], records[b]) for a, b in zip(labels, labels[1:])}
+
+
 def write_summary(run_dir: str, evals: dict[str, dict], timings: dict[str, float], extra: dict) -> dict:
     """run_dir/summary.json, a reward-per-step plot, and the table printed at the end of a run."""
     summary = {"stages": {k: {"score": v.get("score"), "stderr": v.get("stderr"),
@@ -223,6 +235,8 @@ def write_summary(run_dir: str, evals: dict[str, dict], timings: dict[str, float
                "timings_s": {k: round(v, 2) for k, v in timings.items()}, **extra}
     if jax.process_index() != 0:
         return summary
+    if len(evals) > 1:
+        summary["differences"] = compare_targets(run_dir, evals)
     plots = [plot_metrics(run_dir, "grpo", ["reward_mean", "response_len_mean", "clip_fraction"],
                           "grpo_reward.png"),
              plot_metrics(run_dir, "sft", ["loss", "grad_norm", "lr"], "sft_loss.png")]
@@ -239,4 +253,7 @@ def summary_table(summary: dict) -> str:
         err = "-" if s["stderr"] is None else f"{s['stderr']:.1f}"
         tok = "-" if s["tokens_per_problem"] is None else f"{s['tokens_per_problem']:.0f}"
         lines.append(f"{name:<8} {score:>8} {err:>7} {tok:>15}")
+    for name, d in summary.get("differences", {}).items():
+        lines.append(f"{name}: {d['diff']:+.1f} points, paired standard error {d['stderr']:.1f} "
+                     f"over {d['problems']} problems")
     return "\n".join(lines)

@@ -1,12 +1,16 @@
 """Config loading: every shipped config parses; mistakes fail early with the key named."""
 
+import dataclasses
 import glob
 import os
+import re
+import types
+import typing
 
 import pytest
 
 from qedjax import launch
-from qedjax.config import config_hash, load_config
+from qedjax.config import PATH_KEYS, Config, config_hash, load_config
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -51,8 +55,41 @@ def test_launch_fails_before_compiling(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not divisible by the 8 batch shards"):
         launch.main(["--config", tiny, "--mesh", "data=8", "sft.global_batch=12", "sft.micro_batches=3",
                      f"run.dir={tmp_path}"])
-    with pytest.raises(FileNotFoundError, match="model.hf_path: 'nowhere' is not a directory"):
+    with pytest.raises(FileNotFoundError, match="model.hf_path: '/.*/nowhere' is not a directory"):
         launch.main(["--config", tiny, "model.hf_path=nowhere", f"run.dir={tmp_path}"])
     with pytest.raises(ValueError, match="stage 'grpo' is selected but the config has no 'grpo' section"):
         launch.main(["--config", os.path.join(ROOT, "configs/qwen3-0.6b-sft.yaml"), "--stage", "grpo",
                      f"run.dir={tmp_path}"])
+
+
+def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"),
+                      ["engine.store=gs://bucket/weights", "export.out=~/hf", "grpo.init=sft",
+                       "judge.cache_dir=cache", "sft.data.path=data/sft.jsonl"])
+    assert cfg.run.dir == str(tmp_path / "runs" / "tiny")  # the shipped relative default
+    assert cfg.sft.data.path == str(tmp_path / "data" / "sft.jsonl")
+    assert cfg.judge.cache_dir == str(tmp_path / "cache")
+    assert cfg.export.out == os.path.expanduser("~/hf")
+    assert cfg.engine.store == "gs://bucket/weights" and cfg.grpo.init == "sft"
+    assert cfg.run.checkpoint_dir is None  # unset stays unset (defaults follow run.dir)
+    assert load_config(None, ["grpo.init=ckpt/sft"]).grpo.init == str(tmp_path / "ckpt" / "sft")
+
+
+def _fields(cls, prefix=""):
+    """(dotted key, type) of every leaf field under a config dataclass."""
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        inner = [a for a in args if dataclasses.is_dataclass(a)]
+        if inner:
+            yield from _fields(inner[0], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp
+
+
+def test_every_path_like_key_is_resolved():
+    looks_like_a_path = re.compile(r"(^|_)(path|dir|store|queue|out|checkpoint|tokenizer|init)$")
+    keys = {key for key, tp in _fields(Config) if str in (typing.get_args(tp) or (tp,))
+            and looks_like_a_path.search(key.rsplit(".", 1)[-1])}
+    assert keys == set(PATH_KEYS)

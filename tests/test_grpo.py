@@ -10,6 +10,8 @@ from qedjax import grpo, sharding, train
 from qedjax.models.qwen3 import Qwen3, Qwen3Config
 from qedjax.optim import OptimConfig, make_optimizer
 
+import parity
+
 
 def test_group_advantages():
     r = [1.0, 0.0, 0.5, 0.5, 0.25, 0.75]
@@ -106,11 +108,15 @@ def _grpo_batch(rows=8, seq=20, seed=0):
     return {k: v[None] for k, v in batch.items()}
 
 
-def _grpo_train(spec, steps=2, devices=None):
+LR = 1e-3
+
+
+def _grpo_train(spec, steps=2, devices=None, opt=None):
+    """(losses, final params, final optimizer state) of GRPO steps on one batch."""
     mesh = sharding.make_mesh(spec, devices=devices)
     rules = sharding.TRAIN_RULES
     graphdef, params = sharding.init_sharded(lambda: Qwen3(CFG, rngs=nnx.Rngs(0)), mesh, rules)
-    opt = make_optimizer(OptimConfig(lr=1e-3, warmup_ratio=0.0, clip_norm=1.0), 10)
+    opt = opt or make_optimizer(OptimConfig(lr=LR, schedule="constant", warmup_ratio=0.0, clip_norm=1.0), 10)
     state, shardings = train.init_state(params, opt, mesh)
     batch = _grpo_batch()
     sh = {k: train.micro_batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
@@ -121,14 +127,16 @@ def _grpo_train(spec, steps=2, devices=None):
     for _ in range(steps):
         state, m = step(state, train.put_batch(batch, mesh, rules))
         losses.append(float(m["loss"]))
-    return losses, jax.device_get(state["params"])
+    return losses, jax.device_get(state["params"]), state["opt_state"]
 
 
 @pytest.mark.slow
 def test_grpo_step_is_the_same_on_every_mesh():
-    ref_losses, ref_params = _grpo_train("", devices=jax.devices()[:1])
+    ref_grads = parity.captured(_grpo_train("", steps=1, devices=jax.devices()[:1], opt=parity.capture_grads())[2])
+    ref_losses, ref_params, _ = _grpo_train("", devices=jax.devices()[:1])
     for spec in ("data=8", "fsdp=4,tensor=2"):
-        losses, params = _grpo_train(spec)
+        grads = parity.captured(_grpo_train(spec, steps=1, opt=parity.capture_grads())[2])
+        parity.assert_grads_close(grads, ref_grads, where=f"{spec}: ")
+        losses, params, _ = _grpo_train(spec)
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6, err_msg=spec)
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        parity.assert_params_within(params, ref_params, parity.adam_drift_bound([LR] * 2), where=f"{spec}: ")

@@ -22,8 +22,10 @@ from qedjax.checkpoint import restore_params
 from qedjax.config import load_config
 from qedjax.metrics import read_metrics
 
+import parity
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT_S = 240
+TIMEOUT_S = 1200  # a hang guard, far above the ~1 min these runs take on a quiet machine
 # Until the launcher has an export stage, the two export processes run this (argv: config, run dir,
 # out dir, coordinator, process id).
 EXPORT_SCRIPT = """
@@ -125,8 +127,8 @@ def test_two_processes_train_like_one(tmp_path, toy_tokenizer_dir):
     _, _, target = train.abstract_params(cfg.model, sharding.make_mesh("fsdp=8"), sharding.TRAIN_RULES)
     got = jax.device_get(restore_params(str(two / "sft" / "checkpoints"), target))
     want = jax.device_get(restore_params(str(one / "sft" / "checkpoints"), target))
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
-        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
+    # gloo's all-reduce sums in another order than one process does: AdamW may drift by its bound.
+    parity.assert_params_within(got, want, parity.adam_drift_bound([3e-3] * 4))
 
     port = _free_port()
     _run_processes([[sys.executable, "-c", EXPORT_SCRIPT, str(config), str(two), str(tmp_path / "hf"),

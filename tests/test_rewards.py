@@ -95,23 +95,25 @@ def answer_item(response: str, answer: str = "2026, 2030") -> GradeItem:
 
 
 def test_answer_grader_reasons():
-    grades = AnswerGrader(timeout_s=1.0).grade(
+    # Real comparisons get a wide limit (a loaded machine must not turn a right answer into a
+    # timeout); the tower never finishes, so a short limit times it out on any machine.
+    grades = AnswerGrader(timeout_s=60.0).grade(
         [
             answer_item("<think>hmm</think>Thus \\boxed{\\{2030, 2026\\}}."),
             answer_item("<think>hmm</think>Thus \\boxed{2026}."),
             answer_item("<think>hmm</think>Thus n is 2026 or 2030."),
             answer_item("<think>\\boxed{2026, 2030} and more thinking"),
-            answer_item("\\boxed{2^{2^{2^{2^{100}}}}}", answer="3"),
             answer_item("Done: \\boxed{2026, 2030}\n## Self-Evaluation\nscore \\boxed{1}"),
         ]
     )
+    grades += AnswerGrader(timeout_s=1.0).grade([answer_item("\\boxed{2^{2^{2^{2^{100}}}}}", answer="3")])
     assert [(g.score, g.reward, g.reason) for g in grades] == [
         (7.0, 1.0, "ok"),
         (0.0, 0.0, "ok"),
         (0.0, 0.0, "no_answer"),
         (0.0, 0.0, "truncated"),
-        (0.0, 0.0, "timeout"),
         (7.0, 1.0, "ok"),
+        (0.0, 0.0, "timeout"),
     ]
     assert grades[1].raw == "boxed: 2026"
 
@@ -120,7 +122,7 @@ def test_answer_grader_from_a_worker_thread():
     result = {}
     thread = threading.Thread(target=lambda: result.update(g=AnswerGrader().grade([answer_item("\\boxed{0.5}", "1/2")])))
     thread.start()
-    thread.join(timeout=60)
+    thread.join(timeout=600)
     assert result["g"] == [Grade(7.0, 1.0, "ok", "boxed: 0.5")]
 
 

@@ -192,9 +192,10 @@ def _constant_params(cfg: Qwen3Config, value: float) -> dict:
     return jax.tree.map(lambda s: np.full(s.shape, value, np.float32), shapes)
 
 
-def _poll_reader(path, last: int, ready, out):
-    """Reads whatever is latest until `last` has been read; reports (version, outcome) per read."""
-    store, seen, deadline = WeightStore(path), [], time.time() + 120
+def _poll_reader(path, last: int, ready, progress, out):
+    """Reads whatever is latest until `last` has been read; reports (version, outcome) per read and
+    the newest version read so far in `progress`."""
+    store, seen, deadline = WeightStore(path), [], time.time() + 600  # a hang guard, not under test
     n_tensors = len(convert.key_table(Qwen3Config(**TINY)))
     ready.set()
     while time.time() < deadline:
@@ -207,6 +208,7 @@ def _poll_reader(path, last: int, ready, out):
             seen.append((v, "ok" if values == {float(v)} and len(pairs) == n_tensors else f"bad {values}"))
         except WeightStoreError as e:  # a version collected while being read: an error, never data
             seen.append((v, "error" if f"version {v}" in str(e) else f"unnamed error {e}"))
+        progress.value = max(progress.value, v)
         if v == last and seen[-1][1] == "ok":
             break
     out.put(seen)
@@ -215,18 +217,23 @@ def _poll_reader(path, last: int, ready, out):
 def test_concurrent_reader_sees_only_whole_versions(tmp_path):
     cfg = Qwen3Config(**TINY)
     ctx = multiprocessing.get_context("spawn")
-    ready, out = ctx.Event(), ctx.Queue()
-    reader = ctx.Process(target=_poll_reader, args=(str(tmp_path), 20, ready, out))
+    ready, progress, out = ctx.Event(), ctx.Value("i", 0), ctx.Queue()
+    reader = ctx.Process(target=_poll_reader, args=(str(tmp_path), 20, ready, progress, out))
     reader.start()
-    assert ready.wait(timeout=120)
+    assert ready.wait(timeout=600)
     store = WeightStore(tmp_path, keep=3)
     for v in range(1, 21):
         store.publish(_constant_params(cfg, v), v, config=cfg)
-    seen = out.get(timeout=150)
-    reader.join(timeout=30)
+        # The reader keeps reading version v while v + 1 is written and v - 2 collected: waiting for
+        # it to have read v makes the reads overlap the publishing however loaded the machine is.
+        deadline = time.monotonic() + 600  # a hang guard, not under test
+        while progress.value < v and reader.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    seen = out.get(timeout=600)
+    reader.join(timeout=60)
     assert {o for _, o in seen} <= {"ok", "error"}, seen
     assert seen[-1] == (20, "ok")
-    assert len({v for v, o in seen if o == "ok"}) >= 3, seen  # the reads overlapped the publishing
+    assert {v for v, o in seen} == set(range(1, 21)), seen  # every version was read while the next was written
 
 
 def _publish_then_hang(path, started):
@@ -252,7 +259,7 @@ def test_killed_writer_leaves_no_visible_version(tmp_path):
     started = ctx.Event()
     writer = ctx.Process(target=_publish_then_hang, args=(str(tmp_path), started))
     writer.start()
-    assert started.wait(timeout=120)
+    assert started.wait(timeout=600)
     os.kill(writer.pid, signal.SIGKILL)
     writer.join(timeout=30)
     store = WeightStore(tmp_path)
@@ -314,7 +321,7 @@ def test_two_processes_each_write_their_own_shards(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(port), str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
-    logs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    logs = [p.communicate(timeout=1200)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
     cfg = Qwen3Config(**TINY, tie_word_embeddings=False)
     expected = dict(convert.hf_tensors(_random_params(convert.abstract_model(cfg)[1]), cfg))

@@ -33,6 +33,27 @@ def stderr(values: Sequence[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values))
 
 
+def paired_difference(a: Sequence[Mapping], b: Sequence[Mapping]) -> dict:
+    """Score of `b` minus score of `a` (percentage points) on the problems both graded, with the
+    standard error of that difference over problems.
+
+    Both models answered the same problems, so the difference is taken problem by problem (each
+    problem's mean reward over its samples) and its spread gives the standard error: samples of one
+    problem are not independent, and a problem that is easy for one model is easy for the other,
+    so this is both honest about clustering and tighter than combining the two scores' errors.
+    """
+    def per_problem(records):
+        by_id = collections.defaultdict(list)
+        for r in records:
+            by_id[r["id"]].append(100.0 * r["reward"])
+        return {k: statistics.fmean(v) for k, v in by_id.items()}
+
+    pa, pb = per_problem(a), per_problem(b)
+    common = sorted(pa.keys() & pb.keys())
+    diffs = [pb[k] - pa[k] for k in common]
+    return {"diff": statistics.fmean(diffs) if diffs else 0.0, "stderr": stderr(diffs), "problems": len(common)}
+
+
 def length_stats(values: Sequence[int], limit: int | None = None) -> dict:
     """mean / p50 / p90 / max of token counts, and the share at `limit` or above."""
     if not values:
