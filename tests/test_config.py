@@ -6,7 +6,8 @@ import os
 import pytest
 
 from qedjax import launch
-from qedjax.config import config_hash, load_config
+from qedjax.config import load_config
+from qedjax.config_io import config_hash
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 

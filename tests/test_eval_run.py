@@ -184,7 +184,7 @@ def test_answers_rejected_by_the_check_can_be_confirmed_by_the_judge(tmp_path):
 
 @pytest.mark.parametrize("name", ["eval-imo-proofbench.yaml", "eval-imo-answerbench.yaml"])
 def test_yaml_configs_build_an_eval_config(name):
-    from qedjax.config import build
+    from qedjax.config_io import build
 
     raw = yaml.safe_load((REPO / "configs" / name).read_text())
     cfg = build(EvalConfig, raw["eval"], "eval.")

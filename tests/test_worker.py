@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from qedjax import launch, rl
-from qedjax.config import build, to_dict
+from qedjax.config_io import build, to_dict
 from qedjax.eval.benchmarks import Problem
 from qedjax.metrics import read_metrics
 from qedjax.rewards import Grade

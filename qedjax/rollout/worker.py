@@ -53,6 +53,7 @@ import numpy as np
 from flax import nnx
 
 from qedjax import rl
+from qedjax.config_io import build, to_dict
 from qedjax.convert import _get, _set, abstract_model, key_table, to_ours
 from qedjax.eval.benchmarks import Problem
 from qedjax.rewards import Grade
@@ -108,15 +109,11 @@ def rollouts_from_json(d: dict) -> rl.Rollouts:
 
 def work_payload(g: rl.GRPOConfig, problems: list[Problem], *, step: int, seed: int, version: int) -> dict:
     """One RL step's work: what `rl.sample_groups` needs, and the least policy version to use."""
-    from qedjax.config import to_dict
-
     return {"format": FORMAT, "grpo": to_dict(g), "problems": [problem_to_json(p) for p in problems],
             "step": step, "seed": seed, "version": version}
 
 
 def grpo_config(payload: dict) -> rl.GRPOConfig:
-    from qedjax.config import build
-
     if payload.get("format") != FORMAT:
         raise ValueError(f"work item of format {payload.get('format')!r}, this worker reads {FORMAT!r} "
                          f"(trainer and workers must run the same qedjax)")
