@@ -21,7 +21,7 @@ from qedjax.judge import JudgeConfig
 from qedjax.models.qwen3 import DTYPES, PRESETS
 from qedjax.optim import OptimConfig
 from qedjax.pipeline import TARGETS, EngineConfig
-from qedjax.rl import GRPOConfig
+from qedjax.rollout.groups import GRPOConfig
 from qedjax.toy import ToyConfig
 
 STAGES = ("sft", "grpo", "eval", "export")
