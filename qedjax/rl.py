@@ -31,8 +31,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from qedjax import grpo, train
+from qedjax.benchmarks import Problem, load_benchmark
 from qedjax.checkpoint import Checkpointer, StopRequest, restore_params
-from qedjax.eval.benchmarks import Problem, load_benchmark
 from qedjax.metrics import MetricsWriter
 from qedjax.optim import learning_rate, make_optimizer
 from qedjax.rewards import MAX_SCORE, Grader

@@ -11,7 +11,7 @@ import yaml
 from fakes import FakeEngine, FakeGrader
 from imobench import IMOBENCH, needs_data
 
-from qedjax.eval.benchmarks import BenchmarkConfig, load_benchmark
+from qedjax.benchmarks import BenchmarkConfig, load_benchmark
 from qedjax.eval.run import EvalConfig, read_jsonl, run_eval
 from qedjax.eval.scaffolds import RCConfig
 from qedjax.rewards import AnswerGrader, Grade

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from qedjax import launch, rl
+from qedjax.benchmarks import Problem
 from qedjax.config_io import build, to_dict
-from qedjax.eval.benchmarks import Problem
 from qedjax.metrics import read_metrics
 from qedjax.rewards import Grade
 from qedjax.rollout import groups, worker

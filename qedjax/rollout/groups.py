@@ -17,8 +17,8 @@ import jax
 import numpy as np
 
 from qedjax import grpo
+from qedjax.benchmarks import BenchmarkConfig, Problem
 from qedjax.checkpoint import CheckpointConfig
-from qedjax.eval.benchmarks import BenchmarkConfig, Problem
 from qedjax.optim import OptimConfig
 from qedjax.rewards import MAX_SCORE, Grade, Grader, GradeItem
 from qedjax.rollout.engine import Completion, RolloutEngine, SamplingParams

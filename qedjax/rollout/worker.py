@@ -52,9 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qedjax.benchmarks import Problem
 from qedjax.config_io import build, to_dict
 from qedjax.convert import _get, _set, abstract_model, key_table, to_ours
-from qedjax.eval.benchmarks import Problem
 from qedjax.rewards import Grade
 from qedjax.rollout import groups
 from qedjax.rollout.engine import Completion, RolloutEngine
