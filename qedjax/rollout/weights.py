@@ -401,6 +401,12 @@ class WeightStore:
             self._collect_garbage(version)
         _barrier(f"qedjax_weights_committed_{version}", multihost)
 
+    def uncommit(self, version: int) -> None:
+        """Withdraws a committed version from readers by deleting its manifest (how publish and garbage
+        collection uncommit too); its arrays go when the version is published again or collected.
+        Call it from one process."""
+        self._kv.delete_range(_prefix_range(_manifest_key(version))).result()
+
     def _write_arrays(self, version: int, tensors: list[_Tensor], leader: bool, fn) -> list[dict]:
         """Writes this process's blocks; returns each tensor's {chunk cell: checksum}."""
         stores = []
