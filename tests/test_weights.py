@@ -16,7 +16,8 @@ from flax import nnx
 from qedjax import convert
 from qedjax.models.qwen3 import Qwen3, Qwen3Config
 from qedjax.rollout import weights
-from qedjax.rollout.weights import WeightStore, WeightStoreError, hf_region
+from qedjax.rollout.weight_shards import hf_region
+from qedjax.rollout.weights import WeightStore, WeightStoreError
 from qedjax.sharding import TRAIN_RULES, make_mesh, state_shardings
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
