@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from qedjax import convert, train
 from qedjax.checkpoint import CheckpointConfig, Checkpointer
+from qedjax.config_io import config_hash
 from qedjax.models.qwen3 import DTYPES, Qwen3Config
 from qedjax.sharding import TRAIN_RULES
 
@@ -252,8 +253,6 @@ def run(cfg, mesh, run_dir: str, *, checkpoint: str | None = None, out: str | No
     finally:
         ckpt.close()
     if lead:
-        from qedjax.config import config_hash
-
         with open(os.path.join(out, MARKER), "w") as f:
             json.dump({**source, "config_hash": config_hash(cfg)}, f, indent=2)
             f.write("\n")

@@ -17,7 +17,8 @@ import time
 import jax
 
 from qedjax import export, pipeline, rl, sft, sharding
-from qedjax.config import config_hash, load_config
+from qedjax.config import load_config
+from qedjax.config_io import config_hash
 from qedjax.metrics import MetricsWriter
 from qedjax.provenance import write_run_info
 

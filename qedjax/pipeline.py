@@ -102,14 +102,11 @@ def check_engine(cfg) -> None:
 def _uncommit_newer(store, version: int) -> None:
     """Uncommits store versions above `version`. An earlier run of the stage that got past its last
     checkpoint left them; they would shadow the resumed run's versions (workers follow the newest) and
-    push them out of the store's `keep`. Deleting a manifest is how the store itself uncommits a
-    version (qedjax.rollout.weights); it has no public call for it yet."""
-    from qedjax.rollout.weights import _manifest_key, _prefix_range
-
+    push them out of the store's `keep`."""
     if jax.process_index() == 0:
         for v in store.versions():
             if v > version:
-                store._kv.delete_range(_prefix_range(_manifest_key(v))).result()
+                store.uncommit(v)
 
 
 def engine_factory(cfg, tokenizer, mesh, run_dir: str):

@@ -14,7 +14,7 @@ import sys
 import jax
 import yaml
 
-from qedjax.config import config_hash, to_dict
+from qedjax.config_io import config_hash, to_dict
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "datasets",
             "transformers", "tokenizers", "numpy", "torch", "vllm", "math-verify", "qedjax")

@@ -10,7 +10,8 @@ import typing
 import pytest
 
 from qedjax import launch
-from qedjax.config import PATH_KEYS, Config, config_hash, load_config
+from qedjax.config import PATH_KEYS, Config, load_config
+from qedjax.config_io import config_hash
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 

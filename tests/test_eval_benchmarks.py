@@ -5,7 +5,7 @@ import json
 import pytest
 
 from imobench import IMOBENCH, needs_data
-from qedjax.eval.benchmarks import BenchmarkConfig, load_benchmark, read_rows, select, to_problems
+from qedjax.benchmarks import BenchmarkConfig, load_benchmark, read_rows, select, to_problems
 
 
 def proofbench(**kwargs) -> BenchmarkConfig:

@@ -11,7 +11,7 @@ import yaml
 from fakes import FakeEngine, FakeGrader
 from imobench import IMOBENCH, needs_data
 
-from qedjax.eval.benchmarks import BenchmarkConfig, load_benchmark
+from qedjax.benchmarks import BenchmarkConfig, load_benchmark
 from qedjax.eval.run import EvalConfig, read_jsonl, run_eval
 from qedjax.eval.scaffolds import RCConfig
 from qedjax.rewards import AnswerGrader, Grade
@@ -184,7 +184,7 @@ def test_answers_rejected_by_the_check_can_be_confirmed_by_the_judge(tmp_path):
 
 @pytest.mark.parametrize("name", ["eval-imo-proofbench.yaml", "eval-imo-answerbench.yaml"])
 def test_yaml_configs_build_an_eval_config(name):
-    from qedjax.config import build
+    from qedjax.config_io import build
 
     raw = yaml.safe_load((REPO / "configs" / name).read_text())
     cfg = build(EvalConfig, raw["eval"], "eval.")

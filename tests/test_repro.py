@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from qedjax import launch, toy
-from qedjax.config import config_hash, load_config
+from qedjax.config import load_config
+from qedjax.config_io import config_hash
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
 import compare_runs  # noqa: E402

@@ -16,7 +16,8 @@ from flax import nnx
 from qedjax import convert
 from qedjax.models.qwen3 import Qwen3, Qwen3Config
 from qedjax.rollout import weights
-from qedjax.rollout.weights import WeightStore, WeightStoreError, hf_region
+from qedjax.rollout.weight_shards import hf_region
+from qedjax.rollout.weights import WeightStore, WeightStoreError
 from qedjax.sharding import TRAIN_RULES, make_mesh, state_shardings
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -142,6 +143,12 @@ def test_versions_latest_and_garbage_collection(tmp_path):
     assert store.versions() == [3, 5]
     assert all((a == 30).all() for _, a in store.read(3))
     assert WeightStore(tmp_path).latest() == 5  # another handle sees the same store
+    store.uncommit(5)  # what a resumed trainer does to the versions past its checkpoint
+    assert store.versions() == [3] and store.latest() == 3
+    with pytest.raises(WeightStoreError, match="version 5 is not committed"):
+        list(store.read(5))
+    store.publish(_constant_params(cfg, 50), 5, config=cfg)
+    assert store.versions() == [3, 5] and all((a == 50).all() for _, a in store.read(5))
 
 
 def test_errors_name_the_version(tmp_path):

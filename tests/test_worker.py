@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from qedjax import launch, rl
-from qedjax.config import build, to_dict
-from qedjax.eval.benchmarks import Problem
+from qedjax.benchmarks import Problem
+from qedjax.config_io import build, to_dict
 from qedjax.metrics import read_metrics
 from qedjax.rewards import Grade
-from qedjax.rollout import worker
+from qedjax.rollout import groups, worker
 from qedjax.rollout.engine import Completion, SamplingParams
 from qedjax.rollout.queue import WorkQueue
 from qedjax.rollout.rc import RCState
@@ -116,7 +116,7 @@ def test_claims_of_a_dead_worker_are_requeued(tmp_path):
         queue.claim("bad@id")
 
 
-def _rollouts() -> rl.Rollouts:
+def _rollouts() -> groups.Rollouts:
     problems = [Problem("p1", "Show that 1 + 1 = 2.", {"marking_scheme": "7 points"}, "algebra", "easy"),
                 Problem("p2", "Prove x^2 >= 0.", {"answer": "0"})]
 
@@ -126,7 +126,7 @@ def _rollouts() -> rl.Rollouts:
                           finish_reason="stop" if k % 2 else "length", prompt_tokens=(1, 2, 3, 4), policy_version=k)
 
     states = [RCState("Show that 1 + 1 = 2.", "", 0), RCState("Prove x^2 >= 0.", "so far", 2)]
-    return rl.Rollouts(version=3, states=states,
+    return groups.Rollouts(version=3, states=states,
                        completions=[[completion(1), completion(2)], [completion(3), completion(4)]],
                        grades=[[Grade(7.0, 1.0, "ok", "fine"), Grade(0.0, 0.0, "truncated", "")]] * 2,
                        summary_tokens=[0, 12], times={"states_s": 0.1 + 0.2, "generate_s": 1 / 3}, problems=problems)
@@ -137,10 +137,10 @@ def test_rollouts_and_work_items_round_trip_through_json():
     back = worker.rollouts_from_json(json.loads(json.dumps(worker.rollouts_to_json(ro))))
     assert back == ro
     assert isinstance(back.completions[0][0].tokens, tuple) and isinstance(back.completions[0][0].logprobs, tuple)
-    g = rl.GRPOConfig(group_size=4, rc=rl.RCTrainConfig(enabled=True, turns=2, summarizer="policy"),
-                      sampling=SamplingParams(max_new_tokens=64, temperature=0.7, top_k=5, seed=9))
+    g = groups.GRPOConfig(group_size=4, rc=groups.RCTrainConfig(enabled=True, turns=2, summarizer="policy"),
+                          sampling=SamplingParams(max_new_tokens=64, temperature=0.7, top_k=5, seed=9))
     payload = json.loads(json.dumps(worker.work_payload(g, ro.problems, step=6, seed=2, version=4)))
-    assert worker.grpo_config(payload) == g == build(rl.GRPOConfig, to_dict(g))
+    assert worker.grpo_config(payload) == g == build(groups.GRPOConfig, to_dict(g))
     assert [worker.problem_from_json(p) for p in payload["problems"]] == ro.problems
     with pytest.raises(ValueError, match="format"):
         worker.grpo_config({**payload, "format": "other/9"})
@@ -173,16 +173,16 @@ def _serve_in_thread(queue_dir, make_engine):
 
 def test_workers_make_the_rollouts_sync_mode_would(tmp_path):
     problems = [Problem(str(i), f"Show that {i} is {i}.", {}) for i in range(6)]
-    g = rl.GRPOConfig(problems_per_step=2, group_size=2, sampling=SamplingParams(max_new_tokens=40, seed=3),
-                      rc=rl.RCTrainConfig(enabled=True, turns=1, states_per_problem=2, summarizer="policy"))
+    g = groups.GRPOConfig(problems_per_step=2, group_size=2, sampling=SamplingParams(max_new_tokens=40, seed=3),
+                          rc=groups.RCTrainConfig(enabled=True, turns=1, states_per_problem=2, summarizer="policy"))
     grader = FakeGrader(lambda item: 7.0 if "1" in item.response else 0.0)
-    sampler = rl.ProblemSampler(problems, seed=5)
+    sampler = groups.ProblemSampler(problems, seed=5)
     dispatcher = worker.Dispatcher(str(tmp_path / "q"), g, sampler, 11, grader, depth=2, version=lambda: 0, poll_s=0.01)
     dispatcher.start()
     thread, errors = _serve_in_thread(tmp_path / "q", lambda version: FakeEngine())
     got = [dispatcher.get() for _ in range(3)]
     assert sampler.cursor == 4 * 2  # three steps taken, one more queued ahead (depth 2)
-    reference, engine = rl.ProblemSampler(problems, seed=5), FakeEngine()
+    reference, engine = groups.ProblemSampler(problems, seed=5), FakeEngine()
     for ro in got:
         picked = reference.take(2)
         want = rl.collect(g, engine, engine, grader, picked, reference.cursor, 11)
@@ -196,7 +196,7 @@ def test_workers_make_the_rollouts_sync_mode_would(tmp_path):
     counts = WorkQueue(tmp_path / "q").counts()  # the step queued ahead was withdrawn, or finished unused
     assert counts["todo"] == counts["claimed"] == 0 and counts["done"] <= 1
     # A worker that fails reports it: the trainer stops with the worker's traceback.
-    sampler = rl.ProblemSampler(problems, seed=5)
+    sampler = groups.ProblemSampler(problems, seed=5)
     dispatcher = worker.Dispatcher(str(tmp_path / "q2"), g, sampler, 11, grader, depth=1, version=lambda: 0,
                                    poll_s=0.01)
     dispatcher.start()

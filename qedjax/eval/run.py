@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from qedjax.eval.benchmarks import (
+from qedjax.benchmarks import (
     BenchmarkConfig,
     Problem,
     is_answer_format,

@@ -24,8 +24,9 @@ with replica_id 0). A qedjax shard is a rectangle of the HF tensor: the transpos
 contiguous rows. The zarr chunk grid is cut so that every chunk lies inside one shard's rectangle, so
 writers never share a chunk (no read-modify-write, no locks). A shard that splits head_dim while
 spanning several heads is not a rectangle in HF layout; such a tensor is gathered and written by
-process 0 (no training rule shards head_dim today). Layout and dtype conversion run on the shard's
-device (asynchronously, ahead of the host work), so only HF-layout bytes cross to the host.
+process 0 (no training rule shards head_dim today); the cutting is in qedjax.rollout.weight_shards.
+Layout and dtype conversion run on the shard's device (asynchronously, ahead of the host work), so
+only HF-layout bytes cross to the host.
 
 Checksums: xxh3-64 of each chunk's bytes in C order (xxhash, ~10 GB/s on one core), or crc32 from
 zlib (~2 GB/s) where xxhash is missing; the manifest names the algorithm.
@@ -49,8 +50,9 @@ import tensorstore as ts
 from flax import nnx
 
 from qedjax import convert
-from qedjax.convert import NP_DTYPES, _get, _to_host, abstract_model, hf_shape, key_table, to_hf
+from qedjax.convert import NP_DTYPES, _get, abstract_model, hf_shape, key_table, to_hf
 from qedjax.models.qwen3 import Qwen3, Qwen3Config
+from qedjax.rollout.weight_shards import ShardedTensor, digest
 
 try:
     import xxhash
@@ -83,11 +85,6 @@ def _checksum_fn(name: str):
 DEFAULT_CHECKSUM = "xxh3_64" if xxhash is not None else "crc32"
 
 
-def _digest(fn, block: np.ndarray) -> str:
-    """Checksum of an array's bytes in C order (copies only if the view is not contiguous)."""
-    return fn(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
-
-
 def _kvstore_spec(path: str) -> dict:
     """A local directory or a kvstore URL -> kvstore JSON spec whose path ends in '/'."""
     if "://" in path:
@@ -104,51 +101,8 @@ def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
     return ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
 
 
-# --- qedjax shard -> HF rectangle ----------------------------------------------------------------------
-
-def _merge_axes(outer: tuple[int, int], inner: tuple[int, int], size: int) -> tuple[int, int] | None:
-    """Rows covered by (outer, inner) ranges of two axes flattened as outer*size + inner, if contiguous."""
-    if inner == (0, size):
-        return outer[0] * size, outer[1] * size
-    if outer[1] - outer[0] == 1:
-        return outer[0] * size + inner[0], outer[0] * size + inner[1]
-    return None
-
-
-def hf_region(index: tuple[tuple[int, int], ...], shape: tuple[int, ...], layout: str):
-    """The HF-layout rectangle holding the qedjax block `index` ((start, stop) per qedjax axis of an
-    array of qedjax `shape`), or None when the block is not a rectangle in HF layout."""
-    if layout == "same":
-        return tuple(index)
-    if layout == "linear":  # [in, out] -> [out, in]
-        return tuple(index[::-1])
-    if layout == "heads_in":  # [D, heads, H] -> [heads*H, D]
-        rows = _merge_axes(index[1], index[2], shape[2])
-        return None if rows is None else (rows, index[0])
-    if layout == "heads_out":  # [heads, H, D] -> [D, heads*H]
-        rows = _merge_axes(index[0], index[1], shape[1])
-        return None if rows is None else (index[2], rows)
-    raise ValueError(f"unknown layout {layout!r}")
-
-
-def _ranges(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
-
-
 def _slices(region) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in region)
-
-
-def _chunk_rows(rows: int, row_bytes: int, max_bytes: int) -> int:
-    """The largest divisor of `rows` whose chunk stays under max_bytes (1 at least)."""
-    limit = max(1, max_bytes // max(row_bytes, 1))
-    best = 1
-    for d in range(1, int(rows ** 0.5) + 1):
-        if rows % d == 0:
-            for c in (d, rows // d):
-                if best < c <= limit:
-                    best = c
-    return best
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,60 +116,6 @@ def _hf_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
     """hf_name -> HF shape the config needs (from the abstract model; nothing allocated)."""
     shapes = nnx.to_pure_dict(abstract_model(config)[1])
     return {k.hf: hf_shape(tuple(_get(shapes, k.path).shape), k.layout) for k in key_table(config)}
-
-
-class _Tensor:
-    """How one parameter is written: its HF shape, chunk shape, and this process's blocks."""
-
-    def __init__(self, key, value, np_dtype, chunk_bytes: int):
-        self.name, self.layout, self.value = key.hf, key.layout, value
-        shape = tuple(value.shape)
-        self.shape = hf_shape(shape, key.layout)
-        self.dtype = np_dtype
-        self.gather = False
-        base = self.shape
-        if isinstance(value, jax.Array):
-            index_map = value.sharding.devices_indices_map(shape)
-            regions = {hf_region(_ranges(idx, shape), shape, key.layout) for idx in index_map.values()}
-            sizes = {None if r is None else tuple(b - a for a, b in r) for r in regions}
-            if None in sizes or len(sizes) != 1:
-                self.gather = True  # not rectangles in HF layout: process 0 writes a gathered copy
-            else:
-                base = sizes.pop()
-        row_bytes = int(np.prod(base[1:], dtype=np.int64)) * np_dtype.itemsize
-        self.chunk = (_chunk_rows(base[0], row_bytes, chunk_bytes),) + tuple(base[1:])
-        self.grid = tuple(-(-n // c) for n, c in zip(self.shape, self.chunk))
-
-    def blocks(self):
-        """(HF region, source) for every block this process writes; the source is a device array
-        (converted on its device), or a host array already in HF layout."""
-        if isinstance(self.value, jax.Array) and not self.gather:
-            shape = tuple(self.value.shape)
-            for shard in self.value.addressable_shards:
-                if shard.replica_id == 0:
-                    yield hf_region(_ranges(shard.index, shape), shape, self.layout), shard.data
-            return
-        # Replicated host values and gathered tensors: every process takes part in the gather
-        # (it is collective), process 0 writes the whole tensor.
-        host = _to_host(self.value) if isinstance(self.value, jax.Array) else np.asarray(self.value)
-        if jax.process_index() == 0:
-            yield tuple((0, n) for n in self.shape), to_hf(host, self.layout)
-
-    def metadata(self) -> dict:
-        return {"shape": list(self.shape), "data_type": self.dtype.name,
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(self.chunk)}},
-                "chunk_key_encoding": {"name": "default"},
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-                "fill_value": 0}
-
-    def chunk_checksums(self, region, block: np.ndarray, fn) -> dict[int, str]:
-        """Checksums of the chunks inside a block (chunks are whole row ranges of the block)."""
-        first = [a // c for (a, _), c in zip(region, self.chunk)]
-        out = {}
-        for i, row in enumerate(range(0, block.shape[0], self.chunk[0])):
-            cell = np.ravel_multi_index([first[0] + i] + first[1:], self.grid)
-            out[int(cell)] = _digest(fn, block[row: row + self.chunk[0]])
-        return out
 
 
 class WeightStore:
@@ -343,7 +243,7 @@ class WeightStore:
         for cell, want in enumerate(sums):
             pos = np.unravel_index(cell, grid)
             view = array[tuple(slice(p * c, (p + 1) * c) for p, c in zip(pos, chunk))]
-            if _digest(fn, view) != want:
+            if digest(fn, view) != want:
                 raise WeightStoreError(f"{self}: version {version}: tensor {t['name']}: checksum "
                                        f"mismatch in chunk {tuple(int(p) for p in pos)} (corrupt, or "
                                        f"overwritten while being read)")
@@ -370,7 +270,7 @@ class WeightStore:
             raise ValueError(f"dtype must be one of {sorted(NP_DTYPES)}, got {dtype!r}")
         np_dtype = NP_DTYPES[dtype]
         leader, multihost = jax.process_index() == 0, jax.process_count() > 1
-        tensors = [_Tensor(k, _get(params, k.path), np_dtype, self.chunk_bytes) for k in key_table(config)]
+        tensors = [ShardedTensor(k, _get(params, k.path), np_dtype, self.chunk_bytes) for k in key_table(config)]
         for t in tensors:
             if t.shape != (want := _hf_shapes(config)[t.name]):
                 raise ValueError(f"publish: {t.name} has HF shape {t.shape}, the config needs {want}")
@@ -401,7 +301,13 @@ class WeightStore:
             self._collect_garbage(version)
         _barrier(f"qedjax_weights_committed_{version}", multihost)
 
-    def _write_arrays(self, version: int, tensors: list[_Tensor], leader: bool, fn) -> list[dict]:
+    def uncommit(self, version: int) -> None:
+        """Withdraws a committed version from readers by deleting its manifest (how publish and garbage
+        collection uncommit too); its arrays go when the version is published again or collected.
+        Call it from one process."""
+        self._kv.delete_range(_prefix_range(_manifest_key(version))).result()
+
+    def _write_arrays(self, version: int, tensors: list[ShardedTensor], leader: bool, fn) -> list[dict]:
         """Writes this process's blocks; returns each tensor's {chunk cell: checksum}."""
         stores = []
         for t in tensors:  # the leader writes zarr.json; the others assume the same metadata
@@ -452,7 +358,7 @@ class WeightStore:
             raise WeightStoreError(f"{self}: version {version}: writing {name} failed ({e})") from None
         return nbytes
 
-    def _merge_parts(self, version: int, tensors: list[_Tensor]) -> list[dict]:
+    def _merge_parts(self, version: int, tensors: list[ShardedTensor]) -> list[dict]:
         sums: list[dict] = [{} for _ in tensors]
         for p in range(jax.process_count()):
             got = self._kv.read(f"v{version:08d}/parts/p{p:05d}.json").result()
@@ -463,7 +369,7 @@ class WeightStore:
                 sums[i].update({int(c): s for c, s in part[t.name].items()})
         return sums
 
-    def _ordered(self, version: int, t: _Tensor, sums: dict[int, str]) -> list[str]:
+    def _ordered(self, version: int, t: ShardedTensor, sums: dict[int, str]) -> list[str]:
         """Chunk checksums in grid (C) order; every chunk must have been written by some process."""
         n = int(np.prod(t.grid, dtype=np.int64))
         if len(sums) != n:  # a bug in the region bookkeeping, never expected

@@ -9,8 +9,8 @@ The trainer (`engine.kind: workers`) and its workers meet in two places:
   - a work queue (qedjax.rollout.queue; a directory on a shared filesystem): the trainer submits one
     item per RL step (that step's problems, seed and step index, its GRPO settings, and the policy
     version it had when it submitted), a worker claims the item, makes the RC states and the groups of
-    rollouts with `rl.sample_groups`, and completes it with the ungraded Rollouts (completions with
-    their tokens, behaviour logprobs and policy version). The trainer grades them (`rl.grade_rollouts`)
+    rollouts with `groups.sample_groups`, and completes it with the ungraded Rollouts (completions with
+    their tokens, behaviour logprobs and policy version). The trainer grades them (`groups.grade_rollouts`)
     and trains on them; groups sampled more than `max_lag` versions back are dropped (`rl.drop_stale`).
 
 Lag. The trainer keeps `max_lag + 1` items queued (one in sync mode). After claiming an item a worker
@@ -52,10 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qedjax import rl
+from qedjax.benchmarks import Problem
+from qedjax.config_io import build, to_dict
 from qedjax.convert import _get, _set, abstract_model, key_table, to_ours
-from qedjax.eval.benchmarks import Problem
 from qedjax.rewards import Grade
+from qedjax.rollout import groups
 from qedjax.rollout.engine import Completion, RolloutEngine
 from qedjax.rollout.jax_engine import JaxEngine
 from qedjax.rollout.queue import WorkQueue, check_id
@@ -80,7 +81,7 @@ def problem_from_json(d: dict) -> Problem:
     return Problem(**d)
 
 
-def rollouts_to_json(ro: rl.Rollouts) -> dict:
+def rollouts_to_json(ro: groups.Rollouts) -> dict:
     return {
         "version": ro.version,
         "states": [dataclasses.asdict(s) for s in ro.states],
@@ -98,29 +99,25 @@ def _completion(d: dict) -> Completion:
                       policy_version=d["policy_version"])
 
 
-def rollouts_from_json(d: dict) -> rl.Rollouts:
-    return rl.Rollouts(version=d["version"], states=[RCState(**s) for s in d["states"]],
+def rollouts_from_json(d: dict) -> groups.Rollouts:
+    return groups.Rollouts(version=d["version"], states=[RCState(**s) for s in d["states"]],
                        completions=[[_completion(c) for c in group] for group in d["completions"]],
                        grades=[[Grade(**g) for g in group] for group in d["grades"]],
                        summary_tokens=list(d["summary_tokens"]), times=dict(d["times"]),
                        problems=[problem_from_json(p) for p in d["problems"]])
 
 
-def work_payload(g: rl.GRPOConfig, problems: list[Problem], *, step: int, seed: int, version: int) -> dict:
-    """One RL step's work: what `rl.sample_groups` needs, and the least policy version to use."""
-    from qedjax.config import to_dict
-
+def work_payload(g: groups.GRPOConfig, problems: list[Problem], *, step: int, seed: int, version: int) -> dict:
+    """One RL step's work: what `groups.sample_groups` needs, and the least policy version to use."""
     return {"format": FORMAT, "grpo": to_dict(g), "problems": [problem_to_json(p) for p in problems],
             "step": step, "seed": seed, "version": version}
 
 
-def grpo_config(payload: dict) -> rl.GRPOConfig:
-    from qedjax.config import build
-
+def grpo_config(payload: dict) -> groups.GRPOConfig:
     if payload.get("format") != FORMAT:
         raise ValueError(f"work item of format {payload.get('format')!r}, this worker reads {FORMAT!r} "
                          f"(trainer and workers must run the same qedjax)")
-    return build(rl.GRPOConfig, payload["grpo"], "grpo.")
+    return build(groups.GRPOConfig, payload["grpo"], "grpo.")
 
 
 # --- engines that follow the store ----------------------------------------------------------------------
@@ -238,7 +235,7 @@ def serve(queue_dir: str | os.PathLike, store: WeightStore | str, make_engine: C
                     time.sleep(poll_s)
                     engine = _follow(store, engine, make_engine, worker_id)
                 status["version"] = engine.version
-                ro = rl.sample_groups(grpo_config(payload), engine, engine,
+                ro = groups.sample_groups(grpo_config(payload), engine, engine,
                                       [problem_from_json(p) for p in payload["problems"]],
                                       payload["step"], payload["seed"])
                 result = {"worker": worker_id, "rollouts": rollouts_to_json(ro)}
@@ -267,7 +264,7 @@ class Dispatcher:
     steps oldest first, graded here. Every process of a multi-host trainer takes the same problems
     from its sampler; process 0 alone talks to the queue and shares each result with the others."""
 
-    def __init__(self, queue_dir: str, g: rl.GRPOConfig, sampler: rl.ProblemSampler, seed: int, grader, *,
+    def __init__(self, queue_dir: str, g: groups.GRPOConfig, sampler: groups.ProblemSampler, seed: int, grader, *,
                  depth: int, version: Callable[[], int], poll_s: float = 1.0, dead_after_s: float = DEAD_AFTER_S):
         self.g, self.sampler, self.seed, self.grader = g, sampler, seed, grader
         self.depth, self.version, self.poll_s, self.dead_after_s = max(depth, 1), version, poll_s, dead_after_s
@@ -311,7 +308,7 @@ class Dispatcher:
             time.sleep(self.poll_s)
         return self.results.pop(item)
 
-    def get(self) -> rl.Rollouts:
+    def get(self) -> groups.Rollouts:
         while len(self.pending) < self.depth:
             self._submit()
         item = self.pending.popleft()
@@ -323,7 +320,7 @@ class Dispatcher:
             raise RuntimeError(f"rollout worker {result.get('worker')} failed on {item}:\n{result['error']}")
         ro = rollouts_from_json(result["rollouts"])
         ro = dataclasses.replace(ro, times={**ro.times, "wait_s": time.perf_counter() - t0})
-        return rl.grade_rollouts(ro, self.grader)
+        return groups.grade_rollouts(ro, self.grader)
 
     def stop(self) -> None:
         """Withdraws the work nobody started (the trainer is stopping)."""

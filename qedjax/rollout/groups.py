@@ -1,0 +1,192 @@
+"""GRPO's groups of rollouts, shared by the RL loop (qedjax.rl) and rollout workers (qedjax.rollout.worker).
+
+The grpo config section, the seeded problem order (ProblemSampler), the record of one step's
+rollouts (Rollouts), steps 2-3 of an RL step (sample_groups: RC states, then a group of rollouts per
+state; run by the trainer or by a worker) and step 4 (grade_rollouts: every rollout graded alone
+against its plain problem; run by the trainer). The steps are numbered as in qedjax.rl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from qedjax import grpo
+from qedjax.benchmarks import BenchmarkConfig, Problem
+from qedjax.checkpoint import CheckpointConfig
+from qedjax.optim import OptimConfig
+from qedjax.rewards import MAX_SCORE, Grade, Grader, GradeItem
+from qedjax.rollout.engine import Completion, RolloutEngine, SamplingParams
+from qedjax.rollout.rc import RCState, derive_seed, rc_states
+
+
+@dataclasses.dataclass(frozen=True)
+class RCTrainConfig:
+    enabled: bool = False
+    turns: int = 3  # reasoning turns of the RC rollout that makes the states (3 -> 4 states)
+    states_per_problem: int = 2
+    mode: str = "replace"
+    summarizer: str = "frozen"  # "frozen": the initial policy, never updated | "policy": the current one
+    summary_max_new_tokens: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    problems: BenchmarkConfig = BenchmarkConfig()
+    init: str = "sft"  # "sft": the SFT stage's result | "model": the model section | a checkpoint dir
+    steps: int = 100
+    problems_per_step: int = 64
+    group_size: int = 16
+    rc: RCTrainConfig = RCTrainConfig()
+    sampling: SamplingParams = SamplingParams(max_new_tokens=49152, temperature=0.8)
+    loss: grpo.LossConfig = grpo.LossConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", warmup_ratio=0.0, weight_decay=0.01,
+                                     clip_norm=0.3)
+    grader: str = "rule"  # "judge" (rubric style) | "answer" | "rule"
+    mode: str = "sync"  # "sync" | "async"
+    max_lag: int = 5
+    micro_batches: int = 1
+    skip_zero_variance: bool = True  # leave groups with equal rewards (advantage 0) out of the batch
+    filter_solved: bool = False  # stop sampling problems the policy solved in every rollout of a group
+    filter_unsolved: bool = False  # ... or failed in every rollout
+    checkpoint: CheckpointConfig = CheckpointConfig(every=10, keep=2)
+    log_every: int = 1
+
+    def __post_init__(self):
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"grpo.mode must be 'sync' or 'async', got {self.mode!r}")
+        if self.group_size < 2:
+            raise ValueError("grpo.group_size must be >= 2 (advantages are relative to the group)")
+        if self.rc.enabled and self.rc.states_per_problem > self.rc.turns + 1:
+            raise ValueError(f"grpo.rc.states_per_problem ({self.rc.states_per_problem}) exceeds the "
+                             f"{self.rc.turns + 1} states of {self.rc.turns} turns")
+        if self.rc.summarizer not in ("frozen", "policy"):
+            raise ValueError(f"grpo.rc.summarizer must be 'frozen' or 'policy', got {self.rc.summarizer!r}")
+
+    @property
+    def sequences_per_step(self) -> int:
+        states = self.rc.states_per_problem if self.rc.enabled else 1
+        return self.problems_per_step * states * self.group_size
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """One step's worth of graded groups, and how they were made."""
+
+    version: int
+    states: list[RCState]  # one per group
+    completions: list[list[Completion]]
+    grades: list[list[Grade]]
+    summary_tokens: list[int]
+    times: dict[str, float]
+    problems: list[Problem]
+
+
+class ProblemSampler:
+    """Seeded epochs over the problems, skipping those the difficulty filter removed."""
+
+    def __init__(self, problems: Sequence[Problem], seed: int):
+        self.problems = list(problems)
+        self.seed = seed
+        self.cursor = 0
+        self.removed: set[str] = set()
+
+    def take(self, n: int) -> list[Problem]:
+        active = [p for p in self.problems if p.id not in self.removed]
+        if not active:
+            raise RuntimeError("the difficulty filter removed every problem")
+        out = []
+        while len(out) < n:
+            epoch, at = divmod(self.cursor, len(self.problems))
+            order = list(range(len(self.problems)))
+            random.Random(self.seed * 1000003 + epoch).shuffle(order)
+            p = self.problems[order[at]]
+            self.cursor += 1
+            if p.id not in self.removed:
+                out.append(p)
+        return out
+
+    def state(self) -> dict:
+        return {"cursor": self.cursor, "removed": sorted(self.removed)}
+
+    def restore(self, state: dict) -> None:
+        self.cursor = int(state.get("cursor", 0))
+        self.removed = set(state.get("removed", ()))
+
+
+def sample_groups(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEngine, problems: list[Problem],
+                  step: int, seed: int) -> Rollouts:
+    """Steps 2-3 of the module docstring: states, then a group of rollouts per state (ungraded).
+
+    Runs wherever the engine runs: in the trainer process, or on a rollout worker
+    (qedjax.rollout.worker), which ships the result back to the trainer for grading.
+    """
+    t0 = time.perf_counter()
+    version = engine.version
+    rng = random.Random(derive_seed(seed, "states", step))
+    summary_tokens: list[int] = []
+    if cfg.rc.enabled:
+        params = dataclasses.replace(cfg.sampling, seed=derive_seed(seed, "rc", step))
+        summary_params = dataclasses.replace(params, max_new_tokens=cfg.rc.summary_max_new_tokens)
+        per_problem = rc_states(engine, [p.problem for p in problems], turns=cfg.rc.turns, params=params,
+                                summarizer=summarizer, summary_params=summary_params, mode=cfg.rc.mode)
+        states, owners = [], []
+        for problem, options in zip(problems, per_problem):
+            for state in rng.sample(list(options), cfg.rc.states_per_problem):
+                states.append(state)
+                owners.append(problem)
+                summary_tokens.append(engine.count_tokens(state.summary) if state.summary else 0)
+    else:
+        states, owners = [RCState(p.problem) for p in problems], list(problems)
+    t_states = time.perf_counter()
+    requests = [s.messages() for s in states for _ in range(cfg.group_size)]
+    flat = engine.generate(requests, dataclasses.replace(cfg.sampling, seed=derive_seed(seed, "group", step)))
+    g = cfg.group_size
+    return Rollouts(version=version, states=states, completions=[flat[i * g:(i + 1) * g] for i in range(len(states))],
+                    grades=[], summary_tokens=summary_tokens, problems=owners,
+                    times={"states_s": t_states - t0, "generate_s": time.perf_counter() - t_states})
+
+
+def grade_rollouts(ro: Rollouts, grader: Grader) -> Rollouts:
+    """Step 4: every rollout graded alone against its plain problem.
+
+    In a multi-process run every process holds the same rollouts (the sampler is one SPMD
+    program); process 0 grades them and sends the scores to the others, so a judge is called once.
+    """
+    t0 = time.perf_counter()
+    flat = [c for group in ro.completions for c in group]
+    owners = [p for p, group in zip(ro.problems, ro.completions) for _ in group]
+    if jax.process_count() == 1:
+        grades = grade_all(grader, owners, flat)
+    else:
+        from jax.experimental import multihost_utils
+
+        mine = grade_all(grader, owners, flat) if jax.process_index() == 0 else None
+        scores = np.asarray([g.score for g in mine] if mine else [0.0] * len(flat), np.float32)
+        scores = np.asarray(multihost_utils.broadcast_one_to_all(scores))
+        grades = mine or [Grade(float(x), float(x) / MAX_SCORE, "ok", "") for x in scores]
+    at, out = 0, []
+    for group in ro.completions:
+        out.append(grades[at:at + len(group)])
+        at += len(group)
+    return dataclasses.replace(ro, grades=out, times={**ro.times, "grade_s": time.perf_counter() - t0})
+
+
+def grade_all(grader: Grader, owners: list[Problem], completions: list[Completion]) -> list[Grade]:
+    """Grades each rollout (owners[i] is completion i's problem); length-truncated ones get 0 uncalled."""
+    out: list[Grade | None] = [None] * len(completions)
+    items, where = [], []
+    for i, (p, c) in enumerate(zip(owners, completions)):
+        if c.truncated:
+            out[i] = Grade(0.0, 0.0, "truncated", "hit the token limit")
+        else:
+            items.append(GradeItem(p.problem, c.text, p.references))
+            where.append(i)
+    for i, grade in zip(where, grader.grade(items) if items else []):
+        out[i] = grade
+    return out
