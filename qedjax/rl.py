@@ -3,7 +3,8 @@
 One optimizer step:
   1. take the next `problems_per_step` problems (seeded order; optional difficulty filter);
   2. states: with RC, each problem's states come from an RC rollout (reason -> summarise, `turns`
-     times) of the current policy with a frozen summariser, and `states_per_problem` of its
+     times) of the current policy with the summariser of grpo.rc.summarizer (a frozen model of its
+     own, with its own sampling, in the release), and `states_per_problem` of its
      `turns + 1` states are drawn; without RC the only state is the bare problem (plain GRPO);
   3. a group of `group_size` rollouts per state from the rollout engine;
   4. every rollout graded alone against the plain problem (truncated ones get 0 without a call);
