@@ -33,8 +33,9 @@ STAGES = ("sft", "grpo", "eval", "export")
 # VERBATIM are keywords, not paths. tests/test_config.py checks that no path-like key is missing.
 PATH_KEYS = ("run.dir", "run.checkpoint_dir", "model.hf_path", "model.tokenizer", "engine.store", "engine.queue",
              "judge.cache_dir", "sft.data.path", "grpo.problems.path", "grpo.init", "eval.benchmark.path",
-             "export.checkpoint", "export.out")
-VERBATIM = {"grpo.init": ("sft", "model")}
+             "export.checkpoint", "export.out", "grpo.rc.summarizer", "eval.rc.summarizer")
+VERBATIM = {"grpo.init": ("sft", "model"), "grpo.rc.summarizer": ("policy", "frozen", *PRESETS),
+            "eval.rc.summarizer": ("policy", "frozen", *PRESETS)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -165,10 +165,6 @@ def make_loss(cfg: LossConfig, temperature: float):
         loss_t, ratio, clipped = token_terms(logp, batch["behaviour_logp"], batch["advantage"],
                                              clip_low=cfg.clip_low, clip_high=cfg.clip_high)
         total = loss_t - cfg.entropy_coef * entropy
-        d = batch["ref_logp"] - logp
-        kl_ref = jnp.exp(d) - d - 1.0
-        if cfg.kl_coef:
-            total = total + cfg.kl_coef * kl_ref
         gap = logp - batch["behaviour_logp"]
         metrics = {
             "tokens": jnp.sum(mask),
@@ -179,10 +175,14 @@ def make_loss(cfg: LossConfig, temperature: float):
             "ratio_max": jnp.max(jnp.where(mask > 0, ratio, 0.0)),
             "ratio_min": jnp.min(jnp.where(mask > 0, ratio, jnp.inf)),
             "entropy_sum": jnp.sum(entropy * mask),
-            "kl_ref_sum": jnp.sum(kl_ref * mask),
             "approx_kl_sum": jnp.sum((ratio - 1.0 - gap) * mask),
             "logprob_gap_sum": jnp.sum(jnp.abs(gap) * mask),
         }
+        if cfg.kl_coef:  # without KL the batch's ref_logp are zeros: no reference, nothing to report
+            d = batch["ref_logp"] - logp
+            kl_ref = jnp.exp(d) - d - 1.0
+            total = total + cfg.kl_coef * kl_ref
+            metrics["kl_ref_sum"] = jnp.sum(kl_ref * mask)
         return jnp.sum(total * w), metrics
 
     return loss_fn
@@ -201,7 +201,7 @@ def summarize_step(m: dict) -> dict:
         "ratio_max": float(m["ratio_max"]),
         "ratio_min": float(m["ratio_min"]) if np.isfinite(m["ratio_min"]) else 1.0,
         "entropy": float(m["entropy_sum"]) / n,
-        "kl_ref": float(m["kl_ref_sum"]) / n,
+        **({"kl_ref": float(m["kl_ref_sum"]) / n} if "kl_ref_sum" in m else {}),
         "approx_kl": float(m["approx_kl_sum"]) / n,
         "logprob_gap": float(m["logprob_gap_sum"]) / n,
         "train_tokens": int(m["tokens"]),

@@ -116,8 +116,12 @@ def main(argv=None) -> int:
         if stage == "sft":
             sft.run(cfg, mesh, run_dir, writer, tokenizer_path=tokenizer_path)
         elif stage == "grpo":
-            grader = pipeline.build_grader(cfg.grpo.grader, cfg, run_dir, style="rubric")
-            rl.run(cfg, mesh, run_dir, writer, tokenizer=tokenizer, grader=grader, make_engine=make_engine)
+            grader = pipeline.build_grader(cfg.grpo.grader, cfg, run_dir, style="rubric",
+                                           answer_timeout_s=cfg.grpo.answer_timeout_s)
+            make_summarizer = pipeline.summarizer_factory(cfg.grpo.rc.summarizer, cfg, tokenizer, mesh, run_dir,
+                                                          make_engine)
+            rl.run(cfg, mesh, run_dir, writer, tokenizer=tokenizer, grader=grader, make_engine=make_engine,
+                   make_summarizer=make_summarizer)
         elif stage == "eval":
             evals = pipeline.run_evals(cfg, mesh, run_dir, tokenizer, make_engine)
         elif stage == "export":

@@ -34,6 +34,9 @@ class EngineConfig:
     store: str | None = None  # vllm, workers: the weight store path or URL (default run_dir/weights)
     queue: str | None = None  # workers: the work queue directory, shared with them (default run_dir/rollout_queue)
     vllm_args: dict = dataclasses.field(default_factory=dict)  # vLLM: extra vllm.LLM arguments
+    # vLLM: arguments of the RC summariser's own engine (over vllm_args), when it is a model of its own;
+    # both engines share the GPUs, so give each its gpu_memory_utilization
+    summarizer_vllm_args: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in ENGINES:
@@ -85,16 +88,29 @@ class WorkerPublisher:
         raise RuntimeError("engine.kind=workers: the trainer holds no generating engine")
 
 
+def check_summarizer(name: str, key: str) -> None:
+    """A summarizer setting names "policy", "frozen", a local model directory or a preset."""
+    from qedjax.models.qwen3 import PRESETS
+
+    if name not in ("policy", "frozen") and name not in PRESETS and not os.path.isdir(name):
+        raise FileNotFoundError(f"{key}: {name!r} is neither 'policy', 'frozen', a preset ({sorted(PRESETS)}) "
+                                f"nor a model directory")
+
+
 def check_engine(cfg) -> None:
-    """Checks between the engine and the grpo section, before anything compiles."""
+    """Checks between the engine and the grpo and eval sections, before anything compiles."""
+    if cfg.eval is not None and cfg.eval.scaffold == "rc":
+        check_summarizer(cfg.eval.rc.summarizer, "eval.rc.summarizer")
     g = cfg.grpo
     if g is None:
         return
+    if g.rc.enabled:
+        check_summarizer(g.rc.summarizer, "grpo.rc.summarizer")
     if g.mode == "async" and jax.process_count() > 1 and cfg.engine.kind != "workers":
         raise ValueError("grpo.mode=async runs rollouts in a second thread, which a multi-process JAX run cannot "
                          "do (collectives would interleave differently on each host): use mode=sync, or rollout "
                          "workers (engine.kind=workers, qedjax.rollout.worker)")
-    if cfg.engine.kind == "workers" and g.rc.enabled and g.rc.summarizer == "frozen":
+    if cfg.engine.kind == "workers" and g.rc.enabled and g.rc.summarizer != "policy":
         raise ValueError("engine.kind=workers summarises RC states with the workers' engine, the current policy: "
                          "set grpo.rc.summarizer=policy (a frozen summariser would be a second engine per worker)")
 
@@ -141,9 +157,51 @@ def engine_factory(cfg, tokenizer, mesh, run_dir: str):
     return lambda model, version: JaxEngine(model, tokenizer, max_batch=cfg.engine.max_batch, version=version)
 
 
-def build_grader(kind: str, cfg, run_dir: str, style: str | None = None) -> Grader:
+def summarizer_factory(name: str, cfg, tokenizer, mesh, run_dir: str, make_engine):
+    """(starting policy, version) -> the engine that writes RC summaries, for a summarizer setting:
+    "frozen" (a frozen copy of the starting policy, on the policy's kind of engine) or the name of a
+    model of its own (a local Hugging Face directory, or a qedjax preset with random weights seeded
+    from run.seed), loaded once and never updated. It gets its own engine: in-process with its own
+    tokenizer and chat template (the directory's, else the policy's), or with vLLM a second engine
+    over its own weight store (run_dir/summarizer_weights). "policy" needs no factory."""
+    if name == "frozen":
+        return make_engine
+
+    def make(policy_model=None, version: int = 0):
+        from qedjax.rollout.rc import derive_seed
+
+        local = os.path.isdir(name)
+        model_cfg = dataclasses.replace(cfg.model, hf_path=name if local else None, preset=None if local else name,
+                                        remat=False)
+        tok = tokenizer
+        if local and os.path.exists(os.path.join(name, "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(name)
+        _, graphdef, params = train.init_params(model_cfg, mesh, ROLLOUT_RULES,
+                                                seed=derive_seed(cfg.run.seed, "summarizer"), vocab_size=len(tok))
+        model = nnx.merge(graphdef, params)
+        if cfg.engine.kind == "vllm":
+            from qedjax.rollout.vllm import VllmEngine
+            from qedjax.rollout.weights import WeightStore
+
+            store = WeightStore(os.path.join(run_dir, "summarizer_weights"))
+            store.publish(model, 0)
+            return VllmEngine(store, tok, version=0, **{**cfg.engine.vllm_args, **cfg.engine.summarizer_vllm_args})
+        from qedjax.rollout.jax_engine import JaxEngine
+
+        return JaxEngine(model, tok, max_batch=cfg.engine.max_batch, version=0)
+
+    return make
+
+
+def build_grader(kind: str, cfg, run_dir: str, style: str | None = None,
+                 answer_timeout_s: float | None = None) -> Grader:
     """The grader of a stage; a judge takes the `judge` section (with the stage's prompt style) and
-    caches its replies under the run directory unless the section names a cache."""
+    caches its replies under the run directory unless the section names a cache; an answer grader
+    takes the stage's comparison timeout (None: the grader's default)."""
+    if kind == "answer" and answer_timeout_s is not None:
+        return make_grader(kind, timeout_s=answer_timeout_s)
     if kind != "judge":
         return make_grader(kind)
     if cfg.judge is None:
@@ -205,11 +263,15 @@ def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict
     judge = build_grader("judge", cfg, run_dir, style="proofbench") if ev.confirm_with_judge and writer else None
     out_dir = run_dir if writer else tempfile.mkdtemp(prefix="qedjax_eval_")
     out = {}
+    summarizer = None  # RC with a summariser of its own: one engine for every target
+    if ev.scaffold == "rc" and ev.rc.summarizer not in ("policy", "frozen"):
+        summarizer = summarizer_factory(ev.rc.summarizer, cfg, tokenizer, mesh, run_dir, make_engine)()
     for target in cfg.run.eval_targets:
         graphdef, params = target_params(cfg, target, mesh, run_dir, len(tokenizer))
         engine = make_engine(nnx.merge(graphdef, params), 0)
         out[target] = run_eval(ev, engine, grader, out_dir, label=target,
-                               judge=judge if writer else (_Discard() if ev.confirm_with_judge else None))
+                               judge=judge if writer else (_Discard() if ev.confirm_with_judge else None),
+                               summarizer=summarizer)
         del engine, params
     return out
 

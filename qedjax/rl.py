@@ -3,7 +3,8 @@
 One optimizer step:
   1. take the next `problems_per_step` problems (seeded order; optional difficulty filter);
   2. states: with RC, each problem's states come from an RC rollout (reason -> summarise, `turns`
-     times) of the current policy with a frozen summariser, and `states_per_problem` of its
+     times) of the current policy with the summariser of grpo.rc.summarizer (a frozen model of its
+     own, with its own sampling, in the release), and `states_per_problem` of its
      `turns + 1` states are drawn; without RC the only state is the bare problem (plain GRPO);
   3. a group of `group_size` rollouts per state from the rollout engine;
   4. every rollout graded alone against the plain problem (truncated ones get 0 without a call);
@@ -112,6 +113,7 @@ def rollout_metrics(ro: Rollouts, version: int) -> dict:
     if ro.summary_tokens:
         out["summary_len_mean"] = float(np.mean(ro.summary_tokens))
         out["states_with_summary"] = float(np.mean([bool(s.summary) for s in ro.states]))
+    out.update(ro.summary_stats)  # summary calls: attempted, ok, empty, failed by reason, mean length
     return out
 
 
@@ -125,29 +127,37 @@ def update_difficulty(sampler: ProblemSampler, ro: Rollouts, cfg: GRPOConfig) ->
 
 
 class Producer(threading.Thread):
-    """Asynchronous rollouts: keeps up to `depth` graded batches ready while the trainer trains."""
+    """Asynchronous rollouts: generates the next batches in a thread while the trainer trains.
 
-    def __init__(self, make_batch, depth: int):
+    It starts a batch only when the trainer will reach it within `max_lag` policy versions: one
+    permit per batch, `max_lag + 1` at first, and one more each time the trainer comes back for a
+    batch (it has then trained and published the previous one). So batch j starts once the trainer
+    has finished batch j - max_lag - 1, and is trained at most max_lag versions after its weights:
+    none is made only to be dropped as stale. (A plain queue of `max_lag` batches plus the one
+    blocked in `put` ran max_lag + 1 batches ahead, and some were dropped.)
+    """
+
+    def __init__(self, make_batch, max_lag: int):
         super().__init__(daemon=True)
         self.make_batch = make_batch
-        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.queue: queue.Queue = queue.Queue()  # at most max_lag + 1 batches: the permits bound it
+        self.permits = threading.Semaphore(max_lag + 1)
+        self.gets = 0
         self.stopped = threading.Event()
         self.error: BaseException | None = None
 
     def run(self):
         try:
             while not self.stopped.is_set():
-                batch = self.make_batch()
-                while not self.stopped.is_set():
-                    try:
-                        self.queue.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                if self.permits.acquire(timeout=0.1):
+                    self.queue.put(self.make_batch())
         except BaseException as e:  # surfaced in the trainer thread by get()
             self.error = e
 
     def get(self) -> Rollouts:
+        if self.gets:  # the trainer is done with the batch it took last: one more may start
+            self.permits.release()
+        self.gets += 1
         while True:
             if self.error is not None:
                 raise RuntimeError("rollout producer failed") from self.error
@@ -172,11 +182,13 @@ def initial_params(cfg, mesh, run_dir: str, rules, vocab_size: int):
 
 
 def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Grader, make_engine,
-        rules=TRAIN_RULES) -> str:
+        make_summarizer=None, rules=TRAIN_RULES) -> str:
     """Runs (or resumes, or skips if finished) the GRPO stage; returns its checkpoint directory.
 
     Args:
       make_engine: (model, version) -> RolloutEngine (the launcher's choice of engine).
+      make_summarizer: (starting policy, version) -> the RC summariser's engine, unless
+        grpo.rc.summarizer is "policy" (default: make_engine, a frozen copy of the start).
     """
     g = cfg.grpo
     problems = load_benchmark(g.problems)
@@ -198,8 +210,8 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     version = int(state["step"])  # the policy version: optimizer steps (RL iterations may train nothing)
     remote = cfg.engine.kind == "workers"  # rollouts come from rollout workers (qedjax.rollout.worker)
     engine = make_engine(nnx.merge(graphdef, state["params"]), version)
-    summarizer = engine if g.rc.summarizer == "policy" or remote else make_engine(
-        nnx.merge(graphdef, state["params"]), version)
+    summarizer = engine if g.rc.summarizer == "policy" or remote or not g.rc.enabled else (
+        make_summarizer or make_engine)(nnx.merge(graphdef, state["params"]), version)
     rows = -(-g.sequences_per_step // (g.micro_batches * batch_divisor(mesh, rules))) * (
         g.micro_batches * batch_divisor(mesh, rules))
     batch_sh = {k: train.micro_batch_sharding(mesh, rules, 3) for k in BATCH_KEYS}

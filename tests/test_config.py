@@ -90,7 +90,7 @@ def _fields(cls, prefix=""):
 
 
 def test_every_path_like_key_is_resolved():
-    looks_like_a_path = re.compile(r"(^|_)(path|dir|store|queue|out|checkpoint|tokenizer|init)$")
+    looks_like_a_path = re.compile(r"(^|_)(path|dir|store|queue|out|checkpoint|tokenizer|init|summarizer)$")
     keys = {key for key, tp in _fields(Config) if str in (typing.get_args(tp) or (tp,))
             and looks_like_a_path.search(key.rsplit(".", 1)[-1])}
     assert keys == set(PATH_KEYS)

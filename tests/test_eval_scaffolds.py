@@ -203,18 +203,26 @@ def test_parse_score():
     assert [parse_score(c) for c in completions] == [0.5, 1.0, None, None, 0.5, None]
 
 
-def test_self_check_stops_when_reviews_pass_repeatedly():
+def test_self_check_accepts_after_5_passes_rejects_after_10_errors_stops_at_30():
     initial = {0: [0], 1: [2], 2: [0]}
-    engine = dsm_engine(initial)
     problems = ["Problem P0.", "Problem P1.", "Problem P2."]
-    p0, p1, p2 = self_check(engine, problems, PARAMS, SelfCheckConfig())
-    assert p1.stages == {"generate": 1, "verify": 2} and p1.trace["passed"]
-    # Q0 -> Q1 -> Q2: two rewrites, three review rounds.
-    assert p0.stages == {"generate": 1, "verify": 6, "refine": 2}
-    assert p0.trace["means"] == [0, 0.25, 1] and p0.trace["pick"] == 2 and quality(p0.response) == 2
-    # Never passes: 3 rewrites (the limit), each reviewed.
-    assert p2.stages == {"generate": 1, "verify": 8, "refine": 3} and not p2.trace["passed"]
-    assert p2.trace["pick"] == 3
+    assert SelfCheckConfig() == SelfCheckConfig(accept_passes=5, reject_errors=10, max_iterations=30)
+    p0, p1, p2 = self_check(dsm_engine(initial), problems, PARAMS, SelfCheckConfig())
+    # Q2 passes every review: accepted after 5 in a row.
+    assert p1.stages == {"generate": 1, "verify": 5} and p1.trace["outcome"] == "accepted"
+    # Q0 -> Q1 -> Q2: two failing reviews, two rewrites, then 5 passes.
+    assert p0.stages == {"generate": 1, "verify": 7, "refine": 2} and p0.trace["outcome"] == "accepted"
+    assert p0.trace["pick"] == 2 and quality(p0.response) == 2 and p0.trace["errors"] == 2
+    # Never improves: rejected at the 10th error (9 rewrites; none after the last error).
+    assert p2.stages == {"generate": 1, "verify": 10, "refine": 9} and p2.trace["outcome"] == "rejected"
+    assert not p2.trace["passed"] and p2.trace["pick"] == 9
+    # The iteration limit: 3 reviews at most, no rewrite that would not be reviewed.
+    p0, p1, p2 = self_check(dsm_engine(initial), problems, PARAMS,
+                            SelfCheckConfig(accept_passes=2, reject_errors=10, max_iterations=3))
+    assert p1.trace["outcome"] == "accepted" and p1.stages == {"generate": 1, "verify": 2}
+    assert p0.trace["outcome"] == "stopped" and p0.stages == {"generate": 1, "verify": 3, "refine": 2}
+    assert quality(p0.response) == 2  # the best-scored version: Q2 passed its one review
+    assert p2.trace["outcome"] == "stopped" and p2.trace["iterations"] == 3 and p2.stages["refine"] == 2
 
 
 class _Judge(BaseHTTPRequestHandler):

@@ -1,5 +1,7 @@
 """GRPO's pure functions against hand-computed examples, and the GRPO step on several meshes."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +142,22 @@ def test_grpo_step_is_the_same_on_every_mesh():
         losses, params, _ = _grpo_train(spec)
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6, err_msg=spec)
         parity.assert_params_within(params, ref_params, parity.adam_drift_bound([LR] * 2), where=f"{spec}: ")
+
+
+def test_kl_ref_is_computed_and_logged_only_with_kl_on():
+    """With kl_coef 0 the batch's ref_logp are zeros (no reference model runs): exp(0 - logp) would be
+    huge, so kl_ref must be neither in the loss nor in the metrics."""
+    model = Qwen3(CFG, rngs=nnx.Rngs(0))
+    batch = {k: v[0] for k, v in _grpo_batch().items()}
+    batch["ref_logp"] = np.zeros_like(batch["ref_logp"])
+    off = grpo.LossConfig(kl_coef=0.0, entropy_coef=0.0)
+    total_off, m_off = grpo.make_loss(off, 0.8)(model, batch)
+    assert "kl_ref_sum" not in m_off
+    on = dataclasses.replace(off, kl_coef=0.5)
+    total_on, m_on = grpo.make_loss(on, 0.8)(model, batch)
+    assert np.isfinite(float(m_on["kl_ref_sum"])) and float(m_on["kl_ref_sum"]) > 0
+    # The loss difference is the KL term (same weights); two fp32 sums of 80 tokens: 80 * 1.2e-7 ~ 1e-5.
+    np.testing.assert_allclose(float(total_on) - float(total_off), 0.5 * float(m_on["kl_ref_sum"]), rtol=1e-5)
+    common = {"loss": 0.0, "grad_norm": 0.0, "skipped": 0, "normalizer": 1.0}
+    assert "kl_ref" not in grpo.summarize_step({**common, **jax.device_get(m_off)})
+    assert grpo.summarize_step({**common, **jax.device_get(m_on)})["kl_ref"] > 0

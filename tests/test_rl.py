@@ -35,10 +35,12 @@ def _grpo_rows(run_dir):
 @pytest.mark.slow
 def test_sync_and_async_modes_run_and_lag_stays_bounded(tmp_path):
     path, run_dir = _config(tmp_path, "sync", rc={"enabled": True, "turns": 1, "states_per_problem": 2,
-                                                  "summary_max_new_tokens": 8})
+                                                  "summary_max_new_tokens": 8, "summarizer": "tiny"})
     launch.main(["--config", path])
     rows = _grpo_rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # A summariser of its own (the "tiny" preset, its own random weights): 2 problems x 1 summary.
+    assert all(r["summaries_attempted"] == 2 for r in rows)
     assert all(r["lag_max"] == 0 for r in rows)
     assert all(len(r["score_hist"]) == 8 and sum(r["score_hist"]) == 2 * 2 * 4 for r in rows)
     path, run_dir = _config(tmp_path, "async", mode="async", max_lag=1, steps=4)
@@ -46,9 +48,50 @@ def test_sync_and_async_modes_run_and_lag_stays_bounded(tmp_path):
     rows = _grpo_rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert max(r["lag_max"] for r in rows) <= 1
+    assert all(r["dropped_stale"] == 0 for r in rows)
     # Resuming a finished stage does nothing.
     launch.main(["--config", path])
     assert len(_grpo_rows(run_dir)) == 4
+
+
+def _rollouts_at(version: int):
+    from qedjax.rollout.engine import Completion
+    from qedjax.rollout.groups import Rollouts
+    from qedjax.rollout.rc import RCState
+
+    done = Completion("x", (1,), (0.0,), "stop", (1,), policy_version=version)
+    return Rollouts(version=version, states=[RCState("p")], completions=[[done]], grades=[[]], summary_tokens=[],
+                    times={}, problems=[None])
+
+
+@pytest.mark.parametrize("max_lag", [0, 1, 5])
+def test_async_producer_starts_no_batch_it_would_drop(max_lag):
+    """A producer faster than the trainer: before every train step the test waits until the producer
+    has started every batch it may (it then blocks), so it runs as far ahead as it ever can. No
+    batch is stale when the trainer reaches it, and the lag reaches max_lag but never passes it."""
+    import time
+
+    from qedjax.rl import Producer, drop_stale
+
+    version, made = 0, []
+    producer = Producer(lambda: made.append(version) or _rollouts_at(version), max_lag)
+    producer.start()
+    dropped, lags = 0, []
+    try:
+        for step in range(23):
+            ro = producer.get()
+            deadline = time.monotonic() + 600  # a hang guard, not a measurement
+            while len(made) < step + 1 + max_lag and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert len(made) == step + 1 + max_lag  # as far ahead as allowed, and no further
+            ro, stale = drop_stale(ro, version, max_lag)
+            dropped += stale
+            lags += [version - c.policy_version for group in ro.completions for c in group]
+            version += 1  # trained and published
+    finally:
+        producer.stop()
+    assert dropped == 0
+    assert max(lags) == max_lag and min(lags) >= 0
 
 
 class _FlakyJudge:
@@ -113,7 +156,6 @@ def test_failing_judge_costs_only_its_samples_and_truncation_is_counted(tmp_path
                               sampling={"max_new_tokens": 12, "temperature": 1.0, "seed": 0})
     raw["run"]["dir"] = str(run_dir2)
     raw["grpo"]["sampling"]["max_new_tokens"] = 12
-    raw["grpo"]["sampling"]["temperature"] = 0.0  # greedy: the tiny model repeats itself, never ends
     judge = _FlakyJudge()
     raw["judge"]["base_url"] = judge.url
     open(path2, "w").write(yaml.safe_dump(raw))

@@ -120,6 +120,27 @@ def test_top_k_top_p_restrict_the_support_and_sampling_follows_the_distribution(
     assert not np.array_equal(draws(temperature=1.0, top_k=0), draws(temperature=1.0, top_k=0)[::-1])
 
 
+@pytest.mark.parametrize("kw, kept", [({"temperature": 1.0, "top_k": 2}, [0, 1]),
+                                      ({"temperature": 1.0, "top_p": 0.7}, [0, 1, 2]),
+                                      ({"temperature": 0.5, "top_k": 3, "top_p": 0.99}, [0, 1, 2]),
+                                      ({"temperature": 0.8}, list(range(16)))])
+def test_logprobs_are_those_of_the_truncated_renormalised_distribution(kw, kept):
+    """With top-k/top-p the behaviour logprob is log(p_t / sum of p over the kept set) of the tempered
+    distribution: the distribution the token was drawn from, as vLLM's processed logprobs are."""
+    probs = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02] + [1e-6] * 9)
+    model = _fixed_distribution_model(np.log(probs))
+    # The model's logits are log(probs) scaled by 1 / sqrt(1 + D * eps): its final RMSNorm sees e_0.
+    cfg = model.config
+    logits = np.log(probs) / np.sqrt(1.0 + cfg.hidden_size * cfg.rms_norm_eps) / kw["temperature"]
+    want = np.full(len(probs), -np.inf)
+    want[kept] = logits[kept] - np.log(np.sum(np.exp(logits[kept])))
+    results = Sampler(model).generate([[1]] * 8, max_new_tokens=16, seed=3, **kw)
+    tokens = np.concatenate([r.tokens for r in results])
+    assert set(tokens) <= set(kept)
+    # fp32 log-softmax of 16 logits of magnitude < 30: rounding ~ 30 * 16 * 1.2e-7 < 1e-4.
+    np.testing.assert_allclose(np.concatenate([r.logprobs for r in results]), want[tokens], atol=1e-4)
+
+
 def test_two_level_draw_follows_the_distribution_across_chunks():
     """draw_tokens over three chunks, the last one padded: heavy tokens on the chunk edges, the
     chunk masses and the tail come out at their probabilities, and -inf entries never do."""

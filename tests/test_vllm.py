@@ -269,3 +269,49 @@ def _check_logprobs(trainer: Qwen3, prompt, completion, temperature: float):
     _, want = _trainer_logprobs(trainer, prompt, completion.tokens, temperature)
     err = np.abs(np.asarray(completion.logprobs) - want)
     assert err.max() <= LOGPROB_MAX_ERR and err.mean() <= LOGPROB_MEAN_ERR, (err.max(), err.mean())
+
+
+def _truncated(full_logp: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """log_softmax restricted to the top-k, then nucleus (mass strictly above a token < top_p), set and
+    renormalised: the distribution a sampler with truncation draws from. full_logp: [V]."""
+    order = np.argsort(-full_logp)[:top_k] if top_k else np.argsort(-full_logp)
+    p = np.exp(full_logp[order] - full_logp[order].max())
+    p /= p.sum()
+    kept = order[(np.cumsum(p) - p) < top_p]
+    out = np.full_like(full_logp, -np.inf)
+    out[kept] = full_logp[kept] - np.logaddexp.reduce(full_logp[kept])
+    return out
+
+
+@pytest.mark.gpu
+def test_vllm_and_the_jax_sampler_report_the_truncated_distribution(tmp_path, toy_tokenizer_dir, toy_tokenizer):
+    """With top-k/top-p on, both engines' behaviour logprobs are those of the truncated, renormalised
+    tempered distribution (vLLM's processed logprobs; the JAX sampler's own)."""
+    _need_vllm_gpu()
+    from qedjax.rollout.jax_engine import JaxEngine
+    from qedjax.rollout.vllm import VllmEngine
+
+    cfg = Qwen3Config(vocab_size=len(toy_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, param_dtype="bfloat16",
+                      dtype="bfloat16", max_position_embeddings=512, eos_token_id=toy_tokenizer.eos_token_id)
+    store = WeightStore(tmp_path / "store")
+    model = _model(cfg, seed=1, scale=0.5)
+    store.publish(model, 1)
+    trainer = nnx.merge(*_fp32(model))
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, top_k=5, top_p=0.9, seed=5)
+    engine = VllmEngine(store, toy_tokenizer_dir, gpu_memory_utilization=0.3, max_model_len=512, enforce_eager=True)
+    try:
+        _, prompts = engine.encode(CHATS)
+        sampled = {"vllm": engine.generate(CHATS, params),
+                   "jax": JaxEngine(trainer, toy_tokenizer).generate(CHATS, params)}
+    finally:
+        engine.close()
+    for name, completions in sampled.items():
+        for prompt, got in zip(prompts, completions):
+            full, _ = _trainer_logprobs(trainer, prompt, got.tokens, params.temperature)
+            want = np.asarray([_truncated(full[i], params.top_k, params.top_p)[t] for i, t in enumerate(got.tokens)])
+            # Drawn tokens lie in the truncated set; bf16 logits may move one at its edge across it.
+            inside = np.isfinite(want)
+            assert inside.sum() >= len(want) - 1, name
+            err = np.abs(np.asarray(got.logprobs) - want)[inside]
+            assert err.max() <= LOGPROB_MAX_ERR and err.mean() <= LOGPROB_MEAN_ERR, (name, err.max(), err.mean())

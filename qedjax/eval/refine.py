@@ -16,8 +16,11 @@ rounds remain, the best `refine_top` proofs of the whole pool so far are each re
 `worst_analyses` lowest-scored reviews, and the rewrites are reviewed and join the pool. The answer
 is the proof with the best mean score (ties go to the later, more refined one).
 
-Self-check: one proof, reviewed `checks` times; while not every review gives 1 and rounds remain, it
-is rewritten with its failing reviews and reviewed again. The answer is the best-scored version.
+Self-check (the release's generate / verify / improve loop): one proof, reviewed once per
+iteration. A passing review (score 1) adds to a run of consecutive passes, and `accept_passes` in a
+row accept the proof. A failing review resets the run, counts one error and has the proof rewritten
+with that review; `reject_errors` errors reject it, and `max_iterations` reviews stop the loop. The
+answer is the accepted version, otherwise the best-scored one.
 """
 
 from __future__ import annotations
@@ -57,14 +60,15 @@ class DSMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SelfCheckConfig:
-    """Self-check; ALGORITHMS.md gives no numbers, these are the project's choice."""
+    """Self-check with the release's limits (QED-Nano's released eval code)."""
 
-    checks: int = 2  # reviews per version; all must give 1 to stop ("passes repeatedly")
-    rounds: int = 3  # rewrites at most
+    accept_passes: int = 5  # consecutive passing reviews that accept a proof
+    reject_errors: int = 10  # failing reviews (each followed by a rewrite) that reject it
+    max_iterations: int = 30  # reviews at most
 
     def __post_init__(self):
-        if self.checks < 1 or self.rounds < 0:
-            raise ValueError(f"self_check needs checks >= 1 and rounds >= 0: {self}")
+        if min(self.accept_passes, self.reject_errors, self.max_iterations) < 1:
+            raise ValueError(f"self_check needs accept_passes, reject_errors and max_iterations >= 1: {self}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,42 +253,58 @@ def self_check(
     grader: Grader | None = None,
     references: Sequence[Mapping[str, str]] | None = None,
 ) -> list[ScaffoldResult]:
-    """Generate, review, rewrite with the failing reviews, until every review of a version gives 1.
+    """Generate, then review once per iteration: passes in a row accept, failures are rewritten.
 
     Args:
         engine: the policy (it also reviews unless `grader` is given).
         problems: problem statements.
         params: sampling params; each phase gets its own seed.
-        cfg: reviews per version and the most rewrites.
+        cfg: passes to accept, errors to reject, iterations at most.
         grader: optional reviewer in place of self-verification.
         references: the grader's references, one mapping per problem.
 
     Returns:
-        One result per problem. trace: "means" per version, "passed", "pick".
+        One result per problem. trace: "means" per version, "outcome" ("accepted", "rejected" or
+        "stopped"), "passed" (accepted), "iterations", "errors", "pick".
     """
     tallies = [Tally() for _ in problems]
     jobs = [(i, "generate", RCState(p).messages()) for i, p in enumerate(problems)]
     current = dict(enumerate(generate(engine, jobs, params, tallies)))
-    versions: list[list[Candidate]] = [[] for _ in problems]
-    for round_ in range(cfg.rounds + 1):
-        proofs = [(i, problems[i], c) for i, c in current.items()]
-        seeded = reseed(params, "check-verify", round_)
-        verdicts = review(engine, proofs, cfg.checks, seeded, tallies, grader, references)
-        for (i, _, completion), v in zip(proofs, verdicts):
-            versions[i].append(Candidate(completion, v))
-        failing = [i for i in current if versions[i][-1].mean < 1]
-        if round_ == cfg.rounds or not failing:
+    versions = [[Candidate(current[i], [])] for i in range(len(problems))]
+    passes, errors, iterations = [0] * len(problems), [0] * len(problems), [0] * len(problems)
+    outcome = ["stopped"] * len(problems)
+    for iteration in range(cfg.max_iterations):
+        active = sorted(current)
+        if not active:
             break
-        jobs = []
-        for i in failing:
-            last = versions[i][-1]
-            failed = [v for v in last.verdicts if v.score < 1]
-            jobs.append((i, "refine", refine_request(problems[i], last.completion, failed)))
-        rewrites = generate(engine, jobs, reseed(params, "check-refine", round_), tallies)
-        current = dict(zip(failing, rewrites))
+        proofs = [(i, problems[i], current[i]) for i in active]
+        seeded = reseed(params, "check-verify", iteration)
+        verdicts = review(engine, proofs, 1, seeded, tallies, grader, references)
+        refine = []
+        for i, (verdict,) in zip(active, verdicts):
+            iterations[i] += 1
+            versions[i][-1].verdicts.append(verdict)
+            if verdict.score >= 1:
+                passes[i] += 1
+                if passes[i] >= cfg.accept_passes:
+                    outcome[i] = "accepted"
+                    del current[i]
+                continue
+            passes[i] = 0
+            errors[i] += 1
+            if errors[i] >= cfg.reject_errors:
+                outcome[i] = "rejected"
+                del current[i]
+            elif iteration + 1 < cfg.max_iterations:  # a rewrite only if it will be reviewed
+                refine.append((i, "refine", refine_request(problems[i], current[i], [verdict])))
+        rewrites = generate(engine, refine, reseed(params, "check-refine", iteration), tallies) if refine else []
+        for (i, _, _), completion in zip(refine, rewrites):
+            current[i] = completion
+            versions[i].append(Candidate(completion, []))
     out = []
     for i, chain in enumerate(versions):
-        pick = best(chain)
-        trace = {"means": [c.mean for c in chain], "passed": chain[-1].mean >= 1, "pick": pick}
+        pick = len(chain) - 1 if outcome[i] == "accepted" else best(chain)
+        trace = {"means": [c.mean for c in chain], "outcome": outcome[i], "passed": outcome[i] == "accepted",
+                 "iterations": iterations[i], "errors": errors[i], "pick": pick}
         out.append(tallies[i].result(chain[pick].completion, trace))
     return out

@@ -126,6 +126,12 @@ def summarize(
         "completion": length_stats(completions, max_new_tokens),
         "truncated_share": sum(r["truncated"] for r in records) / len(completions) if completions else 0.0,
     }
+    rc_stats = [r["trace"]["summary_stats"] for r in records if "summary_stats" in r.get("trace", {})]
+    if rc_stats:  # RC: the summary calls, as the RL metrics count them
+        calls = sum(s["summaries_attempted"] for s in rc_stats)
+        totals = {k: sum(s.get(k, 0) for s in rc_stats) for k in rc_stats[0] if k != "summary_tokens_mean"}
+        tokens = sum(s.get("summary_tokens_mean", 0.0) * s["summaries_attempted"] for s in rc_stats)
+        summary["summaries"] = {**totals, "summary_tokens_mean": tokens / calls if calls else 0.0}
     return summary
 
 
@@ -154,6 +160,11 @@ def markdown(summary: Mapping) -> str:
             )
     truncated = 100 * length["truncated_share"]
     lines += ["", f"Truncated completions: {truncated:.1f}%. Grade reasons: {summary['reasons']}."]
+    if "summaries" in summary:
+        s = summary["summaries"]
+        failed = {k[len("summaries_failed_"):]: v for k, v in s.items() if k.startswith("summaries_failed_")}
+        lines += ["", f"RC summaries: {s['summaries_attempted']} attempted, {s['summaries_empty']} empty, "
+                      f"failed {failed}, mean length {s['summary_tokens_mean']:.0f} tokens."]
     return "\n".join(lines) + "\n"
 
 

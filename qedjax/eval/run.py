@@ -88,10 +88,10 @@ class EvalConfig:
 
 
 Scaffold = Callable[[EvalConfig, RolloutEngine, Sequence[str], SamplingParams], list[ScaffoldResult]]
-# (cfg, engine, problem texts, sampling params) -> one result per problem.
+# (cfg, engine, problem texts, sampling params[, summarizer]) -> one result per problem.
 SCAFFOLDS: dict[str, Scaffold] = {
     "single": lambda cfg, engine, texts, params: single(engine, texts, params),
-    "rc": lambda cfg, engine, texts, params: rc(engine, texts, params, cfg.rc),
+    "rc": lambda cfg, engine, texts, params, summarizer=None: rc(engine, texts, params, cfg.rc, summarizer),
     "rsa": lambda cfg, engine, texts, params: rsa(engine, texts, params, cfg.rsa),
     "dsm": lambda cfg, engine, texts, params: dsm(engine, texts, params, cfg.dsm),
     "self_check": lambda cfg, engine, texts, params: self_check(engine, texts, params, cfg.self_check),
@@ -209,6 +209,7 @@ def run_eval(
     label: str = "eval",
     judge: Grader | None = None,
     problems: Sequence[Problem] | None = None,
+    summarizer: RolloutEngine | None = None,
 ) -> dict:
     """Evaluates `engine` under `cfg`, resuming whatever `run_dir/eval/<label>/` already holds.
 
@@ -222,6 +223,7 @@ def run_eval(
         judge: for answer benchmarks with `confirm_with_judge`, the judge that re-checks rejections.
         problems: the problems to use instead of loading `cfg.benchmark` (tests, callers that
             already hold them).
+        summarizer: the RC scaffold's summariser engine when eval.rc.summarizer names a model.
 
     Returns:
         The summary: score (mean %), stderr, tokens_per_problem, by_group, length, ...
@@ -248,7 +250,8 @@ def run_eval(
             seed = derive_seed(cfg.sampling.seed, "chunk", chunk_index)
             params = dataclasses.replace(cfg.sampling, seed=seed)
             texts = [task_text(p, cfg.benchmark.format) for _, p in fresh]
-            results = SCAFFOLDS[cfg.scaffold](cfg, engine, texts, params)
+            extra = {"summarizer": summarizer} if summarizer is not None else {}
+            results = SCAFFOLDS[cfg.scaffold](cfg, engine, texts, params, **extra)
             records = [_generation_record(_key(s, p), p, s, cfg, r) for (s, p), r in zip(fresh, results)]
             append_jsonl(responses_path, records)
             generated.update((r["key"], r) for r in records)

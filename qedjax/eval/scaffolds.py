@@ -25,7 +25,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from qedjax.rollout.engine import Completion, Message, Request, RolloutEngine, SamplingParams
-from qedjax.rollout.rc import MODES, RCState, derive_seed, is_truncated, render_prompt, run_rc
+from qedjax.rollout.rc import MODES, RCState, derive_seed, is_truncated, render_prompt, run_rc, summary_stats
 from qedjax.text import split_thinking
 
 
@@ -35,11 +35,28 @@ class RCConfig:
 
     turns: int = 3
     mode: str = "replace"  # "replace" | "append"
-    summary_max_new_tokens: int = 0  # 0: the policy's max_new_tokens (the same model summarises)
+    # "policy": the model under test summarises (the paper's test time), or a model of its own (a local
+    # Hugging Face directory or a preset, as grpo.rc.summarizer), frozen, on its own engine.
+    summarizer: str = "policy"
+    summary_max_new_tokens: int = 0  # 0: the policy's max_new_tokens
+    # The summary call's sampling; None: the policy's (the release's summariser: 0.7 / 0.8 / 20).
+    summary_temperature: float | None = None
+    summary_top_p: float | None = None
+    summary_top_k: int | None = None
 
     def __post_init__(self):
         if self.turns < 1 or self.mode not in MODES or self.summary_max_new_tokens < 0:
             raise ValueError(f"rc needs turns >= 1, mode in {MODES}, summary_max_new_tokens >= 0: {self}")
+        if not self.summarizer:
+            raise ValueError("rc.summarizer must be 'policy', a model directory or a preset")
+
+    def summary_params(self, params: SamplingParams) -> SamplingParams:
+        """The summary call's sampling params, from the policy's `params`."""
+        changes = {"temperature": self.summary_temperature, "top_p": self.summary_top_p, "top_k": self.summary_top_k}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if self.summary_max_new_tokens:
+            changes["max_new_tokens"] = self.summary_max_new_tokens
+        return dataclasses.replace(params, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,24 +169,28 @@ def single(engine: RolloutEngine, problems: Sequence[str], params: SamplingParam
 
 
 def rc(
-    engine: RolloutEngine, problems: Sequence[str], params: SamplingParams, cfg: RCConfig = RCConfig()
+    engine: RolloutEngine,
+    problems: Sequence[str],
+    params: SamplingParams,
+    cfg: RCConfig = RCConfig(),
+    summarizer: RolloutEngine | None = None,
 ) -> list[ScaffoldResult]:
-    """The reasoning-cache loop with the policy as its own summariser; the last turn is graded.
+    """The reasoning-cache loop; the last turn is graded.
 
     Args:
-        engine: the policy (and summariser).
+        engine: the policy (and the summariser unless `summarizer` is given).
         problems: problem statements.
         params: sampling params of the reasoning turns.
-        cfg: turns, summary mode and the summary length limit.
+        cfg: turns, summary mode and the summary call's sampling.
+        summarizer: the summariser's engine when it is a model of its own.
 
     Returns:
-        One result per problem; stages "reason" (turns) and "summarize" (turns - 1).
+        One result per problem; stages "reason" (turns) and "summarize" (turns - 1); the trace holds
+        the summaries and `summary_stats` (attempted, empty, failed by reason, mean length).
     """
-    summary_params = params
-    if cfg.summary_max_new_tokens:
-        summary_params = dataclasses.replace(params, max_new_tokens=cfg.summary_max_new_tokens)
     results = run_rc(
-        engine, problems, turns=cfg.turns, params=params, summary_params=summary_params, mode=cfg.mode
+        engine, problems, turns=cfg.turns, params=params, summarizer=summarizer,
+        summary_params=cfg.summary_params(params), mode=cfg.mode
     )
     out = []
     for result in results:
@@ -181,6 +202,7 @@ def rc(
         trace = {
             "summaries": [t.new_summary for t in result.turns[:-1]],
             "truncated_turns": [t.state.turn for t in result.turns if t.truncated],
+            "summary_stats": summary_stats([result]),
         }
         out.append(tally.result(result.turns[-1].completion, trace))
     return out

@@ -22,7 +22,7 @@ from qedjax.checkpoint import CheckpointConfig
 from qedjax.optim import OptimConfig
 from qedjax.rewards import MAX_SCORE, Grade, Grader, GradeItem
 from qedjax.rollout.engine import Completion, RolloutEngine, SamplingParams
-from qedjax.rollout.rc import RCState, derive_seed, rc_states
+from qedjax.rollout.rc import RCState, derive_seed, run_rc, summary_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +31,19 @@ class RCTrainConfig:
     turns: int = 3  # reasoning turns of the RC rollout that makes the states (3 -> 4 states)
     states_per_problem: int = 2
     mode: str = "replace"
-    summarizer: str = "frozen"  # "frozen": the initial policy, never updated | "policy": the current one
+    # Who writes the summaries: a model of its own, frozen (a local Hugging Face directory, e.g. the
+    # release's Qwen3-4B-Instruct-2507, or a qedjax preset with random weights, for tests), or
+    # "frozen" (a frozen copy of the starting policy) or "policy" (the current policy).
+    summarizer: str = "frozen"
+    # The summary call's own sampling (the release's: T 0.7, top-p 0.8, top-k 20, 2,048 tokens).
     summary_max_new_tokens: int = 2048
+    summary_temperature: float = 0.7
+    summary_top_p: float = 0.8
+    summary_top_k: int = 20
+
+    def summary_params(self, seed: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.summary_max_new_tokens, temperature=self.summary_temperature,
+                              top_p=self.summary_top_p, top_k=self.summary_top_k, seed=seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +59,7 @@ class GRPOConfig:
     optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant", warmup_ratio=0.0, weight_decay=0.01,
                                      clip_norm=0.3)
     grader: str = "rule"  # "judge" (rubric style) | "answer" | "rule"
+    answer_timeout_s: float = 1.0  # the answer grader's symbolic-comparison limit (the release's 1 s)
     mode: str = "sync"  # "sync" | "async"
     max_lag: int = 5
     micro_batches: int = 1
@@ -60,13 +72,22 @@ class GRPOConfig:
     def __post_init__(self):
         if self.mode not in ("sync", "async"):
             raise ValueError(f"grpo.mode must be 'sync' or 'async', got {self.mode!r}")
+        if not self.sampling.temperature > 0:
+            raise ValueError(f"grpo.sampling.temperature must be > 0, got {self.sampling.temperature}: the trainer "
+                             f"divides logits by it (greedy rollouts have no logprobs to train on)")
+        if not self.answer_timeout_s > 0:
+            raise ValueError(f"grpo.answer_timeout_s must be > 0, got {self.answer_timeout_s}")
         if self.group_size < 2:
             raise ValueError("grpo.group_size must be >= 2 (advantages are relative to the group)")
         if self.rc.enabled and self.rc.states_per_problem > self.rc.turns + 1:
             raise ValueError(f"grpo.rc.states_per_problem ({self.rc.states_per_problem}) exceeds the "
                              f"{self.rc.turns + 1} states of {self.rc.turns} turns")
-        if self.rc.summarizer not in ("frozen", "policy"):
-            raise ValueError(f"grpo.rc.summarizer must be 'frozen' or 'policy', got {self.rc.summarizer!r}")
+        if not self.rc.summarizer:
+            raise ValueError("grpo.rc.summarizer must be 'policy', 'frozen', a model directory or a preset")
+        try:
+            self.rc.summary_params(0)
+        except ValueError as e:
+            raise ValueError(f"grpo.rc.summary_*: {e}") from None
 
     @property
     def sequences_per_step(self) -> int:
@@ -85,6 +106,7 @@ class Rollouts:
     summary_tokens: list[int]
     times: dict[str, float]
     problems: list[Problem]
+    summary_stats: dict[str, float] = dataclasses.field(default_factory=dict)  # rc.summary_stats of the RC runs
 
 
 class ProblemSampler:
@@ -130,14 +152,16 @@ def sample_groups(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEng
     version = engine.version
     rng = random.Random(derive_seed(seed, "states", step))
     summary_tokens: list[int] = []
+    stats: dict[str, float] = {}
     if cfg.rc.enabled:
         params = dataclasses.replace(cfg.sampling, seed=derive_seed(seed, "rc", step))
-        summary_params = dataclasses.replace(params, max_new_tokens=cfg.rc.summary_max_new_tokens)
-        per_problem = rc_states(engine, [p.problem for p in problems], turns=cfg.rc.turns, params=params,
-                                summarizer=summarizer, summary_params=summary_params, mode=cfg.rc.mode)
+        results = run_rc(engine, [p.problem for p in problems], turns=cfg.rc.turns, params=params,
+                         summarizer=summarizer, summary_params=cfg.rc.summary_params(params.seed),
+                         mode=cfg.rc.mode, summarize_last=True)
+        stats = summary_stats(results)
         states, owners = [], []
-        for problem, options in zip(problems, per_problem):
-            for state in rng.sample(list(options), cfg.rc.states_per_problem):
+        for problem, result in zip(problems, results):
+            for state in rng.sample(list(result.states), cfg.rc.states_per_problem):
                 states.append(state)
                 owners.append(problem)
                 summary_tokens.append(engine.count_tokens(state.summary) if state.summary else 0)
@@ -148,7 +172,7 @@ def sample_groups(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEng
     flat = engine.generate(requests, dataclasses.replace(cfg.sampling, seed=derive_seed(seed, "group", step)))
     g = cfg.group_size
     return Rollouts(version=version, states=states, completions=[flat[i * g:(i + 1) * g] for i in range(len(states))],
-                    grades=[], summary_tokens=summary_tokens, problems=owners,
+                    grades=[], summary_tokens=summary_tokens, problems=owners, summary_stats=stats,
                     times={"states_s": t_states - t0, "generate_s": time.perf_counter() - t_states})
 
 

@@ -17,7 +17,8 @@ Decisions worth knowing:
   attempt was cut off, and `RCTurn.truncated` marks it; nothing pretends it was complete.
 - The summary is the answer part of the summariser's response. If that is empty (a thinking
   summariser that ran out of tokens) the previous summary is kept, so a failed summary never wipes
-  the state.
+  the state; `summary_outcome` names what happened and `summary_stats` counts it, so states that
+  silently repeat the previous summary show up in the metrics.
 - Seeds: turn 0 samples with `params.seed` itself, so RC's first turn equals a single sample with the
   same params; later turns and every summary use seeds derived from `(seed, role, turn)`, so turns
   differ and runs reproduce.
@@ -207,6 +208,36 @@ def next_summary(previous: str, summary_completion: Completion, *, mode: str = "
     if mode == "append" and previous:
         return previous + "\n\n" + summary
     return summary
+
+
+SUMMARY_FAILURES = ("unclosed_think", "length")
+
+
+def summary_outcome(completion: Completion) -> str:
+    """What a summary call gave: "ok" (a summary; it may have been cut at the token limit), "empty"
+    (the summariser finished with nothing after its thinking), or a failure: "unclosed_think" (its
+    think block never closed, so no summary) or "length" (it closed the think block only at the
+    token limit, with nothing after it). Only "ok" changes the state."""
+    split = split_thinking(completion.text)
+    if split.answer:
+        return "ok"
+    if not split.closed:
+        return "unclosed_think"
+    return "length" if completion.truncated else "empty"
+
+
+def summary_stats(results: Sequence[RCResult]) -> dict[str, float]:
+    """Counts over every summary call of `results`: attempted, ok, empty, failed by reason, cut off
+    at the limit (partial summary kept), and the mean generated length of a summary call in tokens."""
+    calls = [t.summary_completion for r in results for t in r.turns if t.summary_completion is not None]
+    outcomes = [summary_outcome(c) for c in calls]
+    out: dict[str, float] = {"summaries_attempted": len(calls), "summaries_ok": outcomes.count("ok"),
+                             "summaries_empty": outcomes.count("empty")}
+    out.update({f"summaries_failed_{why}": outcomes.count(why) for why in SUMMARY_FAILURES})
+    out["summaries_cut_off"] = sum(1 for c, o in zip(calls, outcomes) if o == "ok" and c.truncated)
+    if calls:
+        out["summary_tokens_mean"] = sum(len(c.tokens) for c in calls) / len(calls)
+    return out
 
 
 def run_rc(

@@ -7,9 +7,9 @@ samples from its own random stream (seed, row), so a prompt draws the same token
 batch. Shapes are bucketed (batch to a power of two; prompt and generation lengths to powers of
 two, then multiples of 1024), so a run with mixed lengths compiles a bounded number of programs.
 
-Logprobs are those of the sampled tokens under softmax(logits / temperature), the distribution the
-trainer recomputes for GRPO's ratio (top-k/top-p only restrict which tokens can be drawn; with
-temperature 0 the logprobs are those of the untempered distribution).
+Logprobs are those of the sampled tokens under the distribution they were drawn from:
+softmax(logits / temperature), restricted to the top-k / top-p set and renormalised when either is
+on (as vLLM reports them); with temperature 0, those of the untempered distribution.
 """
 
 from __future__ import annotations
@@ -99,19 +99,28 @@ def draw_tokens(keys, logits):
 def _sample(logits, keys, temperature, top_k, top_p, use_top_k, use_top_p):
     """One token per row and its logprob. logits [B, V] fp32; keys [B] PRNG keys.
 
-    The draw (and the top-k/top-p filter, a sort) is skipped when every row is greedy.
+    The logprob is that of the distribution the token was drawn from: softmax(logits / temperature)
+    restricted to the top-k / nucleus set and renormalised (what vLLM reports), so GRPO's ratio has
+    the true behaviour probability when truncation is on. Greedy rows report the untempered,
+    untruncated distribution. The draw (and the filter, a sort) is skipped when every row is greedy.
     """
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     logp_all = jax.nn.log_softmax(scaled, axis=-1)
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
+    def pick(logp, token):
+        return jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
     def draw():
         filtered = _filter_logits(scaled, top_k, top_p, use_top_k, use_top_p)
-        return jnp.where(greedy, argmax, draw_tokens(keys, filtered))
+        token = jnp.where(greedy, argmax, draw_tokens(keys, filtered)).astype(jnp.int32)
+        logp = pick(logp_all, token)
+        if use_top_k or use_top_p:
+            logp = jnp.where(greedy, logp, pick(jax.nn.log_softmax(filtered, axis=-1), token))
+        return token, logp
 
-    token = jax.lax.cond(jnp.all(greedy), lambda: argmax, draw).astype(jnp.int32)
-    return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+    return jax.lax.cond(jnp.all(greedy), lambda: (argmax, pick(logp_all, argmax)), draw)
 
 
 class Sampler:
