@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from qedjax import grpo, train
 from qedjax.benchmarks import Problem, load_benchmark
-from qedjax.checkpoint import Checkpointer, StopRequest, restore_params
+from qedjax.checkpoint import Checkpointer, StopRequest, fault_point, restore_params
 from qedjax.metrics import MetricsWriter
 from qedjax.optim import learning_rate, make_optimizer
 from qedjax.rewards import MAX_SCORE, Grader
@@ -191,6 +191,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     if start:
         state, data_state = ckpt.restore(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+        start = ckpt.restored_step
         sampler.restore(data_state)
     if start >= g.steps:
         ckpt.close()
@@ -223,7 +224,11 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
         producer = Producer(next_rollouts, g.max_lag) if g.mode == "async" else None
     if producer is not None:
         producer.start()
-    writer.write("grpo", start, {"event": "start", "total_steps": g.steps, "problems": len(problems)})
+    writer.rewind("grpo", start)  # rows a killed run logged past its last checkpoint are logged again
+    if not start:
+        writer.write("grpo", start, {"event": "start", "total_steps": g.steps, "problems": len(problems)})
+    elif jax.process_index() == 0:
+        print(f"[qedjax] grpo: resuming from the checkpoint of step {start} in {ckpt_dir}")
     bar = tqdm(total=g.steps, initial=start, desc="grpo", disable=jax.process_index() != 0,
                dynamic_ncols=True, mininterval=2.0)
     dropped = 0
@@ -248,6 +253,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
                     if ref_logp is not None:
                         batch["ref_logp"] = ref_logp(batch)
                     state, m = step_fn(state, train.put_batch(batch, mesh, rules))
+                    fault_point(f"grpo:step:{step + 1}")
                     row.update(grpo.summarize_step(jax.device_get(m)))
                     engine.load_weights(int(state["step"]), state["params"])
                 row["train_s"] = time.perf_counter() - t0
@@ -258,7 +264,8 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", lag=row["lag_max"])
                 stopping = stop.agreed()
-                ckpt.save(step, state, sampler.state(), force=step == g.steps or stopping)
+                if ckpt.save(step, state, sampler.state(), force=step == g.steps or stopping):
+                    fault_point(f"grpo:save:{step}")
     finally:
         if producer is not None:
             producer.stop()
