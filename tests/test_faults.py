@@ -3,12 +3,14 @@ asynchronous save; qedjax.checkpoint.fault_point) and re-run with the same comma
 where an uninterrupted run ends: the same parameters and the same metrics.jsonl, byte for byte.
 A corrupt or truncated checkpoint is named and skipped, never restored."""
 
+import json
 import os
 import shutil
 import signal
 import sys
 
 import jax
+import numpy as np
 import pytest
 import yaml
 
@@ -30,14 +32,15 @@ def _metrics(run_dir):
         return f.read()
 
 
-def _params(config, run_dir, stage):
+def _params(config, run_dir, stage, step=None):
+    """The parameters of a stage's checkpoint (the last one by default)."""
     cfg = load_config(str(config))
     _, _, target = train.abstract_params(cfg.model, sharding.make_mesh(cfg.run.mesh), sharding.TRAIN_RULES)
-    return jax.device_get(restore_params(os.path.join(run_dir, stage, "checkpoints"), target))
+    return jax.device_get(restore_params(os.path.join(run_dir, stage, "checkpoints"), target, step))
 
 
 def _assert_same_params(a, b):
-    jax.tree.map(lambda x, y: __import__("numpy").testing.assert_array_equal(x, y), a, b)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_sft_sigkill_mid_step_and_mid_async_save_resumes_exactly(sft_config, tmp
     command = fault_drill.launch_command(str(config), str(killed))
     log, env = str(tmp_path / "log.txt"), _child_env(8)
     assert fault_drill.run_launch(command, log, fault="sft:step:3", env=env, timeout=TIMEOUT_S) == KILLED
-    steps = [r["step"] for r in map(__import__("json").loads, _metrics(killed).splitlines())]
+    steps = [r["step"] for r in map(json.loads, _metrics(killed).splitlines())]
     assert steps == [0, 1, 2]  # the start row and steps 1-2: step 3 died before its row
     assert fault_drill.run_launch(command, log, fault="sft:save:4", env=env, timeout=TIMEOUT_S) == KILLED
     ckpt_dir = killed / "sft" / "checkpoints"
@@ -72,3 +75,68 @@ def test_sft_sigkill_mid_step_and_mid_async_save_resumes_exactly(sft_config, tmp
     assert fault_drill.run_launch(command, log, env=env, timeout=TIMEOUT_S) == 0
     assert _metrics(killed) == _metrics(straight)
     _assert_same_params(_params(config, killed, "sft"), _params(config, straight, "sft"))
+
+
+def _truncate_largest_file(directory):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+    return largest
+
+
+def test_corrupt_latest_checkpoint_is_named_and_the_previous_step_restored(sft_config, tmp_path, capsys):
+    config, straight = sft_config
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    ckpt_dir = run / "sft" / "checkpoints"
+    assert sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit()) == [2, 4, 5]
+    _truncate_largest_file(ckpt_dir / "5" / "params")  # a file cut short
+    shutil.rmtree(ckpt_dir / "4" / "opt")  # a directory half deleted
+    # Rewind the finished run's metrics as a crash after step 2 would have left them, then resume.
+    with open(run / "metrics.jsonl") as f:
+        rows = [line for line in f if '"step": 0' in line or '"step": 1,' in line or '"step": 2,' in line]
+    (run / "metrics.jsonl").write_text("".join(rows))
+    capsys.readouterr()
+    assert launch.main(["--config", str(config), f"run.dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint step 5" in out and "checkpoint step 4" in out and "unreadable, not restored" in out
+    assert "falling back to checkpoint step 2" in out
+    assert {"corrupt-5", "corrupt-4"} <= set(os.listdir(ckpt_dir))
+    assert _metrics(run) == _metrics(straight)
+    _assert_same_params(_params(config, run, "sft"), _params(config, straight, "sft"))
+    # No readable step at all: the run stops, naming each step and why, and restores nothing.
+    for step in ("2", "4", "5"):
+        _truncate_largest_file(ckpt_dir / step / "params")
+    with pytest.raises(CorruptCheckpointError, match=r"no readable checkpoint in .*step 5 .*step 4 .*step 2"):
+        launch.main(["--config", str(config), f"run.dir={run}", "sft.steps=6"])
+
+
+def test_grpo_sync_sigkill_mid_step_and_mid_async_save_resumes_exactly(tmp_path):
+    raw = {"run": {"dir": str(tmp_path / "unused"), "seed": 0, "stages": ["grpo"], "deterministic": True},
+           "model": {"preset": "tiny"},
+           "toy": {"sft_rows": 8, "rl_problems": 16, "eval_problems": 2},
+           "grpo": {"init": "model", "steps": 3, "problems_per_step": 2, "group_size": 4, "mode": "sync",
+                    "rc": {"enabled": True, "turns": 1, "states_per_problem": 2, "summary_max_new_tokens": 8},
+                    "sampling": {"max_new_tokens": 12, "temperature": 1.0, "seed": 0},
+                    # A random tiny model never closes its think block, so every reward is 0: the entropy
+                    # bonus (and training on zero-variance groups) still moves the weights each step.
+                    "skip_zero_variance": False,
+                    "loss": {"clip_low": 0.2, "clip_high": 0.28, "entropy_coef": 0.01},
+                    "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+                    "checkpoint": {"every": 1, "keep": 3}}}  # asynchronous saves: the default
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert launch.main(["--config", str(config), f"run.dir={straight}"]) == 0
+    first, last = (_params(config, straight, "grpo", s) for s in (1, 3))
+    assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a != b).any()), first, last)))  # it trains
+    command = fault_drill.launch_command(str(config), str(killed))
+    log, env = str(tmp_path / "log.txt"), _child_env(8)
+    assert fault_drill.run_launch(command, log, fault="grpo:step:2", env=env, timeout=TIMEOUT_S) == KILLED
+    assert fault_drill.run_launch(command, log, fault="grpo:save:2", env=env, timeout=TIMEOUT_S) == KILLED
+    ckpt_dir = killed / "grpo" / "checkpoints"
+    assert not (ckpt_dir / "2").exists() and Checkpointer(str(ckpt_dir)).latest_step() == 1
+    assert fault_drill.run_launch(command, log, env=env, timeout=TIMEOUT_S) == 0
+    assert _metrics(killed) == _metrics(straight)
+    _assert_same_params(_params(config, killed, "grpo"), _params(config, straight, "grpo"))
