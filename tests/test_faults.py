@@ -140,3 +140,16 @@ def test_grpo_sync_sigkill_mid_step_and_mid_async_save_resumes_exactly(tmp_path)
     assert fault_drill.run_launch(command, log, env=env, timeout=TIMEOUT_S) == 0
     assert _metrics(killed) == _metrics(straight)
     _assert_same_params(_params(config, killed, "grpo"), _params(config, straight, "grpo"))
+
+
+def test_malformed_problem_file_fails_the_launch_naming_the_line(tmp_path, toy_tokenizer_dir, monkeypatch):
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"id": "a", "problem": "Show P.", "marking_scheme": "7 pts"}\n{"id": "b", "problem": 3}\n')
+    raw = {"run": {"dir": str(tmp_path / "run"), "stages": ["grpo"]},
+           "model": {"preset": "tiny", "tokenizer": toy_tokenizer_dir},
+           "grpo": {"init": "model", "steps": 1, "problems": {"path": str(problems), "format": "proofbench"}}}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(train, "init_params", lambda *a, **k: pytest.fail("compiled before reading the problems"))
+    with pytest.raises(ValueError, match=r"problems.jsonl:2: 'problem' \(column 'problem'\) is int, expected text"):
+        launch.main(["--config", str(config)])
