@@ -153,3 +153,82 @@ def test_malformed_problem_file_fails_the_launch_naming_the_line(tmp_path, toy_t
     monkeypatch.setattr(train, "init_params", lambda *a, **k: pytest.fail("compiled before reading the problems"))
     with pytest.raises(ValueError, match=r"problems.jsonl:2: 'problem' \(column 'problem'\) is int, expected text"):
         launch.main(["--config", str(config)])
+
+
+# --- judge faults inside the RL loop ----------------------------------------------------------------------
+# Each step grades 8 responses; response k of the run gets the fault JUDGE_FAULTS[k // 8][k % 8].
+JUDGE_FAULTS = [["http500", "429secs", "429date", "429huge", "429none", "nochoices", "nullcontent", "drop"],
+                ["slow"] + ["ok"] * 7, ["http500"] * 8, ["http500"] * 8]
+FAR_FUTURE = "Fri, 01 Jan 2100 00:00:00 GMT"
+
+
+def _judge_script(proof, n):
+    kind = proof.split(":", 1)[1].rsplit("-", 1)[0]
+    ok = ("text", "Checkpoint met.\n<score>7</score>")
+    retry_after = {"429secs": "0.05", "429date": FAR_FUTURE, "429huge": "1000000000"}
+    if kind in retry_after:  # once, then a score: the wait asked for is honoured, and capped
+        return ("status", 429, {"Retry-After": retry_after[kind]}) if n == 0 else ok
+    return {"ok": ok, "http500": ("status", 500, {}), "429none": ("status", 429, {}), "drop": ("drop",),
+            "nochoices": ("raw", json.dumps({"id": "x", "object": "chat.completion"})),
+            "nullcontent": ("raw", json.dumps({"choices": [{"message": {"role": "assistant", "content": None}}]})),
+            "slow": ("hang", "<score>7</score>")}[kind]
+
+
+def test_judge_faults_cost_their_sample_and_a_judge_down_stops_the_run(tmp_path, toy_tokenizer_dir, monkeypatch,
+                                                                        capsys):
+    import dataclasses
+
+    from qedjax.rl import GradingDownError
+    from qedjax.rollout import jax_engine
+    from test_judge import FakeJudge
+
+    real = jax_engine.JaxEngine.generate
+    made = []
+
+    def generate(self, requests, params):  # complete answers, each naming its fault for the server
+        out = real(self, requests, params)
+        texts = []
+        for c in out:
+            k = len(made)
+            made.append(k)
+            texts.append(f"<think>\nok\n</think>\n\nSCRIPT:{JUDGE_FAULTS[k // 8][k % 8]}-{k}")
+        return [dataclasses.replace(c, text=t, finish_reason="stop") for c, t in zip(out, texts)]
+
+    monkeypatch.setattr(jax_engine.JaxEngine, "generate", generate)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": str(i), "problem": f"Show that {i} + 0 = {i}.",
+                                            "marking_scheme": "7 points: a correct proof."}) + "\n" for i in range(8)))
+    judge = FakeJudge(_judge_script)
+    run_dir = tmp_path / "run"
+    raw = {"run": {"dir": str(run_dir), "seed": 0, "stages": ["grpo"], "deterministic": True},
+           "model": {"preset": "tiny", "tokenizer": toy_tokenizer_dir},
+           "grpo": {"init": "model", "steps": 6, "problems_per_step": 2, "group_size": 4, "grader": "judge",
+                    "rc": {"enabled": False}, "problems": {"path": str(problems), "format": "proofbench"},
+                    "sampling": {"max_new_tokens": 4, "temperature": 1.0, "seed": 0},
+                    "max_failed_grading_steps": 2, "checkpoint": {"every": 10, "keep": 1, "async_save": False}},
+           "judge": {"base_url": judge.base_url, "model": "judge", "max_retries": 1, "timeout_s": 1.0,
+                     "backoff_s": 0.0, "max_wait_s": 0.2, "concurrency": 8}}
+    config = tmp_path / "judge.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    try:
+        with pytest.raises(GradingDownError, match=r"every grader call failed in 2 consecutive steps.*step 4.*HTTP 500"):
+            launch.main(["--config", str(config)])
+    finally:
+        judge.close()
+    out = capsys.readouterr().out
+    rows = {r["step"]: r for r in map(json.loads, _metrics(run_dir).splitlines()) if "reward_mean" in r}
+    assert sorted(rows) == [1, 2, 3, 4]  # every step completed, the faulty ones too
+    # Step 1: 500, 429 without Retry-After, no `choices`, a dropped connection: judge errors; null content: no
+    # score to parse; the three 429s with Retry-After (seconds, a far HTTP date, 1e9 s: capped) score on retry.
+    assert (rows[1].get("grader_judge_error"), rows[1].get("grader_parse_error")) == (4, 1)
+    assert rows[1]["reward_mean"] == pytest.approx(3 / 8)
+    for kind in ("429secs", "429date", "429huge"):
+        assert judge.calls[f"SCRIPT:{kind}-{JUDGE_FAULTS[0].index(kind)}"] == 2
+    assert judge.calls["SCRIPT:429none-4"] == judge.calls["SCRIPT:http500-0"] == 2  # retried, then given up
+    # Step 2: a reply slower than the timeout costs its sample only.
+    assert rows[2]["grader_timeout"] == 1 and rows[2]["reward_mean"] == pytest.approx(7 / 8)
+    assert "grading_down_steps" not in rows[2]
+    # Steps 3-4: the judge is down: a warning each step, then the run stops with a checkpoint.
+    assert (rows[3]["grading_down_steps"], rows[4]["grading_down_steps"]) == (1, 2)
+    assert "grpo step 3: WARNING every grader call failed (8 of 8" in out and "grpo step 4: WARNING" in out
+    assert Checkpointer(str(run_dir / "grpo" / "checkpoints")).latest_step() == 4

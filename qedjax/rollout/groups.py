@@ -55,6 +55,9 @@ class GRPOConfig:
     filter_solved: bool = False  # stop sampling problems the policy solved in every rollout of a group
     filter_unsolved: bool = False  # ... or failed in every rollout
     checkpoint: CheckpointConfig = CheckpointConfig(every=10, keep=2)
+    # A step where every grader call failed (judge down: errors, timeouts) trains on nothing but zeros:
+    # each such step prints a warning, and this many in a row stop the run with a checkpoint (0: never).
+    max_failed_grading_steps: int = 3
     log_every: int = 1
 
     def __post_init__(self):
