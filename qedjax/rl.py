@@ -254,6 +254,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
         with StopRequest() as stop:
             while step < g.steps and not stopping:
                 ro = producer.get() if producer is not None else next_rollouts()
+                sampler.consumed()
                 version = int(state["step"])
                 ro, stale = drop_stale(ro, version, g.max_lag)
                 dropped += stale

@@ -232,3 +232,39 @@ def test_judge_faults_cost_their_sample_and_a_judge_down_stops_the_run(tmp_path,
     assert (rows[3]["grading_down_steps"], rows[4]["grading_down_steps"]) == (1, 2)
     assert "grpo step 3: WARNING every grader call failed (8 of 8" in out and "grpo step 4: WARNING" in out
     assert Checkpointer(str(run_dir / "grpo" / "checkpoints")).latest_step() == 4
+
+
+# --- resume after prefetching ---------------------------------------------------------------------------
+
+def test_sampler_checkpoints_the_trainers_position_not_the_prefetched_one():
+    from qedjax.benchmarks import Problem
+    from qedjax.rollout.groups import ProblemSampler
+
+    problems = [Problem(str(i), f"p{i}", {}) for i in range(10)]
+    sampler, straight = ProblemSampler(problems, 3), ProblemSampler(problems, 3)
+    batches = [sampler.take(2) for _ in range(3)]  # a producer two batches ahead of the trainer
+    sampler.consumed()
+    saved = sampler.state()
+    resumed = ProblemSampler(problems, 3)
+    resumed.restore(saved)
+    assert [straight.take(2) for _ in range(3)] == batches
+    assert [resumed.take(2) for _ in range(2)] == batches[1:]  # the prefetched batches come again
+
+
+def test_async_grpo_checkpoints_hold_the_consumed_problems(tmp_path):
+    raw = {"run": {"dir": str(tmp_path / "run"), "seed": 0, "stages": ["grpo"]},
+           "model": {"preset": "tiny"},
+           "toy": {"sft_rows": 8, "rl_problems": 16, "eval_problems": 2},
+           "grpo": {"init": "model", "steps": 3, "problems_per_step": 2, "group_size": 4, "mode": "async",
+                    "max_lag": 2, "rc": {"enabled": False}, "skip_zero_variance": False,
+                    "sampling": {"max_new_tokens": 8, "temperature": 1.0, "seed": 0},
+                    "checkpoint": {"every": 1, "keep": 3, "async_save": False}}}
+    config = tmp_path / "async.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert launch.main(["--config", str(config)]) == 0
+    import orbax.checkpoint as ocp
+
+    ckpt = Checkpointer(str(tmp_path / "run" / "grpo" / "checkpoints"))
+    for step in (1, 2, 3):  # the producer ran up to 2 batches ahead; each checkpoint is where the trainer was
+        data = ckpt.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        assert data["cursor"] == 2 * step

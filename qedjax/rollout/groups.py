@@ -8,6 +8,7 @@ against its plain problem; run by the trainer). The steps are numbered as in qed
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
 import time
@@ -91,13 +92,21 @@ class Rollouts:
 
 
 class ProblemSampler:
-    """Seeded epochs over the problems, skipping those the difficulty filter removed."""
+    """Seeded epochs over the problems, skipping those the difficulty filter removed.
+
+    Producers (the async thread, the workers' dispatcher) take batches ahead of the trainer; `taken`
+    holds the cursor after each take, oldest first, and the trainer pops one per batch it consumes
+    (`consumed`), so that a checkpoint records the trainer's position and a resumed run takes the
+    batches prefetched before the stop again instead of skipping them.
+    """
 
     def __init__(self, problems: Sequence[Problem], seed: int):
         self.problems = list(problems)
         self.seed = seed
         self.cursor = 0
         self.removed: set[str] = set()
+        self.taken: collections.deque[int] = collections.deque()
+        self.consumed_cursor = 0
 
     def take(self, n: int) -> list[Problem]:
         active = [p for p in self.problems if p.id not in self.removed]
@@ -112,14 +121,21 @@ class ProblemSampler:
             self.cursor += 1
             if p.id not in self.removed:
                 out.append(p)
+        self.taken.append(self.cursor)
         return out
 
+    def consumed(self) -> None:
+        """The trainer consumed the oldest batch taken."""
+        self.consumed_cursor = self.taken.popleft()
+
     def state(self) -> dict:
-        return {"cursor": self.cursor, "removed": sorted(self.removed)}
+        """Where the trainer is: the cursor after the last consumed batch (not the prefetched ones)."""
+        return {"cursor": self.consumed_cursor, "removed": sorted(self.removed)}
 
     def restore(self, state: dict) -> None:
-        self.cursor = int(state.get("cursor", 0))
+        self.cursor = self.consumed_cursor = int(state.get("cursor", 0))
         self.removed = set(state.get("removed", ()))
+        self.taken.clear()
 
 
 def sample_groups(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEngine, problems: list[Problem],
