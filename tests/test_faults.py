@@ -268,3 +268,98 @@ def test_async_grpo_checkpoints_hold_the_consumed_problems(tmp_path):
     for step in (1, 2, 3):  # the producer ran up to 2 batches ahead; each checkpoint is where the trainer was
         data = ckpt.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
         assert data["cursor"] == 2 * step
+
+
+# --- weight store under contention ----------------------------------------------------------------------
+
+def _outcome(store, version):
+    """'ok' if every element read is `version` (a mixed or partial read would show), 'error' for a
+    WeightStoreError naming the version; anything else fails the test."""
+    from qedjax.rollout.weights import WeightStoreError
+
+    try:
+        values = {float(x) for _, a in store.read(version) for x in np.unique(a)}
+    except WeightStoreError as e:
+        assert f"version {version}" in str(e), e
+        return "error"
+    assert values == {float(version)}, values
+    return "ok"
+
+
+def _tiny_store_params(value):
+    from test_weights import TINY, _constant_params
+
+    from qedjax.models.qwen3 import Qwen3Config
+
+    cfg = Qwen3Config(**TINY)
+    return cfg, _constant_params(cfg, value)
+
+
+def test_weight_store_two_publishers_republish_and_gc_during_reads(tmp_path):
+    import threading
+
+    from qedjax.rollout.weights import WeightStore, WeightStoreError
+
+    cfg, _ = _tiny_store_params(0)
+    # Two publishers at once, of different versions (odd and even), with a reader polling the newest.
+    errors, seen, done = [], [], threading.Event()
+
+    def publish(versions):
+        try:
+            store = WeightStore(tmp_path / "a", keep=3)
+            for v in versions:
+                store.publish(_tiny_store_params(v)[1], v, config=cfg)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            errors.append(e)
+
+    def read():
+        store = WeightStore(tmp_path / "a")
+        while not done.is_set():
+            v = store.latest()
+            if v is not None:
+                seen.append(_outcome(store, v))
+
+    writers = [threading.Thread(target=publish, args=(range(first, 13, 2),)) for first in (1, 2)]
+    reader = threading.Thread(target=read)
+    for t in (*writers, reader):
+        t.start()
+    for t in writers:
+        t.join(600)
+    done.set()
+    reader.join(600)
+    assert not errors, errors
+    assert seen and set(seen) <= {"ok", "error"}
+    store = WeightStore(tmp_path / "a")
+    assert store.latest() == 12 and _outcome(store, 12) == "ok"
+    for v in store.versions():  # a committed version is whole, or (its arrays collected by the other
+        assert _outcome(store, v) in ("ok", "error")  # publisher's garbage collection) an error naming it
+
+    # A version re-published while a reader is part-way through it: the old whole version, or an error.
+    store = WeightStore(tmp_path / "b", keep=1)
+    store.publish(_tiny_store_params(1)[1], 1, config=cfg)
+    reading = store.read(1)
+    first = next(reading)[1]
+    store.publish(_tiny_store_params(2)[1], 1, config=cfg)  # same version number, other values
+    try:
+        rest = [a for _, a in reading]
+        assert all((a == 1).all() for a in [first, *rest])  # read ahead before the re-publish: whole
+    except WeightStoreError as e:
+        assert "version 1" in str(e), e
+    assert _outcome_value(store, 1) == 2.0  # a fresh read sees the new whole version
+
+    # A reader during garbage collection: versions 2 and 3 collect version 1 under it.
+    reading = store.read(1)
+    next(reading)
+    for v in (2, 3):
+        store.publish(_tiny_store_params(v)[1], v, config=cfg)
+    try:
+        assert all((a == 2).all() for _, a in reading)
+    except WeightStoreError as e:
+        assert "version 1" in str(e), e
+    assert store.versions() == [3]
+    with pytest.raises(WeightStoreError, match="version 1"):
+        list(store.read(1))
+
+
+def _outcome_value(store, version):
+    return {float(x) for _, a in store.read(version) for x in np.unique(a)}.pop()
