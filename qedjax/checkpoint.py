@@ -130,10 +130,11 @@ def fault_point(name: str) -> None:
     Then this process SIGKILLs itself here, so that a drill (tests/test_faults.py, tools/fault_drill.py)
     kills a run at a chosen point of a chosen step instead of guessing with timers. The points:
     `STAGE:step:K` (sft, grpo) while optimizer step K is in flight, and `STAGE:save:K` just after the
-    asynchronous save of step K started (its files not yet complete).
+    asynchronous save of step K started (its files not yet complete). `POINT/TERM` sends SIGTERM instead.
     """
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    point, _, sig = os.environ.get(FAULT_ENV, "").partition("/")
+    if point == name:
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig}") if sig else signal.SIGKILL)
 
 
 class StopRequest:

@@ -363,3 +363,52 @@ def test_weight_store_two_publishers_republish_and_gc_during_reads(tmp_path):
 
 def _outcome_value(store, version):
     return {float(x) for _, a in store.read(version) for x in np.unique(a)}.pop()
+
+
+# --- two processes, SIGTERM to one ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_both_resume(sft_config, tmp_path):
+    import subprocess
+
+    from test_multihost import ROOT, _free_port
+
+    from qedjax.metrics import read_metrics
+
+    config, _ = sft_config
+    run = tmp_path / "two"
+
+    def launch_two(fault_for_1=None):
+        port, procs, logs = _free_port(), [], []
+        for i in range(2):
+            env = _child_env(4)
+            env.pop("QEDJAX_FAULT", None)
+            if i == 1 and fault_for_1:
+                env["QEDJAX_FAULT"] = fault_for_1
+            logs.append(open(tmp_path / f"p{i}.log", "a"))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "qedjax.launch", "--config", str(config), f"run.dir={run}", "sft.steps=6",
+                 "sft.checkpoint.every=10", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                 "--process-id", str(i)], env=env, cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT))
+        try:
+            codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+        finally:
+            for p, log in zip(procs, logs):
+                if p.poll() is None:
+                    p.kill()
+                log.close()
+        return codes
+
+    codes = launch_two("sft:step:3/TERM")  # process 1 alone gets SIGTERM during step 3
+    logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+    assert codes[0] == codes[1] != 0, (codes, [log[-2000:] for log in logs])
+    assert all("sft stopped at step 3" in log for log in logs), [log[-2000:] for log in logs]
+    ckpt_dir = run / "sft" / "checkpoints"
+    assert Checkpointer(str(ckpt_dir)).latest_step() == 3  # one checkpoint, both processes' shards in it
+    assert {p for p in os.listdir(ckpt_dir / "3" / "params") if p.startswith("ocdbt.process_")} >= {
+        "ocdbt.process_0", "ocdbt.process_1"}
+    assert launch_two() == [0, 0]
+    logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
+    assert "resuming from the checkpoint of step 3" in logs[0]
+    assert [r["step"] for r in read_metrics(str(run), "sft") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert Checkpointer(str(ckpt_dir)).latest_step() == 6
