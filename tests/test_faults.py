@@ -412,3 +412,55 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_both_resume(
     assert "resuming from the checkpoint of step 3" in logs[0]
     assert [r["step"] for r in read_metrics(str(run), "sft") if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert Checkpointer(str(ckpt_dir)).latest_step() == 6
+
+
+# --- GRPO with rollout workers: kill the trainer, keep the worker ---------------------------------------
+
+@pytest.mark.slow
+def test_grpo_with_workers_sigkill_and_resume_equals_a_straight_run(tmp_path, toy_tokenizer_dir):
+    import subprocess
+
+    data = toy.write_data(toy.ToyConfig(sft_rows=1, rl_problems=16, eval_problems=1), str(tmp_path / "data"))
+    env = _child_env(8)
+
+    def config(name):
+        raw = {"run": {"dir": str(tmp_path / name), "seed": 0, "stages": ["grpo"], "deterministic": True},
+               "model": {"preset": "tiny", "tokenizer": toy_tokenizer_dir},
+               "engine": {"kind": "workers", "store": str(tmp_path / name / "weights"),
+                          "queue": str(tmp_path / name / "queue")},
+               "grpo": {"init": "model", "steps": 3, "problems_per_step": 2, "group_size": 4, "mode": "sync",
+                        "problems": {"path": data["rl"], "format": "rules"}, "skip_zero_variance": False,
+                        "rc": {"enabled": True, "turns": 1, "states_per_problem": 2, "summary_max_new_tokens": 8,
+                               "summarizer": "policy"},
+                        "sampling": {"max_new_tokens": 12, "temperature": 1.0, "seed": 0},
+                        "loss": {"clip_low": 0.2, "clip_high": 0.28, "entropy_coef": 0.01},
+                        "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+                        "checkpoint": {"every": 1, "keep": 3}}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path, raw
+
+    def start_worker(raw, name):
+        log = open(tmp_path / f"{name}_worker.log", "w")
+        return subprocess.Popen([sys.executable, "-m", "qedjax.rollout.worker", "--engine", "jax",
+                                 "--store", raw["engine"]["store"], "--queue", raw["engine"]["queue"],
+                                 "--tokenizer", toy_tokenizer_dir, "--poll-s", "0.05", "--worker-id", name],
+                                env=env, stdout=log, stderr=subprocess.STDOUT), log
+
+    runs = {}
+    for name, faults in (("straight", []), ("killed", ["grpo:step:2", "grpo:save:2"])):
+        path, raw = config(name)
+        worker, log = start_worker(raw, name)  # one worker throughout: it outlives the killed trainers
+        try:
+            fault_drill.kill_and_resume(fault_drill.launch_command(str(path), raw["run"]["dir"]), faults,
+                                        str(tmp_path / f"{name}.log"), env=env, timeout=TIMEOUT_S)
+            assert worker.wait(timeout=TIMEOUT_S) == 0  # the finished stage closed the queue
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+            log.close()
+        runs[name] = (path, tmp_path / name)
+    killed_log = (tmp_path / "killed.log").read_text()
+    assert "resuming from the checkpoint of step 1" in killed_log  # version 2 was in the store: uncommitted
+    assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "straight")
+    _assert_same_params(_params(*runs["killed"], "grpo"), _params(*runs["straight"], "grpo"))
