@@ -96,10 +96,15 @@ class Checkpointer:
                 continue
             if bad and jax.process_index() == 0:
                 print(f"[qedjax] falling back to checkpoint step {s}")
-                if set_aside and "://" not in self.directory:
+            if bad and set_aside and "://" not in self.directory:
+                if jax.process_index() == 0:
                     for b, _ in bad:
                         os.replace(os.path.join(self.directory, str(b)), os.path.join(self.directory, f"corrupt-{b}"))
-                    self.manager.reload()
+                if jax.process_count() > 1:  # every process must see the same steps, or saves diverge
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices("qedjax corrupt checkpoints set aside")
+                self.manager.reload()
             return s, out
         raise CorruptCheckpointError(f"no readable checkpoint in {self.directory}: " +
                                      "; ".join(f"step {b} ({r})" for b, r in bad))

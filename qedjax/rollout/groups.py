@@ -71,6 +71,9 @@ class GRPOConfig:
                              f"{self.rc.turns + 1} states of {self.rc.turns} turns")
         if self.rc.summarizer not in ("frozen", "policy"):
             raise ValueError(f"grpo.rc.summarizer must be 'frozen' or 'policy', got {self.rc.summarizer!r}")
+        if self.max_failed_grading_steps < 0:
+            raise ValueError(f"grpo.max_failed_grading_steps must be >= 0 (0: never stop), got "
+                             f"{self.max_failed_grading_steps}")
 
     @property
     def sequences_per_step(self) -> int:
