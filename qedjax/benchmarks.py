@@ -24,6 +24,8 @@ import os
 import random
 from typing import Iterable, Mapping, Sequence
 
+from qedjax.rows import BAD_ROWS, BadRowError, read_jsonl
+
 # Per format: field -> default column. Fields other than id/problem/category/level are references.
 FORMATS: dict[str, dict[str, str]] = {
     "imo-proofbench": {
@@ -74,6 +76,7 @@ class BenchmarkConfig:
     levels: tuple[str, ...] = ()  # keep only these levels (empty: all)
     subset: int = 0  # keep this many problems, a fixed seeded choice (0: all); for smoke runs
     subset_seed: int = 0
+    bad_rows: str = "error"  # error | skip: rows that are not JSON, lack a column, or hold an empty/wrong value
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -81,6 +84,8 @@ class BenchmarkConfig:
         unknown = set(self.columns) - set(FORMATS[self.format]) - set(OPTIONAL_FIELDS)
         if unknown:
             raise ValueError(f"unknown fields in benchmark columns for {self.format}: {sorted(unknown)}")
+        if self.bad_rows not in BAD_ROWS:
+            raise ValueError(f"benchmark bad_rows must be one of {BAD_ROWS}, got {self.bad_rows!r}")
         if self.subset < 0:
             raise ValueError(f"benchmark subset must be >= 0, got {self.subset}")
 
@@ -130,8 +135,7 @@ def read_rows(path: str | os.PathLike, *, split: str = "") -> list[dict]:
         with open(path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_jsonl(path)[0]  # a syntax error names the file and line
     if path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -142,8 +146,16 @@ def read_rows(path: str | os.PathLike, *, split: str = "") -> list[dict]:
     raise ValueError(f"cannot read {path}: expected .csv, .jsonl, .json, .parquet or a dataset directory")
 
 
+class MissingColumnError(BadRowError, KeyError):
+    """A row lacks a required column (a KeyError too, as before rows named their file)."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
 def to_problems(
-    rows: Iterable[Mapping], fmt: str, columns: Mapping[str, str] | None = None
+    rows: Iterable[Mapping], fmt: str, columns: Mapping[str, str] | None = None, *,
+    where: Sequence[str] | None = None, skipped: list[str] | None = None,
 ) -> list[Problem]:
     """Maps raw rows onto Problems.
 
@@ -151,33 +163,47 @@ def to_problems(
         rows: raw rows.
         fmt: a key of FORMATS.
         columns: field -> column overrides of the format's defaults.
+        where: where each row came from ("FILE:LINE", "FILE: row N"), for error messages.
+        skipped: when given, bad rows are skipped and their messages appended here.
 
     Returns:
-        One Problem per row, in order.
+        One Problem per good row, in order.
 
     Raises:
-        KeyError: a row lacks a required column (the problem or a reference).
-        ValueError: a required field is empty.
+        KeyError (MissingColumnError): a row lacks a required column (the problem or a reference).
+        ValueError (BadRowError): a required field is empty, or a value is not text.
     """
     mapping = {**FORMATS[fmt], **(columns or {})}
     problems = []
     for index, row in enumerate(rows):
-        values = {"category": "", "level": ""}
-        for field, column in mapping.items():
-            value = row.get(column)
-            if value is None and field in OPTIONAL_FIELDS:
-                value = str(index) if field == "id" else ""
-            elif value is None:
-                raise KeyError(f"row {index} has no column {column!r} for {field!r}; has {sorted(row)}")
-            elif not str(value).strip() and field not in OPTIONAL_FIELDS:
-                # Graders refuse empty references; failing here beats failing mid-run.
-                raise ValueError(f"row {index}: {field!r} (column {column!r}) is empty")
-            values[field] = str(value).strip()
-        references = {k: v for k, v in values.items() if k not in ("problem", *OPTIONAL_FIELDS)}
-        problems.append(
-            Problem(values["id"], values["problem"], references, values["category"], values["level"])
-        )
+        at = where[index] if where is not None else f"row {index}"
+        try:
+            problems.append(_problem(row, index, at, mapping))
+        except BadRowError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
     return problems
+
+
+def _problem(row: Mapping, index: int, at: str, mapping: Mapping[str, str]) -> Problem:
+    if not isinstance(row, Mapping):
+        raise BadRowError(f"{at}: a {type(row).__name__}, expected a row of columns")
+    values = {"category": "", "level": ""}
+    for field, column in mapping.items():
+        value = row.get(column)
+        if value is None and field in OPTIONAL_FIELDS:
+            value = str(index) if field == "id" else ""
+        elif value is None:
+            raise MissingColumnError(f"{at}: no column {column!r} for {field!r}; has {sorted(row)}")
+        elif isinstance(value, (bool, list, dict)) or (field not in OPTIONAL_FIELDS and not isinstance(value, str)):
+            raise BadRowError(f"{at}: {field!r} (column {column!r}) is {type(value).__name__}, expected text")
+        elif not str(value).strip() and field not in OPTIONAL_FIELDS:
+            # Graders refuse empty references; failing here beats failing mid-run.
+            raise BadRowError(f"{at}: {field!r} (column {column!r}) is empty")
+        values[field] = str(value).strip()
+    references = {k: v for k, v in values.items() if k not in ("problem", *OPTIONAL_FIELDS)}
+    return Problem(values["id"], values["problem"], references, values["category"], values["level"])
 
 
 def select(
@@ -220,7 +246,17 @@ def load_benchmark(cfg: BenchmarkConfig) -> list[Problem]:
     Returns:
         The selected problems. Problem ids are unique (resuming relies on them).
     """
-    problems = to_problems(read_rows(cfg.path, split=cfg.split), cfg.format, cfg.columns)
+    skipped: list[str] | None = [] if cfg.bad_rows == "skip" else None
+    if os.fspath(cfg.path).endswith(".jsonl"):
+        rows, where, bad = read_jsonl(cfg.path, skip_bad=skipped is not None)
+        skipped = None if skipped is None else skipped + bad
+    else:
+        rows = read_rows(cfg.path, split=cfg.split)
+        where = [f"{cfg.path}: row {i}" for i in range(len(rows))]
+    problems = to_problems(rows, cfg.format, cfg.columns, where=where, skipped=skipped)
+    if skipped:
+        print(f"[qedjax] {cfg.path}: skipped {len(skipped)} bad row(s), kept {len(problems)} (bad_rows=skip); "
+              f"first: {skipped[0]}")
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{cfg.path}: problem ids are not unique; map `id` to a unique column")

@@ -18,6 +18,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from qedjax.rows import BadRowError, read_jsonl
+
 FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "hf")
 ARRAYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -58,8 +60,6 @@ class DataConfig:
             raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
 
 
-class BadRowError(ValueError):
-    """A row that cannot be turned into a chat; the message names the file and the row."""
 
 
 def load_rows(path: str, format: str = "auto", split: str = "train"):
@@ -148,22 +148,38 @@ def tokenize_chat(tokenizer, messages: Sequence[Mapping[str, str]], where: str =
     return np.asarray(p + a, np.int32), np.asarray([0] * len(p) + [1] * len(a), np.int32)
 
 
+def _is_jsonl(cfg: DataConfig) -> bool:
+    return cfg.format == "jsonl" or (cfg.format == "auto" and cfg.path.lower().endswith(".jsonl"))
+
+
 def build_examples(cfg: DataConfig, tokenizer):
-    """Tokenized (ids, mask) examples of a data file and counts of what was dropped or cut."""
-    ds = load_rows(cfg.path, cfg.format, cfg.split)
+    """Tokenized (ids, mask) examples of a data file and counts of what was dropped or cut.
+
+    JSONL is read line by line (a syntax error or a wrongly typed value names its line; `datasets`
+    would report neither); other formats through `datasets`. Bad rows follow `cfg.bad_rows`.
+    """
+    skipped: list[str] = []
+    if _is_jsonl(cfg):
+        if not os.path.exists(cfg.path):
+            raise FileNotFoundError(f"data file {cfg.path!r} does not exist")
+        ds, places, skipped = read_jsonl(cfg.path, skip_bad=cfg.bad_rows == "skip")
+    else:
+        ds = load_rows(cfg.path, cfg.format, cfg.split)
+        places = [f"{cfg.path}: row {i}" for i in range(len(ds))]
     if cfg.max_rows is not None:
-        ds = ds.select(range(min(cfg.max_rows, len(ds))))
-    stats = {"rows": len(ds), "examples": 0, "bad_rows": 0, "truncated": 0, "dropped_overlong": 0,
-             "dropped_no_target": 0}
+        ds = ds[: cfg.max_rows] if isinstance(ds, list) else ds.select(range(min(cfg.max_rows, len(ds))))
+    stats = {"rows": len(ds) + len(skipped), "examples": 0, "bad_rows": len(skipped), "truncated": 0,
+             "dropped_overlong": 0, "dropped_no_target": 0}
     examples = []
     for i, row in enumerate(ds):
-        where = f"{cfg.path}: row {i}"
+        where = places[i]
         try:
             ids, mask = tokenize_chat(tokenizer, row_messages(row, cfg.columns, where, cfg.system_prompt), where)
-        except BadRowError:
+        except BadRowError as e:
             if cfg.bad_rows == "error":
                 raise
             stats["bad_rows"] += 1
+            skipped.append(str(e))
             continue
         if len(ids) > cfg.seq_len + 1:
             if cfg.overlong == "drop":
@@ -176,6 +192,8 @@ def build_examples(cfg: DataConfig, tokenizer):
             continue
         examples.append((ids, mask))
     stats["examples"] = len(examples)
+    if skipped:
+        print(f"[qedjax] {cfg.path}: skipped {len(skipped)} bad row(s) (data.bad_rows=skip); first: {skipped[0]}")
     if not examples:
         raise ValueError(f"{cfg.path}: no usable examples ({stats})")
     return examples, stats

@@ -8,7 +8,8 @@ event loop: `concurrency` threads each hold one keep-alive connection, because j
 `timeout_s` bounds every wait inside a call (connecting, sending, each read), which for a
 non-streaming judge is the wait for its reply. A call is retried up to `max_retries` times after
 connection errors, timeouts, malformed replies, 429 and 5xx, waiting `backoff_s * 2**attempt`
-with jitter in between, or what the server's Retry-After header asks for. Other 4xx answers are
+with jitter in between, or what the server's Retry-After header asks for (seconds or an HTTP
+date), never longer than `max_wait_s`. Other 4xx answers are
 not retried: the same request would fail again. A failed call costs its own item, never the batch.
 
 With `cache_dir` set, each successful reply is stored under the hash of what determines it (API
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # Statuses worth another try: overload, rate limits and server-side failures.
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-MAX_WAIT_S = 120.0  # no single backoff or Retry-After wait is longer than this
+MAX_WAIT_S = 120.0  # default cap on a single backoff or Retry-After wait (JudgeConfig.max_wait_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class JudgeConfig:
     timeout_s: float = 600.0
     max_retries: int = 3
     backoff_s: float = 1.0
+    max_wait_s: float = MAX_WAIT_S  # cap on one wait between tries, whatever Retry-After asks (1e9 s, a far date)
     temperature: float = 1.0
     max_tokens: int | None = None
     reasoning_effort: str | None = "medium"
@@ -64,9 +66,10 @@ class JudgeConfig:
             raise ValueError(f"judge api must be 'chat' or 'responses', got {self.api!r}")
         if self.style not in ("rubric", "proofbench"):
             raise ValueError(f"judge style must be 'rubric' or 'proofbench', got {self.style!r}")
-        if self.concurrency < 1 or self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0:
+        if (self.concurrency < 1 or self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0
+                or self.max_wait_s < 0):
             raise ValueError(
-                "judge needs concurrency >= 1, timeout_s > 0, max_retries >= 0 and backoff_s >= 0"
+                "judge needs concurrency >= 1, timeout_s > 0, max_retries >= 0, backoff_s >= 0 and max_wait_s >= 0"
             )
 
 
@@ -159,7 +162,7 @@ def _complete_one(client: httpx.Client, rng: random.Random, config: JudgeConfig,
         if attempt < config.max_retries:
             if wait is None:
                 wait = config.backoff_s * 2**attempt * rng.uniform(0.5, 1.5)
-            time.sleep(min(wait, MAX_WAIT_S))
+            time.sleep(min(wait, config.max_wait_s))
     return Reply(None, error, detail)
 
 

@@ -66,6 +66,17 @@ def validate(cfg, mesh, stages) -> None:
             raise FileNotFoundError(f"model.{key}: {path!r} is not a directory")
 
 
+def check_problem_files(cfg, stages) -> None:
+    """Reads the grpo problems and the eval benchmark up front: a malformed row fails here, naming its
+    file and line, before anything compiles (the SFT data is read before SFT compiles anything)."""
+    from qedjax.benchmarks import load_benchmark
+
+    if "grpo" in stages:
+        load_benchmark(cfg.grpo.problems)
+    if "eval" in stages:
+        load_benchmark(cfg.eval.benchmark)
+
+
 def with_toy_data(cfg, run_dir: str):
     """Generates the demo's tokenizer and data into run_dir/toy and points the config at them."""
     from qedjax import toy
@@ -102,6 +113,7 @@ def main(argv=None) -> int:
     os.makedirs(run_dir, exist_ok=True)
     if cfg.toy is not None:
         cfg = with_toy_data(cfg, run_dir)
+    check_problem_files(cfg, stages)
     write_run_info(run_dir, cfg, mesh, argv=sys.argv[1:] if argv is None else argv)
     writer = MetricsWriter(run_dir, deterministic=cfg.run.deterministic)
     tokenizer_path = cfg.model.tokenizer or cfg.model.hf_path

@@ -33,6 +33,8 @@ def _plain(value: Any) -> Any:
 
 def is_timing(key: str) -> bool:
     """Wall-clock metrics (seconds, rates, timestamps): the part of a run a seed cannot fix."""
+    if key.startswith("grader_"):  # counts of grader outcomes by reason (grader_timeout is a count)
+        return False
     return key.endswith("_s") or "per_s" in key or "time" in key
 
 
@@ -66,6 +68,33 @@ class MetricsWriter:
                 elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
                     self._tb.add_histogram(f"{stage}/{k}", np.asarray(v, np.float64), int(step))
         return row
+
+    def rewind(self, stage: str, step: int) -> int:
+        """Drops the rows of `stage` logged after `step` (all of them at step 0), and a torn last line.
+
+        A run killed after its last checkpoint logged steps it takes again when resumed from that
+        checkpoint; rewinding to the restored step first makes the resumed metrics.jsonl read as if the
+        run had never stopped. Returns how many rows were dropped.
+        """
+        if not self.enabled or not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get("stage") != stage or (step and row.get("step", 0) <= step):
+                kept.append(line)
+        dropped = len(lines) - len(kept)
+        if dropped:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        return dropped
 
     def close(self):
         if self._tb is not None:

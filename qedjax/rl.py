@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from qedjax import grpo, train
 from qedjax.benchmarks import Problem, load_benchmark
-from qedjax.checkpoint import Checkpointer, StopRequest, restore_params
+from qedjax.checkpoint import Checkpointer, StopRequest, fault_point, restore_params
 from qedjax.metrics import MetricsWriter
 from qedjax.optim import learning_rate, make_optimizer
 from qedjax.rewards import MAX_SCORE, Grader
@@ -115,6 +115,21 @@ def rollout_metrics(ro: Rollouts, version: int) -> dict:
         out["states_with_summary"] = float(np.mean([bool(s.summary) for s in ro.states]))
     out.update(ro.summary_stats)  # summary calls: attempted, ok, empty, failed by reason, mean length
     return out
+
+
+GRADER_FAILURES = ("judge_error", "timeout")  # the grader was asked and gave nothing (not the response's fault)
+
+
+class GradingDownError(RuntimeError):
+    """grpo.max_failed_grading_steps consecutive steps in which every grader call failed."""
+
+
+def grading_failed(ro: Rollouts) -> tuple[int, int, str]:
+    """(failed, asked, a failure's detail): grader calls of a batch that failed, of those made at all
+    (truncated or answerless responses are scored 0 without asking)."""
+    flat = [g for group in ro.grades for g in group if g.reason not in ("truncated", "no_answer")]
+    failed = [g for g in flat if g.reason in GRADER_FAILURES]
+    return len(failed), len(flat), (failed[-1].raw if failed else "")
 
 
 def update_difficulty(sampler: ProblemSampler, ro: Rollouts, cfg: GRPOConfig) -> None:
@@ -203,6 +218,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     if start:
         state, data_state = ckpt.restore(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+        start = ckpt.restored_step
         sampler.restore(data_state)
     if start >= g.steps:
         ckpt.close()
@@ -235,16 +251,22 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
         producer = Producer(next_rollouts, g.max_lag) if g.mode == "async" else None
     if producer is not None:
         producer.start()
-    writer.write("grpo", start, {"event": "start", "total_steps": g.steps, "problems": len(problems)})
+    writer.rewind("grpo", start)  # rows a killed run logged past its last checkpoint are logged again
+    if not start:
+        writer.write("grpo", start, {"event": "start", "total_steps": g.steps, "problems": len(problems)})
+    elif jax.process_index() == 0:
+        print(f"[qedjax] grpo: resuming from the checkpoint of step {start} in {ckpt_dir}")
     bar = tqdm(total=g.steps, initial=start, desc="grpo", disable=jax.process_index() != 0,
                dynamic_ncols=True, mininterval=2.0)
     dropped = 0
+    down = 0  # consecutive steps where every grader call failed
     step = start  # RL iterations; the policy version is the optimizer's step count
     stopping = False
     try:
         with StopRequest() as stop:
             while step < g.steps and not stopping:
                 ro = producer.get() if producer is not None else next_rollouts()
+                sampler.consumed()
                 version = int(state["step"])
                 ro, stale = drop_stale(ro, version, g.max_lag)
                 dropped += stale
@@ -260,17 +282,34 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
                     if ref_logp is not None:
                         batch["ref_logp"] = ref_logp(batch)
                     state, m = step_fn(state, train.put_batch(batch, mesh, rules))
+                    fault_point(f"grpo:step:{step + 1}")
                     row.update(grpo.summarize_step(jax.device_get(m)))
                     engine.load_weights(int(state["step"]), state["params"])
                 row["train_s"] = time.perf_counter() - t0
                 row["train_tokens_per_s"] = row.get("train_tokens", 0) / max(row["train_s"], 1e-9)
                 step += 1
+                failed, asked, detail = grading_failed(ro)
+                down = down + 1 if asked and failed == asked else 0 if failed < asked else down
+                if down:
+                    row["grading_down_steps"] = down
+                    if jax.process_index() == 0:
+                        print(f"\n[qedjax] grpo step {step}: WARNING every grader call failed ({failed} of {asked}; "
+                              f"{down} step(s) in a row, the run stops at {g.max_failed_grading_steps or 'never'}); "
+                              f"last: {detail[:300]}")
                 if step % g.log_every == 0:
                     writer.write("grpo", step, row)
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_mean']:.3f}", lag=row["lag_max"])
-                stopping = stop.agreed()
-                ckpt.save(step, state, sampler.state(), force=step == g.steps or stopping)
+                grading_down = (bool(g.max_failed_grading_steps) and down >= g.max_failed_grading_steps
+                                and step < g.steps)
+                stopping = stop.agreed() or grading_down
+                if ckpt.save(step, state, sampler.state(), force=step == g.steps or stopping):
+                    fault_point(f"grpo:save:{step}")
+                if grading_down:
+                    raise GradingDownError(
+                        f"grpo: every grader call failed in {down} consecutive steps (grpo.max_failed_grading_steps="
+                        f"{g.max_failed_grading_steps}); stopped with a checkpoint at step {step} in {ckpt_dir}; "
+                        f"the last failure: {detail[:300]}. Fix the judge, then re-run the same command to resume.")
     finally:
         if producer is not None:
             producer.stop()

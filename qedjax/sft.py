@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from qedjax import data as data_lib
 from qedjax import train
-from qedjax.checkpoint import Checkpointer, StopRequest
+from qedjax.checkpoint import Checkpointer, StopRequest, fault_point
 from qedjax.metrics import MetricsWriter
 from qedjax.optim import learning_rate, make_optimizer
 from qedjax.sharding import TRAIN_RULES
@@ -69,12 +69,17 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
     if start:
         state, data_state = ckpt.restore(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+        start = ckpt.restored_step
         loader.set_state(data_state)
     if start >= total:
         ckpt.close()
         return ckpt_dir
-    writer.write("sft", start, {"event": "start", "total_steps": total, "rows_packed": len(arrays["tokens"]),
-                                **{f"data_{k}": v for k, v in stats.items()}})
+    writer.rewind("sft", start)  # rows a killed run logged past its last checkpoint are logged again
+    if not start:
+        writer.write("sft", start, {"event": "start", "total_steps": total, "rows_packed": len(arrays["tokens"]),
+                                    **{f"data_{k}": v for k, v in stats.items()}})
+    elif jax.process_index() == 0:
+        print(f"[qedjax] sft: resuming from the checkpoint of step {start} in {ckpt_dir}")
     batch_sh = {k: train.micro_batch_sharding(mesh, rules, 3) for k in data_lib.ARRAYS}
     step_fn = train.make_train_step(graphdef, sft_loss, target_tokens, optimizer, shardings, batch_sh, mesh, rules)
     bad = 0
@@ -87,6 +92,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
             t0 = time.perf_counter()
             batch = train.put_batch(next(loader), mesh, rules)
             state, m = step_fn(state, batch)
+            fault_point(f"sft:step:{step + 1}")
             m = jax.device_get(m)
             dt = time.perf_counter() - t0
             bad = bad + 1 if m["skipped"] else 0
@@ -104,8 +110,8 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
                 raise NonFiniteError(f"sft: {bad} consecutive steps had a non-finite loss or gradient "
                                      f"(last loss {row['loss']}); stopped with a checkpoint at step {step} "
                                      f"in {ckpt_dir}. Lower optim.lr or check the data.")
-            if not m["skipped"]:
-                ckpt.save(step, state, loader.get_state(), force=step == total)
+            if not m["skipped"] and ckpt.save(step, state, loader.get_state(), force=step == total):
+                fault_point(f"sft:save:{step}")
             stopping = stop.agreed()
             if stopping:
                 ckpt.save(step, state, loader.get_state(), force=True)

@@ -77,16 +77,32 @@ def test_bad_rows_raise_with_file_and_row_or_are_counted(tmp_path, toy_tokenizer
     rows = [GOOD, {"problem": "Reverse the list: 1", "reasoning_content": "x"}, {**GOOD, "proof": "  "},
             {**GOOD, "problem": 7}, GOOD]
     path = _write_jsonl(tmp_path / "bad.jsonl", rows[:2] + rows[4:])
-    with pytest.raises(data.BadRowError, match=r"bad.jsonl: row 1: missing column 'proof'"):
+    with pytest.raises(data.BadRowError, match=r"bad.jsonl:2: missing column 'proof'"):
         data.build_examples(data.DataConfig(path=path), toy_tokenizer)
     path = _write_jsonl(tmp_path / "empty.jsonl", [GOOD, rows[2]])
-    with pytest.raises(data.BadRowError, match=r"empty.jsonl: row 1: column 'proof' is empty"):
+    with pytest.raises(data.BadRowError, match=r"empty.jsonl:2: column 'proof' is empty"):
         data.build_examples(data.DataConfig(path=path), toy_tokenizer)
     with pytest.raises(data.BadRowError, match=r"row 0: column 'problem' is int, expected a string"):
         data.row_messages(rows[3], data.Columns(), "row 0")
     path = _write_jsonl(tmp_path / "mixed.jsonl", rows[:3] + [GOOD])
     examples, stats = data.build_examples(data.DataConfig(path=path, bad_rows="skip"), toy_tokenizer)
     assert (stats["examples"], stats["bad_rows"]) == (2, 2)
+
+
+def test_malformed_jsonl_names_the_line_or_is_skipped_and_counted(tmp_path, toy_tokenizer, capsys):
+    path = tmp_path / "broken.jsonl"
+    lines = [json.dumps(GOOD), '{"problem": "Reverse the list: 1", "proof": "x",', "", json.dumps({**GOOD, "problem": 7}),
+             "[1, 2]", json.dumps(GOOD)]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.BadRowError, match=r"broken.jsonl:2: not valid JSON \(Expecting"):
+        data.build_examples(data.DataConfig(path=str(path)), toy_tokenizer)
+    path.write_text("\n".join(lines[:1] + lines[2:4] + lines[5:]) + "\n")
+    with pytest.raises(data.BadRowError, match=r"broken.jsonl:3: column 'problem' is int, expected a string"):
+        data.build_examples(data.DataConfig(path=str(path)), toy_tokenizer)
+    path.write_text("\n".join(lines) + "\n")
+    examples, stats = data.build_examples(data.DataConfig(path=str(path), bad_rows="skip"), toy_tokenizer)
+    assert (stats["rows"], stats["examples"], stats["bad_rows"]) == (5, 2, 3)
+    assert "skipped 3 bad row(s) (data.bad_rows=skip); first: " in capsys.readouterr().out
 
 
 def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, toy_tokenizer):

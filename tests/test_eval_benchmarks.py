@@ -1,5 +1,6 @@
 """Benchmark loaders on the real IMO-Bench CSVs, plus other sources, column maps and filters."""
 
+import dataclasses
 import json
 
 import pytest
@@ -107,3 +108,25 @@ def test_config_validation():
         BenchmarkConfig(format="imo-answerbench", columns={"solution": "Solution"})
     problems = to_problems([{"problem": f"p{i}", "marking_scheme": "m"} for i in range(5)], "proofbench")
     assert len(select(problems, subset=10)) == 5  # a subset larger than the benchmark keeps everything
+
+
+def test_malformed_rows_name_file_and_line_or_are_skipped_and_reported(tmp_path, capsys):
+    good = {"id": "a", "problem": "Show P.", "marking_scheme": "7 pts"}
+    lines = [json.dumps(good), '{"id": "b", "problem": "Show Q.",', json.dumps({"id": "c", "problem": "Show R."}),
+             json.dumps({"id": "d", "problem": ["Show S."], "marking_scheme": "m"}),
+             json.dumps({"id": "e", "problem": "  ", "marking_scheme": "m"}), json.dumps({**good, "id": "f"})]
+    path = tmp_path / "pb.jsonl"
+    cfg = BenchmarkConfig(path=str(path), format="proofbench")
+    expected = [(1, r"pb.jsonl:2: not valid JSON \(Expecting"), (2, r"pb.jsonl:3: no column 'marking_scheme'"),
+                (3, r"pb.jsonl:4: 'problem' \(column 'problem'\) is list, expected text"),
+                (4, r"pb.jsonl:5: 'problem' \(column 'problem'\) is empty")]
+    for bad, message in expected:  # each bad line alone among good ones fails the load, naming the line
+        path.write_text("\n".join(lines[:1] + [lines[bad] if i == bad else "" for i in range(1, 5)] + lines[5:]))
+        with pytest.raises(ValueError, match=message):
+            load_benchmark(cfg)
+    path.write_text("\n".join(lines))
+    kept = load_benchmark(dataclasses.replace(cfg, bad_rows="skip"))
+    assert [p.id for p in kept] == ["a", "f"]
+    assert "pb.jsonl: skipped 4 bad row(s), kept 2 (bad_rows=skip); first: " in capsys.readouterr().out
+    with pytest.raises(ValueError, match="bad_rows"):
+        BenchmarkConfig(bad_rows="ignore")

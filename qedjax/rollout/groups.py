@@ -8,6 +8,7 @@ against its plain problem; run by the trainer). The steps are numbered as in qed
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import random
 import time
@@ -67,6 +68,9 @@ class GRPOConfig:
     filter_solved: bool = False  # stop sampling problems the policy solved in every rollout of a group
     filter_unsolved: bool = False  # ... or failed in every rollout
     checkpoint: CheckpointConfig = CheckpointConfig(every=10, keep=2)
+    # A step where every grader call failed (judge down: errors, timeouts) trains on nothing but zeros:
+    # each such step prints a warning, and this many in a row stop the run with a checkpoint (0: never).
+    max_failed_grading_steps: int = 3
     log_every: int = 1
 
     def __post_init__(self):
@@ -88,6 +92,9 @@ class GRPOConfig:
             self.rc.summary_params(0)
         except ValueError as e:
             raise ValueError(f"grpo.rc.summary_*: {e}") from None
+        if self.max_failed_grading_steps < 0:
+            raise ValueError(f"grpo.max_failed_grading_steps must be >= 0 (0: never stop), got "
+                             f"{self.max_failed_grading_steps}")
 
     @property
     def sequences_per_step(self) -> int:
@@ -110,13 +117,21 @@ class Rollouts:
 
 
 class ProblemSampler:
-    """Seeded epochs over the problems, skipping those the difficulty filter removed."""
+    """Seeded epochs over the problems, skipping those the difficulty filter removed.
+
+    Producers (the async thread, the workers' dispatcher) take batches ahead of the trainer; `taken`
+    holds the cursor after each take, oldest first, and the trainer pops one per batch it consumes
+    (`consumed`), so that a checkpoint records the trainer's position and a resumed run takes the
+    batches prefetched before the stop again instead of skipping them.
+    """
 
     def __init__(self, problems: Sequence[Problem], seed: int):
         self.problems = list(problems)
         self.seed = seed
         self.cursor = 0
         self.removed: set[str] = set()
+        self.taken: collections.deque[int] = collections.deque()
+        self.consumed_cursor = 0
 
     def take(self, n: int) -> list[Problem]:
         active = [p for p in self.problems if p.id not in self.removed]
@@ -131,14 +146,21 @@ class ProblemSampler:
             self.cursor += 1
             if p.id not in self.removed:
                 out.append(p)
+        self.taken.append(self.cursor)
         return out
 
+    def consumed(self) -> None:
+        """The trainer consumed the oldest batch taken."""
+        self.consumed_cursor = self.taken.popleft()
+
     def state(self) -> dict:
-        return {"cursor": self.cursor, "removed": sorted(self.removed)}
+        """Where the trainer is: the cursor after the last consumed batch (not the prefetched ones)."""
+        return {"cursor": self.consumed_cursor, "removed": sorted(self.removed)}
 
     def restore(self, state: dict) -> None:
-        self.cursor = int(state.get("cursor", 0))
+        self.cursor = self.consumed_cursor = int(state.get("cursor", 0))
         self.removed = set(state.get("removed", ()))
+        self.taken.clear()
 
 
 def sample_groups(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEngine, problems: list[Problem],
