@@ -72,14 +72,19 @@ def _opt_shardings(abstract_opt_state, param_shardings, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh):
-    """(state, state_shardings) around sharded params; the optimizer state is created sharded."""
+def state_shardings(params, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """Shardings of the train state around params (arrays or ShapeDtypeStructs with shardings)."""
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     opt_sh = _opt_shardings(jax.eval_shape(optimizer.init, params), param_sh, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
-    step_sh = NamedSharding(mesh, P())
-    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32), step_sh)}
-    return state, {"params": param_sh, "opt_state": opt_sh, "step": step_sh}
+    return {"params": param_sh, "opt_state": opt_sh, "step": NamedSharding(mesh, P())}
+
+
+def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """(state, state_shardings) around sharded params; the optimizer state is created sharded."""
+    sh = state_shardings(params, optimizer, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=sh["opt_state"])(params)
+    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
+    return state, sh
 
 
 def abstract_state(state_shardings, params_abstract, optimizer) -> Any:
