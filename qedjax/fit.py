@@ -55,6 +55,7 @@ class Program:
     alongside: str = ""  # the program that runs at the same time (async GRPO: the rollout)
     peak: int = 0  # bytes per chip, from the compiler
     memory: object = None
+    compiled: object = None
     error: str = ""
     compile_s: float = 0.0
 
@@ -219,7 +220,7 @@ def compile_program(p: Program) -> Program:
         p.error = str(e)
     else:
         m = compiled.memory_analysis()
-        p.memory = m
+        p.memory, p.compiled = m, compiled
         # Arguments + outputs (less those aliased to donated arguments) + temporaries: everything the
         # program's buffer assignment holds at once, an upper bound on its peak (the compiler's own
         # peak_memory_in_bytes, printed too, can be lower: temporaries do not all live at once).
@@ -295,6 +296,6 @@ def report(cfg, mesh, stages, target: str, prompt_tokens: int | None = None, out
 
 
 def _print_arguments(p: Program, out) -> None:
-    out(f"[fit]     largest arguments per chip of {p.name}:")
+    out(f"[fit]     largest arguments per chip of {p.name} (before padding to the chip's tiles):")
     for name, b in largest_arguments(p):
         out(f"[fit]       {_gib(b):>12}  {name}")
