@@ -132,22 +132,30 @@ def _model_cfg(model_cfg):
     return model_cfg
 
 
-def _train_state(model_cfg, optim, steps: int, mesh, rules):
+def _train_state(model_cfg, optim, steps: int, mesh, rules, layers=None):
     from qedjax import train
     from qedjax.optim import make_optimizer
 
-    _, graphdef, params = train.abstract_params(model_cfg, mesh, rules)
+    _, graphdef, params = train.abstract_params(model_cfg, mesh, rules, layers=layers)
     optimizer = make_optimizer(optim, steps)
     shardings = train.state_shardings(params, optimizer, mesh)
     return graphdef, optimizer, shardings, train.abstract_state(shardings, params, optimizer)
 
 
-def _sampler_program(name, model_cfg, mesh, requests: int, max_batch: int, prompt: int, sampling, held):
+def _rollout_params(model_cfg, mesh, layers=None):
+    from qedjax import train
+    from qedjax.sharding import ROLLOUT_RULES
+
+    return train.abstract_params(model_cfg, mesh, ROLLOUT_RULES, layers=layers)[2]
+
+
+def _sampler_program(name, model_cfg, mesh, requests: int, max_batch: int, prompt: int, sampling, held,
+                     layers=None):
     from qedjax import train
     from qedjax.rollout import sampler
     from qedjax.sharding import ROLLOUT_RULES
 
-    config, graphdef, params = train.abstract_params(model_cfg, mesh, ROLLOUT_RULES)
+    config, graphdef, params = train.abstract_params(model_cfg, mesh, ROLLOUT_RULES, layers=layers)
     b, p, new = sampler.padded_shape(min(requests, max_batch), prompt, sampling.max_new_tokens, mesh,
                                      ROLLOUT_RULES)
     fn = sampler.make_generate(config, graphdef, mesh, ROLLOUT_RULES, pad_id=0)
@@ -155,16 +163,21 @@ def _sampler_program(name, model_cfg, mesh, requests: int, max_batch: int, promp
     return Program(f"{name} [{b} x {p} + {new}]", fn, args, held)
 
 
-def programs(cfg, mesh, stages, prompt_tokens: int | None = None) -> list[Program]:
-    """The programs the selected stages of `cfg` compile, with their abstract arguments."""
+def programs(cfg, mesh, stages, prompt_tokens: int | None = None, layers: int | None = None) -> list[Program]:
+    """The programs the selected stages of `cfg` compile, with their abstract arguments.
+
+    `layers`: build them for a model cut to that many blocks (what else is resident, `held`, is
+    always computed at the model's full depth).
+    """
     from qedjax import rl, sft
-    from qedjax.sharding import ROLLOUT_RULES, TRAIN_RULES
+    from qedjax.sharding import TRAIN_RULES
 
     model_cfg = _model_cfg(cfg.model)
     out = []
     if cfg.sft is not None and "sft" in stages:
         s = cfg.sft
-        graphdef, optimizer, shardings, state = _train_state(model_cfg, s.optim, s.steps or 1000, mesh, TRAIN_RULES)
+        graphdef, optimizer, shardings, state = _train_state(model_cfg, s.optim, s.steps or 1000, mesh, TRAIN_RULES,
+                                                             layers)
         batch = sft.batch_shapes(s, mesh, TRAIN_RULES)
         fn = sft.make_step(graphdef, optimizer, shardings, mesh, TRAIN_RULES)
         rows = s.global_batch // s.micro_batches
@@ -172,7 +185,7 @@ def programs(cfg, mesh, stages, prompt_tokens: int | None = None) -> list[Progra
     if cfg.grpo is not None and "grpo" in stages:
         g = cfg.grpo
         prompt = prompt_tokens or DEFAULT_PROMPT_TOKENS + (g.rc.summary_max_new_tokens if g.rc.enabled else 0)
-        graphdef, optimizer, shardings, state = _train_state(model_cfg, g.optim, g.steps, mesh, TRAIN_RULES)
+        graphdef, optimizer, shardings, state = _train_state(model_cfg, g.optim, g.steps, mesh, TRAIN_RULES, layers)
         seq = rl.train_seq_len(prompt + g.sampling.max_new_tokens - 1)
         batch = rl.batch_shapes(g, mesh, TRAIN_RULES, seq)
         fn = rl.make_step(g, graphdef, optimizer, shardings, mesh, TRAIN_RULES)
@@ -180,36 +193,50 @@ def programs(cfg, mesh, stages, prompt_tokens: int | None = None) -> list[Progra
         in_process = cfg.engine.kind == "jax"
         # The engines' parameter copies (rollout layout): the policy's, and a frozen summariser's.
         engines = (2 if g.rc.enabled and g.rc.summarizer == "frozen" else 1) if in_process else 0
-        copy = shard_bytes(_rollout_params(model_cfg, mesh, ROLLOUT_RULES)) if in_process else 0
+        copy = shard_bytes(_rollout_params(model_cfg, mesh)) if in_process else 0
         held = {f"{engines} engine param copies": engines * copy} if engines else {}
         step = Program(f"grpo step [{g.micro_batches} x {rows} x {seq}]", fn, (state, batch), held)
         out.append(step)
         if in_process:
-            held = {"train state": shard_bytes(state)}
+            full_state = _train_state(model_cfg, g.optim, g.steps, mesh, TRAIN_RULES)[3]
+            held = {"train state": shard_bytes(full_state)}
             if engines > 1:
                 held["other engine's params"] = copy
             rollout = _sampler_program("rollout", model_cfg, mesh, g.sequences_per_step, cfg.engine.max_batch,
-                                       prompt, g.sampling, held)
+                                       prompt, g.sampling, held, layers)
             out.append(rollout)
             if g.rc.enabled:
                 summary = dataclasses.replace(g.sampling, max_new_tokens=g.rc.summary_max_new_tokens)
                 out.append(_sampler_program("rc summary", model_cfg, mesh, g.problems_per_step, cfg.engine.max_batch,
-                                            prompt + g.sampling.max_new_tokens, summary, held))
+                                            prompt + g.sampling.max_new_tokens, summary, dict(held), layers))
             if g.mode == "async":  # rollouts run in a thread while the trainer trains
                 step.alongside = rollout.name
     if cfg.eval is not None and "eval" in stages and cfg.engine.kind == "jax":
         e = cfg.eval
-        copy = shard_bytes(_rollout_params(model_cfg, mesh, ROLLOUT_RULES))
+        copy = shard_bytes(_rollout_params(model_cfg, mesh))
         # pipeline.run_evals keeps the target's params while its engine holds a copy.
         out.append(_sampler_program("eval rollout", model_cfg, mesh, e.batch_size * e.samples, cfg.engine.max_batch,
-                                    prompt_tokens or DEFAULT_PROMPT_TOKENS, e.sampling, {"eval target params": copy}))
+                                    prompt_tokens or DEFAULT_PROMPT_TOKENS, e.sampling, {"eval target params": copy},
+                                    layers))
     return out
 
 
-def _rollout_params(model_cfg, mesh, rules):
-    from qedjax import train
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """A compiled program's memory per chip, in bytes (from compiled.memory_analysis())."""
 
-    return train.abstract_params(model_cfg, mesh, rules)[2]
+    arguments: int
+    outputs: int
+    aliased: int  # outputs written in place of donated arguments
+    temporaries: int
+    compiler_peak: int
+
+    @property
+    def peak(self) -> int:
+        """The larger of the compiler's peak and all the program's buffers at once (arguments + outputs
+        not aliased to them + temporaries). The compiler's peak is below the sum where temporaries do
+        not all live at once, and above it for small programs (it counts more than buffers: code)."""
+        return max(self.compiler_peak, self.arguments + self.outputs - self.aliased + self.temporaries)
 
 
 def compile_program(p: Program) -> Program:
@@ -220,14 +247,25 @@ def compile_program(p: Program) -> Program:
         p.error = str(e)
     else:
         m = compiled.memory_analysis()
-        p.memory, p.compiled = m, compiled
-        # Arguments + outputs (less those aliased to donated arguments) + temporaries: everything the
-        # program's buffer assignment holds at once, an upper bound on its peak (the compiler's own
-        # peak_memory_in_bytes, printed too, can be lower: temporaries do not all live at once).
-        p.peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                  + m.temp_size_in_bytes)
+        p.compiled = compiled
+        p.memory = Memory(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                          m.temp_size_in_bytes, m.peak_memory_in_bytes)
+        p.peak = p.memory.peak
     p.compile_s = time.perf_counter() - t0
     return p
+
+
+def extrapolate(shallow: Program, deeper: Program, a: int, b: int, depth: int) -> Program:
+    """The program at `depth` blocks from compiles at a < b blocks: every figure linear in depth (the
+    blocks are identical: per block, its parameters, optimizer state, saved activations and KV cache).
+    A compiler refusal at either depth stands for the full depth."""
+    if shallow.error or deeper.error:
+        return deeper if deeper.error else shallow
+    grow = lambda x, y: x + (y - x) * (depth - a) // (b - a)  # noqa: E731
+    m = Memory(*(grow(x, y) for x, y in zip(dataclasses.astuple(shallow.memory), dataclasses.astuple(deeper.memory))))
+    return dataclasses.replace(deeper, memory=m, peak=m.peak, compiled=None,
+                               compile_s=shallow.compile_s + deeper.compile_s,
+                               name=f"{deeper.name} (extrapolated from {a} and {b} of {depth} blocks)")
 
 
 def _add_alongside(progs: list[Program]) -> None:
@@ -238,7 +276,7 @@ def _add_alongside(progs: list[Program]) -> None:
         other = by_name.get(p.alongside)
         if other is not None and other.memory is not None:
             p.held[f"{other.name.split(' [')[0]} running alongside (async): temporaries + outputs"] = (
-                other.peak - other.memory.argument_size_in_bytes)
+                other.peak - other.memory.arguments)
 
 
 def largest_arguments(p: Program, n: int = 5) -> list[tuple[str, int]]:
@@ -252,20 +290,38 @@ def _gib(x: int) -> str:
     return f"{x / GIB:.2f} GiB"
 
 
-def report(cfg, mesh, stages, target: str, prompt_tokens: int | None = None, out=print) -> int:
-    """Compiles every program, prints peak per chip vs HBM and a verdict; 0 if all fit, else 1."""
+def report(cfg, mesh, stages, target: str, prompt_tokens: int | None = None, layers: tuple[int, int] | None = None,
+           out=print) -> int:
+    """Compiles every program, prints peak per chip vs HBM and a verdict; 0 if all fit, else 1.
+
+    `layers` (a, b): compile each program for the model cut to a and to b blocks and extrapolate to
+    its depth (minutes instead of tens of minutes for a 4B model on a small CPU machine).
+    """
+    from qedjax import train
     from qedjax.sharding import format_mesh
 
     hbm = hbm_bytes(target)
-    progs = programs(cfg, mesh, stages, prompt_tokens)
+    if layers is None:
+        progs = programs(cfg, mesh, stages, prompt_tokens)
+    else:
+        a, b = sorted(layers)
+        progs = list(zip(programs(cfg, mesh, stages, prompt_tokens, a), programs(cfg, mesh, stages, prompt_tokens, b)))
     if not progs:
         out(f"[fit] no program to compile for stages {', '.join(stages)} (engine.kind={cfg.engine.kind})")
         return 0
     out(f"[fit] {target}: {len(mesh.devices.flat)} x {mesh.devices.flat[0].device_kind}, "
         f"{_gib(hbm)} HBM per chip ({TPU_HBM_GIB[target.split(':')[0]][1]}); mesh {format_mesh(mesh)}")
-    for p in progs:
-        out(f"[fit] compiling {p.name} ...")
-        compile_program(p)
+    if layers is not None:
+        depth = train.model_config(_model_cfg(cfg.model)).num_hidden_layers
+        for pair in progs:
+            for p, n in zip(pair, (a, b)):
+                out(f"[fit] compiling {p.name} at {n} blocks ...")
+                compile_program(p)
+        progs = [extrapolate(x, y, a, b, depth) for x, y in progs]
+    else:
+        for p in progs:
+            out(f"[fit] compiling {p.name} ...")
+            compile_program(p)
     _add_alongside(progs)
     ok = True
     for p in progs:
@@ -281,10 +337,9 @@ def report(cfg, mesh, stages, target: str, prompt_tokens: int | None = None, out
         m = p.memory
         fits = p.total <= hbm
         ok &= fits
-        out(f"[fit] {p.name}: peak {_gib(p.peak)} per chip (arguments {_gib(m.argument_size_in_bytes)}, "
-            f"temporaries {_gib(m.temp_size_in_bytes)}, outputs {_gib(m.output_size_in_bytes)}, "
-            f"aliased {_gib(m.alias_size_in_bytes)}; compiler's peak {_gib(m.peak_memory_in_bytes)}; "
-            f"compiled in {p.compile_s:.0f} s)")
+        out(f"[fit] {p.name}: peak {_gib(p.peak)} per chip (arguments {_gib(m.arguments)}, temporaries "
+            f"{_gib(m.temporaries)}, outputs {_gib(m.outputs)}, aliased {_gib(m.aliased)}; compiler's peak "
+            f"{_gib(m.compiler_peak)}; compiled in {p.compile_s:.0f} s)")
         for name, b in p.held.items():
             out(f"[fit]     + {name}: {_gib(b)}")
         verdict = "fits" if fits else "DOES NOT FIT"

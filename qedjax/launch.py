@@ -41,6 +41,8 @@ def parse_args(argv):
                    "against HBM, exit 1 if one does not fit; runs nothing (qedjax/fit.py)")
     p.add_argument("--prompt-tokens", type=int, help="--compile-only: the longest prompt (default 1024, "
                    "plus grpo.rc.summary_max_new_tokens with RC)")
+    p.add_argument("--fit-layers", help="--compile-only: A,B compiles the model cut to A and B blocks and "
+                   "extrapolates to its depth (faster; e.g. 2,4)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sft.steps=4 run.dir=/tmp/x")
     return p.parse_args(argv)
 
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
     if args.compile_only:  # proof of fit before renting the hardware: compile, run nothing
         mesh = fit.target_mesh(args.compile_only, cfg.run.mesh)
         validate(cfg, mesh, stages, check_paths=False)
-        return fit.report(cfg, mesh, stages, args.compile_only, prompt_tokens=args.prompt_tokens)
+        layers = tuple(int(x) for x in args.fit_layers.split(",")) if args.fit_layers else None
+        return fit.report(cfg, mesh, stages, args.compile_only, prompt_tokens=args.prompt_tokens, layers=layers)
     init_distributed(args)
     mesh = sharding.make_mesh(cfg.run.mesh)
     validate(cfg, mesh, stages)

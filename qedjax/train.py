@@ -11,6 +11,7 @@ reported as `skipped`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
@@ -186,12 +187,17 @@ def model_config(model_cfg):
     return Qwen3Config.preset(model_cfg.preset, **dtypes)
 
 
-def abstract_params(model_cfg, mesh: Mesh, rules):
-    """(config, graphdef, params as ShapeDtypeStructs with shardings): a restore target, no memory."""
+def abstract_params(model_cfg, mesh: Mesh, rules, *, layers: int | None = None):
+    """(config, graphdef, params as ShapeDtypeStructs with shardings): a restore target, no memory.
+
+    `layers` cuts the model to that many blocks (qedjax.fit extrapolates memory from shallow copies).
+    """
     from qedjax import convert
     from qedjax.sharding import state_shardings
 
     config = model_config(model_cfg)
+    if layers is not None:
+        config = dataclasses.replace(config, num_hidden_layers=layers)
     graphdef, abstract = convert.abstract_model(config)
     shardings = state_shardings(abstract, mesh, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -77,12 +77,13 @@ def test_sft_step_memory_is_its_arrays(mesh):
     layouts = [f.layout for f in jax.tree.leaves(program.compiled.input_formats)]
     assert len(layouts) == len(leaves)
     padded = [_shard_bytes(x, lay) for x, lay in zip(leaves, layouts)]
-    assert m.argument_size_in_bytes == sum(padded)
+    assert m.arguments == sum(padded)
     assert sum(padded) >= state_bytes + 5 * 2 * 128 * 4
     # the donated state comes back in place: outputs that alias the state's arguments
     state_padded = sum(padded[:len(jax.tree.leaves(state))])
-    assert m.alias_size_in_bytes == state_padded
-    assert program.peak == m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    assert m.aliased == state_padded
+    assert program.peak >= m.arguments + m.outputs - m.aliased + m.temporaries
+    assert program.peak >= m.compiler_peak
 
 
 def test_oversized_config_does_not_fit(mesh, tmp_path):
