@@ -317,6 +317,8 @@ def report(cfg, mesh, stages, target: str, prompt_tokens: int | None = None, lay
             for p, n in zip(pair, (a, b)):
                 out(f"[fit] compiling {p.name} at {n} blocks ...")
                 compile_program(p)
+                out(f"[fit]     {n} blocks: " + (f"peak {_gib(p.peak)} per chip ({p.compile_s:.0f} s)" if not p.error
+                                                 else "refused by the compiler"))
         progs = [extrapolate(x, y, a, b, depth) for x, y in progs]
     else:
         for p in progs:
