@@ -52,7 +52,7 @@ class Program:
     fn: object  # a jax.jit-wrapped function
     args: tuple  # ShapeDtypeStructs (with shardings) and static values, as fn.lower takes them
     held: dict  # what else is resident on each chip while it runs: name -> bytes per chip
-    alongside: str = ""  # the program that runs at the same time (async GRPO: the rollout)
+    alongside: str = ""  # the kind of program that runs at the same time (async GRPO: "rollout")
     peak: int = 0  # bytes per chip, from the compiler
     memory: object = None
     compiled: object = None
@@ -210,7 +210,7 @@ def programs(cfg, mesh, stages, prompt_tokens: int | None = None, layers: int | 
                 out.append(_sampler_program("rc summary", model_cfg, mesh, g.problems_per_step, cfg.engine.max_batch,
                                             prompt + g.sampling.max_new_tokens, summary, dict(held), layers))
             if g.mode == "async":  # rollouts run in a thread while the trainer trains
-                step.alongside = rollout.name
+                step.alongside = "rollout"
     if cfg.eval is not None and "eval" in stages and cfg.engine.kind == "jax":
         e = cfg.eval
         copy = shard_bytes(_rollout_params(model_cfg, mesh))
@@ -271,11 +271,11 @@ def extrapolate(shallow: Program, deeper: Program, a: int, b: int, depth: int) -
 def _add_alongside(progs: list[Program]) -> None:
     """A program that shares the chips with another (async GRPO: step and rollout) also holds that
     one's temporaries and outputs; its arguments (one engine's params) are already in `held`."""
-    by_name = {p.name: p for p in progs}
+    by_kind = {p.name.split(" [")[0]: p for p in progs}
     for p in progs:
-        other = by_name.get(p.alongside)
+        other = by_kind.get(p.alongside)
         if other is not None and other.memory is not None:
-            p.held[f"{other.name.split(' [')[0]} running alongside (async): temporaries + outputs"] = (
+            p.held[f"{p.alongside} running alongside (async): temporaries + outputs"] = (
                 other.peak - other.memory.arguments)
 
 
