@@ -42,7 +42,7 @@ def parse_args(argv):
     p.add_argument("--prompt-tokens", type=int, help="--compile-only: the longest prompt (default 1024, "
                    "plus grpo.rc.summary_max_new_tokens with RC)")
     p.add_argument("--fit-layers", help="--compile-only: A,B compiles the model cut to A and B blocks and "
-                   "extrapolates to its depth (faster; e.g. 2,4)")
+                   "extrapolates to its depth: a faster triage, not a verdict (docs/FIT.md)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sft.steps=4 run.dir=/tmp/x")
     return p.parse_args(argv)
 
