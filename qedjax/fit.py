@@ -214,8 +214,9 @@ def programs(cfg, mesh, stages, prompt_tokens: int | None = None, layers: int | 
     if cfg.eval is not None and "eval" in stages and cfg.engine.kind == "jax":
         e = cfg.eval
         copy = shard_bytes(_rollout_params(model_cfg, mesh))
+        # A scaffold call generates for batch_size units at most (single: one request each);
         # pipeline.run_evals keeps the target's params while its engine holds a copy.
-        out.append(_sampler_program("eval rollout", model_cfg, mesh, e.batch_size * e.samples, cfg.engine.max_batch,
+        out.append(_sampler_program("eval rollout", model_cfg, mesh, e.batch_size, cfg.engine.max_batch,
                                     prompt_tokens or DEFAULT_PROMPT_TOKENS, e.sampling, {"eval target params": copy},
                                     layers))
     return out
