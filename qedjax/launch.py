@@ -4,6 +4,9 @@ Reads top to bottom: parse the config (every mistake fails here, before anything
 the other processes, build the mesh, prepare the run directory, then run the stages in order:
 sft -> grpo -> eval -> export. Each stage resumes from its own checkpoints and skips itself when
 it has finished, so re-running a killed pipeline continues where it stopped.
+
+`--compile-only TPU` stops after the config checks: it compiles the selected stages' programs for a
+TPU topology on this machine and reports whether they fit (qedjax/fit.py).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 
 import jax
 
-from qedjax import export, pipeline, rl, sft, sharding
+from qedjax import export, fit, pipeline, rl, sft, sharding
 from qedjax.config import load_config
 from qedjax.config_io import config_hash
 from qedjax.metrics import MetricsWriter
@@ -34,6 +37,13 @@ def parse_args(argv):
     p.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
+    p.add_argument("--compile-only", metavar="TPU", help="proof of fit: compile the stages' programs for a TPU "
+                   "topology (v5p:2x2x2, v6e:2x4, v5e:2x2, ...) on this machine, print peak memory per chip "
+                   "against HBM, exit 1 if one does not fit; runs nothing (qedjax/fit.py)")
+    p.add_argument("--prompt-tokens", type=int, help="--compile-only: the longest prompt (default 1024, "
+                   "plus grpo.rc.summary_max_new_tokens with RC)")
+    p.add_argument("--fit-layers", help="--compile-only: A,B compiles the model cut to A and B blocks and "
+                   "extrapolates to its depth: a faster triage, not a verdict (docs/FIT.md)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sft.steps=4 run.dir=/tmp/x")
     return p.parse_args(argv)
 
@@ -46,7 +56,7 @@ def init_distributed(args) -> None:
         jax.distributed.initialize()
 
 
-def validate(cfg, mesh, stages) -> None:
+def validate(cfg, mesh, stages, check_paths: bool = True) -> None:
     """Cross-section checks that need the mesh; all before anything compiles."""
     for stage in stages:
         if getattr(cfg, stage) is None:
@@ -58,6 +68,9 @@ def validate(cfg, mesh, stages) -> None:
             raise ValueError(f"sft: {cfg.sft.global_batch} rows / {cfg.sft.micro_batches} micro-batches = "
                              f"{per_micro} rows per micro-batch, not divisible by the {divisor} batch shards "
                              f"of mesh {sharding.format_mesh(mesh)}")
+    pipeline.check_engine(cfg)
+    if not check_paths:  # a fit check reads no weights, tokenizer or data
+        return
     if cfg.model.hf_path is None and cfg.model.tokenizer is None and cfg.toy is None:
         raise ValueError("model.tokenizer is not set (and there is no model.hf_path or toy section)")
     for key in ("hf_path", "tokenizer"):
@@ -106,6 +119,11 @@ def main(argv=None) -> int:
     overrides = list(args.overrides) + ([f"run.mesh={args.mesh}"] if args.mesh else [])
     cfg = load_config(args.config, overrides)
     stages = tuple(args.stage or cfg.run.stages)
+    if args.compile_only:  # proof of fit before renting the hardware: compile, run nothing
+        mesh = fit.target_mesh(args.compile_only, cfg.run.mesh)
+        validate(cfg, mesh, stages, check_paths=False)
+        layers = tuple(int(x) for x in args.fit_layers.split(",")) if args.fit_layers else None
+        return fit.report(cfg, mesh, stages, args.compile_only, prompt_tokens=args.prompt_tokens, layers=layers)
     init_distributed(args)
     mesh = sharding.make_mesh(cfg.run.mesh)
     validate(cfg, mesh, stages)

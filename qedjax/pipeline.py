@@ -178,7 +178,8 @@ def engine_factory(cfg, tokenizer, mesh, run_dir: str):
         return make
     from qedjax.rollout.jax_engine import JaxEngine
 
-    return lambda model, version: JaxEngine(model, tokenizer, max_batch=cfg.engine.max_batch, version=version)
+    return lambda model, version: JaxEngine(model, tokenizer, mesh=mesh, max_batch=cfg.engine.max_batch,
+                                            version=version)
 
 
 def summarizer_factory(name: str, cfg, tokenizer, mesh, run_dir: str, make_engine):

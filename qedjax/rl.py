@@ -27,6 +27,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -43,12 +44,44 @@ from qedjax.rollout.sampler import bucket
 from qedjax.sharding import TRAIN_RULES, batch_divisor
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids", "behaviour_logp", "ref_logp", "weight")
+FLOAT_KEYS = ("behaviour_logp", "ref_logp", "weight")
 
 
 def collect(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEngine, grader: Grader,
             problems: list[Problem], step: int, seed: int) -> Rollouts:
     """Steps 2-4 in this process."""
     return grade_rollouts(sample_groups(cfg, engine, summarizer, problems, step, seed), grader)
+
+
+def train_rows(g: GRPOConfig, mesh, rules) -> int:
+    """Rows of a train batch: the step's sequences, padded to micro-batches that split over the batch shards."""
+    unit = g.micro_batches * batch_divisor(mesh, rules)
+    return -(-g.sequences_per_step // unit) * unit
+
+
+def train_seq_len(longest: int) -> int:
+    """The padded length of a train batch whose longest sequence (prompt + response - 1) is `longest`."""
+    return bucket(longest, minimum=16, step=512)
+
+
+def make_step(g: GRPOConfig, graphdef, optimizer, shardings, mesh, rules):
+    """The jitted GRPO step (train.make_train_step with the GRPO loss) for build_batch's batches."""
+    batch_sh = {k: train.micro_batch_sharding(mesh, rules, 3) for k in BATCH_KEYS}
+    batch_sh["advantage"] = train.micro_batch_sharding(mesh, rules, 2)
+    return train.make_train_step(graphdef, grpo.make_loss(g.loss, g.sampling.temperature),
+                                 grpo.normalizer(g.loss.aggregation, g.sequences_per_step), optimizer,
+                                 shardings, batch_sh, mesh, rules)
+
+
+def batch_shapes(g: GRPOConfig, mesh, rules, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """build_batch's output as ShapeDtypeStructs: [micro, rows / micro, T] (advantage [micro, rows / micro])."""
+    rows = train_rows(g, mesh, rules)
+    m = g.micro_batches
+    out = {k: jax.ShapeDtypeStruct((m, rows // m, seq_len), jnp.float32 if k in FLOAT_KEYS else jnp.int32,
+                                   sharding=train.micro_batch_sharding(mesh, rules, 3)) for k in BATCH_KEYS}
+    out["advantage"] = jax.ShapeDtypeStruct((m, rows // m), jnp.float32,
+                                            sharding=train.micro_batch_sharding(mesh, rules, 2))
+    return out
 
 
 def build_batch(ro: Rollouts, cfg: GRPOConfig, rows: int, pad_id: int):
@@ -66,9 +99,8 @@ def build_batch(ro: Rollouts, cfg: GRPOConfig, rows: int, pad_id: int):
             seqs.append(c)
             advantages.append(a)
     longest = max([len(c.prompt_tokens) + len(c.tokens) - 1 for c in seqs], default=1)
-    t = bucket(longest, minimum=16, step=512)
-    out = {k: np.zeros((rows, t), np.float32 if k in ("behaviour_logp", "ref_logp", "weight") else np.int32)
-           for k in BATCH_KEYS}
+    t = train_seq_len(longest)
+    out = {k: np.zeros((rows, t), np.float32 if k in FLOAT_KEYS else np.int32) for k in BATCH_KEYS}
     out["tokens"][:] = pad_id
     out["advantage"] = np.zeros((rows,), np.float32)
     for r, (c, a) in enumerate(zip(seqs, advantages)):
@@ -228,13 +260,8 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     engine = make_engine(nnx.merge(graphdef, state["params"]), version)
     summarizer = engine if g.rc.summarizer == "policy" or remote or not g.rc.enabled else (
         make_summarizer or make_engine)(nnx.merge(graphdef, state["params"]), version)
-    rows = -(-g.sequences_per_step // (g.micro_batches * batch_divisor(mesh, rules))) * (
-        g.micro_batches * batch_divisor(mesh, rules))
-    batch_sh = {k: train.micro_batch_sharding(mesh, rules, 3) for k in BATCH_KEYS}
-    batch_sh["advantage"] = train.micro_batch_sharding(mesh, rules, 2)
-    step_fn = train.make_train_step(graphdef, grpo.make_loss(g.loss, g.sampling.temperature),
-                                    grpo.normalizer(g.loss.aggregation, g.sequences_per_step), optimizer,
-                                    shardings, batch_sh, mesh, rules)
+    rows = train_rows(g, mesh, rules)
+    step_fn = make_step(g, graphdef, optimizer, shardings, mesh, rules)
     ref_logp = make_ref_logprobs(graphdef, state["params"], g, mesh, rules) if g.loss.kl_coef else None
     pad_id = tokenizer.pad_token_id or 0
 

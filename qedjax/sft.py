@@ -36,6 +36,19 @@ def target_tokens(batch):
     return jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
 
+def make_step(graphdef, optimizer, shardings, mesh, rules):
+    """The jitted SFT step (train.make_train_step with the SFT loss) for [micro, rows, T] batches."""
+    batch_sh = {k: train.micro_batch_sharding(mesh, rules, 3) for k in data_lib.ARRAYS}
+    return train.make_train_step(graphdef, sft_loss, target_tokens, optimizer, shardings, batch_sh, mesh, rules)
+
+
+def batch_shapes(sft, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
+    """The step's batch as ShapeDtypeStructs: [micro_batches, global_batch / micro_batches, seq_len] int32."""
+    shape = (sft.micro_batches, sft.global_batch // sft.micro_batches, sft.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=train.micro_batch_sharding(mesh, rules, 3))
+            for k in data_lib.ARRAYS}
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -80,8 +93,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
                                     **{f"data_{k}": v for k, v in stats.items()}})
     elif jax.process_index() == 0:
         print(f"[qedjax] sft: resuming from the checkpoint of step {start} in {ckpt_dir}")
-    batch_sh = {k: train.micro_batch_sharding(mesh, rules, 3) for k in data_lib.ARRAYS}
-    step_fn = train.make_train_step(graphdef, sft_loss, target_tokens, optimizer, shardings, batch_sh, mesh, rules)
+    step_fn = make_step(graphdef, optimizer, shardings, mesh, rules)
     bad = 0
     bar = tqdm(total=total, initial=start, desc="sft", disable=jax.process_index() != 0, dynamic_ncols=True,
                mininterval=2.0)

@@ -11,6 +11,7 @@ reported as `skipped`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
@@ -72,14 +73,19 @@ def _opt_shardings(abstract_opt_state, param_shardings, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh):
-    """(state, state_shardings) around sharded params; the optimizer state is created sharded."""
+def state_shardings(params, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """Shardings of the train state around params (arrays or ShapeDtypeStructs with shardings)."""
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     opt_sh = _opt_shardings(jax.eval_shape(optimizer.init, params), param_sh, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
-    step_sh = NamedSharding(mesh, P())
-    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32), step_sh)}
-    return state, {"params": param_sh, "opt_state": opt_sh, "step": step_sh}
+    return {"params": param_sh, "opt_state": opt_sh, "step": NamedSharding(mesh, P())}
+
+
+def init_state(params, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """(state, state_shardings) around sharded params; the optimizer state is created sharded."""
+    sh = state_shardings(params, optimizer, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=sh["opt_state"])(params)
+    state = {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
+    return state, sh
 
 
 def abstract_state(state_shardings, params_abstract, optimizer) -> Any:
@@ -181,12 +187,17 @@ def model_config(model_cfg):
     return Qwen3Config.preset(model_cfg.preset, **dtypes)
 
 
-def abstract_params(model_cfg, mesh: Mesh, rules):
-    """(config, graphdef, params as ShapeDtypeStructs with shardings): a restore target, no memory."""
+def abstract_params(model_cfg, mesh: Mesh, rules, *, layers: int | None = None):
+    """(config, graphdef, params as ShapeDtypeStructs with shardings): a restore target, no memory.
+
+    `layers` cuts the model to that many blocks (qedjax.fit extrapolates memory from shallow copies).
+    """
     from qedjax import convert
     from qedjax.sharding import state_shardings
 
     config = model_config(model_cfg)
+    if layers is not None:
+        config = dataclasses.replace(config, num_hidden_layers=layers)
     graphdef, abstract = convert.abstract_model(config)
     shardings = state_shardings(abstract, mesh, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

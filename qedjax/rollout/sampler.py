@@ -123,6 +123,92 @@ def _sample(logits, keys, temperature, top_k, top_p, use_top_k, use_top_p):
     return jax.lax.cond(jnp.all(greedy), lambda: (argmax, pick(logp_all, argmax)), draw)
 
 
+def make_generate(config, graphdef, mesh: Mesh | None, rules, pad_id: int):
+    """The jitted prefill + decode program:
+    `(params, tokens, positions, segments, controls, keys, max_new, use_top_k, use_top_p)
+    -> (tokens [B, max_new], logprobs [B, max_new], lengths [B])`, the last three arguments static.
+    One compiled program per (batch, prompt, generation) bucket and sampling-filter flags.
+    """
+    def generate(params, tokens, positions, segments, controls, keys, max_new: int, use_top_k: bool,
+                 use_top_p: bool):
+        """tokens/positions/segments [B, P]; controls: temperature, top_k, top_p, stop ids, limits."""
+        b, p = tokens.shape
+        model = nnx.merge(graphdef, params)
+        ctx = activation_sharding(mesh, rules) if mesh is not None else _null()
+        with ctx:
+            cache = KVCache.init(config, b, p + max_new)
+            if mesh is not None:
+                spec = logical_to_spec(("batch", None, "act_heads", None), rules)
+                kv = NamedSharding(mesh, spec)
+                cache = dataclasses.replace(
+                    cache, k=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.k),
+                    v=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.v))
+            hidden, cache = model.hidden(tokens, positions, segments, cache)
+            logits = model.logits(hidden[:, -1])
+            temperature, top_k, top_p, stop_ids, limit = (controls["temperature"], controls["top_k"],
+                                                          controls["top_p"], controls["stop_ids"],
+                                                          controls["limit"])
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)
+            token, logp = _sample(logits, step_keys, temperature, top_k, top_p, use_top_k, use_top_p)
+            out_tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(token)
+            out_logp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(logp)
+            done = jnp.any(token[:, None] == stop_ids[None, :], axis=-1) | (limit <= 1)
+            length = jnp.ones((b,), jnp.int32)
+            pos = positions[:, -1] + 1
+
+            def cond(carry):
+                i, _, _, _, _, done, _, _ = carry
+                return (i < max_new) & ~jnp.all(done)
+
+            def body(carry):
+                i, cache, token, out_tokens, out_logp, done, length, pos = carry
+                hidden, cache = model.hidden(token[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32), cache)
+                logits = model.logits(hidden[:, 0])
+                keys_i = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+                new, logp = _sample(logits, keys_i, temperature, top_k, top_p, use_top_k, use_top_p)
+                new = jnp.where(done, pad_id, new)
+                out_tokens = out_tokens.at[:, i].set(new)
+                out_logp = out_logp.at[:, i].set(jnp.where(done, 0.0, logp))
+                length = length + (~done).astype(jnp.int32)
+                done = done | jnp.any(new[:, None] == stop_ids[None, :], axis=-1) | (length >= limit)
+                return i + 1, cache, new, out_tokens, out_logp, done, length, pos + 1
+
+            carry = (jnp.int32(1), cache, token, out_tokens, out_logp, done, length, pos)
+            _, _, _, out_tokens, out_logp, _, length, _ = jax.lax.while_loop(cond, body, carry)
+        return out_tokens, out_logp, length
+
+    return jax.jit(generate, static_argnums=(6, 7, 8))
+
+
+def padded_shape(n: int, longest_prompt: int, max_new_tokens: int, mesh: Mesh | None, rules) -> tuple[int, int, int]:
+    """(batch, prompt, generation) sizes of the program that generates n prompts: each bucketed, and the
+    batch rounded up to a multiple of the batch shards."""
+    b = bucket(n, minimum=1)
+    if mesh is not None:  # the batch must divide over the batch shards
+        shards = int(np.prod([mesh.shape[a] for a in _axes(rules["batch"])]))
+        b = -(-b // shards) * shards
+    return b, bucket(longest_prompt), bucket(max_new_tokens)
+
+
+def input_shapes(b: int, p: int, mesh: Mesh | None, rules) -> tuple:
+    """ShapeDtypeStructs of (tokens, positions, segments, controls, keys) for make_generate's program."""
+    def row(ndim):
+        if mesh is None:
+            return None
+        return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+    rep = None if mesh is None else NamedSharding(mesh, P())
+    ints = [jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=row(2)) for _ in range(3)]
+    controls = {"temperature": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=rep),
+                "top_k": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rep),
+                "top_p": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=rep),
+                "stop_ids": jax.ShapeDtypeStruct((MAX_STOP_IDS,), jnp.int32, sharding=rep),
+                "limit": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rep)}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    keys = jax.ShapeDtypeStruct((b,), key.dtype, sharding=row(1))
+    return (*ints, controls, keys)
+
+
 class Sampler:
     """Generates from a Qwen3 model. See the module docstring.
 
@@ -145,8 +231,7 @@ class Sampler:
         self.params = None
         self.update(nnx.to_pure_dict(state))
         self.compiled_shapes: set[tuple[int, int, int]] = set()
-        # One compiled program per (batch, prompt, generation) bucket and sampling-filter flags.
-        self._generate = jax.jit(self._generate_impl, static_argnums=(6, 7, 8))
+        self._generate = make_generate(self.config, self.graphdef, mesh, rules, pad_id)
 
     def update(self, params) -> None:
         """New parameter values (a pure dict as from nnx.to_pure_dict, any layout). They are copied:
@@ -160,55 +245,6 @@ class Sampler:
         if self.mesh is None:
             return None
         return NamedSharding(self.mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), self.rules))
-
-    def _generate_impl(self, params, tokens, positions, segments, controls, keys, max_new: int, use_top_k: bool,
-                  use_top_p: bool):
-        """tokens/positions/segments [B, P]; controls: temperature, top_k, top_p, stop ids, limits."""
-        cfg = self.config
-        b, p = tokens.shape
-        model = nnx.merge(self.graphdef, params)
-        ctx = activation_sharding(self.mesh, self.rules) if self.mesh is not None else _null()
-        with ctx:
-            cache = KVCache.init(cfg, b, p + max_new)
-            if self.mesh is not None:
-                spec = logical_to_spec(("batch", None, "act_heads", None), self.rules)
-                kv = NamedSharding(self.mesh, spec)
-                cache = dataclasses.replace(
-                    cache, k=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.k),
-                    v=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.v))
-            hidden, cache = model.hidden(tokens, positions, segments, cache)
-            logits = model.logits(hidden[:, -1])
-            temperature, top_k, top_p, stop_ids, limit = (controls["temperature"], controls["top_k"],
-                                                          controls["top_p"], controls["stop_ids"],
-                                                          controls["limit"])
-            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)
-            token, logp = _sample(logits, step_keys, temperature, top_k, top_p, use_top_k, use_top_p)
-            out_tokens = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(token)
-            out_logp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(logp)
-            done = jnp.any(token[:, None] == stop_ids[None, :], axis=-1) | (limit <= 1)
-            length = jnp.ones((b,), jnp.int32)
-            pos = positions[:, -1] + 1
-
-            def cond(carry):
-                i, _, _, _, _, done, _, _ = carry
-                return (i < max_new) & ~jnp.all(done)
-
-            def body(carry):
-                i, cache, token, out_tokens, out_logp, done, length, pos = carry
-                hidden, cache = model.hidden(token[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32), cache)
-                logits = model.logits(hidden[:, 0])
-                keys_i = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-                new, logp = _sample(logits, keys_i, temperature, top_k, top_p, use_top_k, use_top_p)
-                new = jnp.where(done, self.pad_id, new)
-                out_tokens = out_tokens.at[:, i].set(new)
-                out_logp = out_logp.at[:, i].set(jnp.where(done, 0.0, logp))
-                length = length + (~done).astype(jnp.int32)
-                done = done | jnp.any(new[:, None] == stop_ids[None, :], axis=-1) | (length >= limit)
-                return i + 1, cache, new, out_tokens, out_logp, done, length, pos + 1
-
-            carry = (jnp.int32(1), cache, token, out_tokens, out_logp, done, length, pos)
-            _, _, _, out_tokens, out_logp, _, length, _ = jax.lax.while_loop(cond, body, carry)
-        return out_tokens, out_logp, length
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_ids: Sequence[int] = (),
@@ -245,12 +281,7 @@ class Sampler:
 
     def _generate_chunk(self, params, prompts, keys, max_new_tokens, temperature, top_p, top_k, stop_ids):
         n = len(prompts)
-        b = bucket(n, minimum=1)
-        if self.mesh is not None:  # the batch must divide over the batch shards
-            shards = int(np.prod([self.mesh.shape[a] for a in _axes(self.rules["batch"])]))
-            b = -(-b // shards) * shards
-        p = bucket(max(len(x) for x in prompts))
-        new = bucket(max_new_tokens)
+        b, p, new = padded_shape(n, max(len(x) for x in prompts), max_new_tokens, self.mesh, self.rules)
         tokens = np.full((b, p), self.pad_id, np.int32)
         segments = np.zeros((b, p), np.int32)
         positions = np.zeros((b, p), np.int32)
