@@ -1,6 +1,6 @@
 """Does reasoning-cache RL do what it is for? The comparison of issue 21, in one command.
 
-    python tools/rc_compare.py [--config configs/tiny-rc.yaml] [--seeds 0 1] [key=value ...]
+    python tools/rc_compare.py [--config configs/tiny-rc.yaml] [--seeds 0,1] [key=value ...]
 
 Per seed (run.seed; the toy data stay those of toy.seed), under RUN_DIR/seed<N> (RUN_DIR = run.dir):
   1. SFT (the config's sft section), once;
@@ -200,14 +200,14 @@ def markdown(out: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/tiny-rc.yaml")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", default="0,1", help="comma-separated run seeds")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sft.steps=100")
     args = p.parse_args(argv)
     from qedjax.config import load_config
 
     root = load_config(args.config, args.overrides).run.dir
     parts, timings = [], {}
-    for seed in args.seeds:
+    for seed in [int(x) for x in args.seeds.split(",")]:
         run_dir = os.path.join(root, f"seed{seed}")
         overrides = [o for o in args.overrides if not o.startswith("run.dir=")] + [f"run.seed={seed}"]
         t0 = time.perf_counter()
