@@ -13,10 +13,10 @@ as a Hugging Face tokenizer directory with a Qwen3-style chat template (thinking
 think block in the generation prompt).
 
 `ToyConfig.task="long"` is the reasoning-cache variant (configs/tiny-rc.yaml, tools/rc_compare.py):
-the same problems and rubric, but every digit is worked out in the thinking (`3+1=4,`, about six
+the same problems and rubric, but every digit is worked out in the thinking (`3 to 4,`, four
 tokens a digit) and the answer lists the results worked out so far (the digits not reached score no
-point). Working all seven digits and answering takes about 57 tokens, more than the per-call budget of
-the RC config (40, room for four digits), so a single call either answers part of the problem or is
+point). Working all seven digits and answering takes about 45 tokens, more than the per-call budget of
+the RC config (32, room for four digits), so a single call either answers part of the problem or is
 cut off: the budget, not the model, limits one pass. The
 teacher works a random number of digits per turn; a turn that continues from an RC summary
 (`So far: 4 6 0.`) restates the known results (`Known: 4 6 0.`) and works on from the next digit,
@@ -173,7 +173,9 @@ def sft_row(digits: list[int], rng: random.Random, cfg: ToyConfig) -> dict:
 # ---------------------------------------------------------------- the "long" task (RC variant)
 
 def work_item(digit: int, result: int) -> str:
-    return f"{digit}+1={result},"
+    # digits spelt as the problem and the answer spell them (one space-led token each), so working a
+    # digit out is the demo task's lookup, not a second spelling of the digits to learn
+    return f"{digit} to {result},"
 
 
 def so_far(results: list[int]) -> str:
@@ -200,7 +202,7 @@ def parse_found(thinking: str) -> list[int]:
     known = re.match(r"\s*Known:((?:\s+\d)*)\.", thinking)
     if known:
         found = [int(x) for x in known.group(1).split()]
-    found += [int(m.group(1)) for m in re.finditer(r"\d\+1=(\d),", thinking)]
+    found += [int(m.group(1)) for m in re.finditer(r"\d to (\d),", thinking)]
     return found
 
 
