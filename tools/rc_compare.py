@@ -67,6 +67,10 @@ def train(config: str, run_dir: str, overrides: list[str]) -> dict:
                      "reward_last": rows[-1]["reward_mean"] if rows else None,
                      "states_with_summary": statistics.fmean(r["states_with_summary"] for r in rows)
                      if rows and "states_with_summary" in rows[0] else None}
+        # making RC states costs turns reasoning calls and turns summaries per problem, not logged by
+        # the RL loop: their upper bound, beside the groups' measured tokens
+        out[name]["state_tokens_at_most"] = (len(rows) * g.problems_per_step * g.rc.turns * (
+            g.sampling.max_new_tokens + g.rc.summary_max_new_tokens)) if name == "grpo_rc" else 0
     return out
 
 
@@ -186,13 +190,14 @@ def markdown(out: dict) -> str:
     lines += ["", "| paired difference | points | stderr | problems |", "|---|---|---|---|"]
     for name, d in out["differences"].items():
         lines.append(f"| {name} | {d['diff']:+.1f} | {d['stderr']:.1f} | {d['problems']} |")
-    lines += ["", "| GRPO run | steps | sequences trained | rollout tokens (groups) | reward first -> last "
-              "| states with a summary |", "|---|---|---|---|---|---|"]
+    lines += ["", "| GRPO run | steps | sequences trained | rollout tokens (groups) | state tokens (at most) "
+              "| reward first -> last | states with a summary |", "|---|---|---|---|---|---|---|"]
     for name, t in out["training"].items():
         first = "-" if t["reward_first"] is None else f"{t['reward_first']:.3f}"
         last = "-" if t["reward_last"] is None else f"{t['reward_last']:.3f}"
         with_summary = "-" if t["states_with_summary"] is None else f"{100 * t['states_with_summary']:.0f}%"
-        lines.append(f"| {name} | {t['steps']} | {t['sequences']} | {t['rollout_tokens']} | {first} -> {last} "
+        lines.append(f"| {name} | {t['steps']} | {t['sequences']} | {t['rollout_tokens']} | "
+                     f"{t['state_tokens_at_most']} | {first} -> {last} "
                      f"| {with_summary} |")
     return "\n".join(lines) + "\n"
 
