@@ -16,7 +16,8 @@ Per seed (run.seed; the toy data stay those of toy.seed), under RUN_DIR/seed<N> 
   4. the report: per model and scaffold the score, its standard error over problems and tokens per
      problem; for RC the score of every turn's response, the share of non-empty summaries and the share
      of later turns that restate their summary (long task: their `Known:` list equals the summary's
-     results); paired differences with standard errors over problems (qedjax.eval.report): RC minus
+     results) or at least continue from its progress (as many results as the summary); paired
+     differences with standard errors over problems (qedjax.eval.report): RC minus
      single pass per model, GRPO-RC minus GRPO under RC. Written to RUN_DIR/seed<N>/comparison.{md,json}
      and, for all seeds, RUN_DIR/comparison.md.
 
@@ -119,7 +120,8 @@ def mechanism(records: list[dict], problems: dict) -> dict:
 
     per_turn: dict[int, list[float]] = collections.defaultdict(list)
     nonempty: dict[int, list[bool]] = collections.defaultdict(list)
-    restated: list[bool] = []
+    restated: list[bool] = []  # the next turn's `Known:` list equals the summary's results
+    counted: list[bool] = []  # ... has as many results as the summary (it continues from its progress)
     items, turns = [], []
     for r in records:
         responses = list(r["trace"].get("turn_responses", [])) + [r["response"]]
@@ -133,11 +135,13 @@ def mechanism(records: list[dict], problems: dict) -> dict:
             if said:  # the next turn's thinking should start from exactly these results
                 known = _digits(_KNOWN, split_thinking(responses[k + 1]).thinking or responses[k + 1])
                 restated.append(known == said)
+                counted.append(known is not None and len(known) == len(said))
     for k, grade in zip(turns, RuleGrader().grade(items) if items else []):
         per_turn[k + 1].append(100.0 * grade.reward)
     return {"turn_scores": {k: statistics.fmean(v) for k, v in sorted(per_turn.items())},
             "summary_nonempty": {k: statistics.fmean(v) for k, v in sorted(nonempty.items())},
             "restated_summary": statistics.fmean(restated) if restated else None,
+            "continued_from_count": statistics.fmean(counted) if counted else None,
             "summaries_with_results": len(restated)}
 
 
@@ -178,15 +182,16 @@ def markdown(out: dict) -> str:
              f"{out['problems']} problems x {out['samples']} samples; per-call budget {out['per_call_budget']} "
              f"tokens; RC: {out['rc_turns']} turns, summaries up to {out['summary_budget']} tokens.", "",
              "| model | scaffold | score % | stderr | tokens/problem | calls | truncated | per-turn score % "
-             "| summaries non-empty | turn restates summary |", "|---" * 10 + "|"]
+             "| summaries non-empty | turn restates summary | ... as many results |", "|---" * 11 + "|"]
     for label, r in out["rows"].items():
         model, scaffold = label.rsplit("-", 1)
         turns = " / ".join(f"{v:.1f}" for v in r.get("turn_scores", {}).values()) or "-"
         nonempty = " / ".join(f"{100 * v:.0f}%" for v in r.get("summary_nonempty", {}).values()) or "-"
         restated = "-" if r.get("restated_summary") is None else f"{100 * r['restated_summary']:.0f}%"
+        counted = "-" if r.get("continued_from_count") is None else f"{100 * r['continued_from_count']:.0f}%"
         lines.append(f"| {model} | {scaffold} | {r['score']:.1f} | {r['stderr']:.1f} | {r['tokens_per_problem']:.0f} "
                      f"| {r['calls_per_problem']:.1f} | {100 * r['truncated_share']:.0f}% | {turns} | {nonempty} "
-                     f"| {restated} |")
+                     f"| {restated} | {counted} |")
     lines += ["", "| paired difference | points | stderr | problems |", "|---|---|---|---|"]
     for name, d in out["differences"].items():
         lines.append(f"| {name} | {d['diff']:+.1f} | {d['stderr']:.1f} | {d['problems']} |")
