@@ -17,11 +17,11 @@ the same problems and rubric, but every digit is worked out in the thinking (`3 
 tokens a digit) and the answer lists the results worked out so far (the digits not reached score no
 point). Working all seven digits and answering takes about 45 tokens, more than the per-call budget of
 the RC config (32, room for four digits), so a single call either answers part of the problem or is
-cut off: the budget, not the model, limits one pass. The
-teacher works a random number of digits per turn; a turn that continues from an RC summary
-(`So far: 4 6 0.`) restates the known results (`Known: 4 6 0.`) and works on from the next digit,
-and the summary of an attempt lists the results of its finished work items, so progress is carried
-from turn to turn only by the summary.
+cut off: the budget, not the model, limits one pass. The teacher works a random number of digits
+per turn; a turn that continues from an RC summary (`So far: 4 6 0.`) restates the known results
+(`Known: 4 6 0.`) and works on from the next digit, and the summary of an attempt lists the results
+of its finished work items, so progress is carried from turn to turn only by the summary. (The demo
+model has not learned to read this layout's digits in 900 SFT steps: docs/BENCHMARKS.md.)
 """
 
 from __future__ import annotations
