@@ -11,6 +11,17 @@ headroom to beat its teacher.
 The tokenizer is a byte-level BPE trained on the task and on the project's prompt templates, saved
 as a Hugging Face tokenizer directory with a Qwen3-style chat template (thinking models open the
 think block in the generation prompt).
+
+`ToyConfig.task="long"` is the reasoning-cache variant (configs/tiny-rc.yaml, tools/rc_compare.py):
+the same problems and rubric, but every digit is worked out in the thinking (`3 to 4,`, four
+tokens a digit) and the answer lists the results worked out so far (the digits not reached score no
+point). Working all seven digits and answering takes about 45 tokens, more than the per-call budget of
+the RC config (32, room for four digits), so a single call either answers part of the problem or is
+cut off: the budget, not the model, limits one pass. The teacher works a random number of digits
+per turn; a turn that continues from an RC summary (`So far: 4 6 0.`) restates the known results
+(`Known: 4 6 0.`) and works on from the next digit, and the summary of an attempt lists the results
+of its finished work items, so progress is carried from turn to turn only by the summary. (The demo
+model has not learned to read this layout's digits in 900 SFT steps: docs/BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = [THINK_OPEN, THINK_CLOSE]
 PAD, EOS = "<|endoftext|>", "<|im_end|>"
+TASKS = ("add_one", "long")
 
 # Qwen3-Thinking-style: the last assistant turn always carries a think block, and the generation
 # prompt opens one, so a rendered prompt is a prefix of the rendered conversation.
@@ -50,11 +62,12 @@ CHAT_TEMPLATE = (
 class ToyConfig:
     """The generated data of the demo."""
 
+    task: str = "add_one"  # "add_one": the demo's task | "long": its RC variant (module docstring)
     num_digits: int = 7
     sft_rows: int = 2000
     rl_problems: int = 256
     eval_problems: int = 32
-    teacher_error_rate: float = 0.5  # fraction of demonstrations with misplaced digits
+    teacher_error_rate: float = 0.5  # fraction of demonstrations with misplaced (long: one wrong) digits
     vocab_size: int = 1024
     summary_rows: float = 0.25  # fraction of SFT rows that continue from an RC summary
     summarize_rows: float = 0.15  # fraction of SFT rows that teach writing an RC summary
@@ -63,6 +76,8 @@ class ToyConfig:
     def __post_init__(self):
         if self.num_digits != 7:
             raise ValueError("toy.num_digits must be 7: one rubric point per digit on the 0..7 scale")
+        if self.task not in TASKS:
+            raise ValueError(f"toy.task must be one of {TASKS}, got {self.task!r}")
         if not 0 <= self.teacher_error_rate <= 1:
             raise ValueError(f"toy.teacher_error_rate must be in [0, 1], got {self.teacher_error_rate}")
 
@@ -139,6 +154,8 @@ def sft_row(digits: list[int], rng: random.Random, cfg: ToyConfig) -> dict:
     a first RC turn, a turn that continues from a summary, or the writing of a summary."""
     from qedjax.rollout.rc import render_prompt
 
+    if cfg.task == "long":
+        return long_row(digits, rng, cfg)
     problem = problem_text(digits)
     kind = rng.random()
     if kind < cfg.summarize_rows:
@@ -151,6 +168,75 @@ def sft_row(digits: list[int], rng: random.Random, cfg: ToyConfig) -> dict:
         prompt = render_prompt("rc_reason", problem=problem)
     reasoning, proof = teacher_solution(digits, rng, cfg.teacher_error_rate)
     return {"problem": prompt, "reasoning_content": reasoning, "proof": proof}
+
+
+# ---------------------------------------------------------------- the "long" task (RC variant)
+
+def work_item(digit: int, result: int) -> str:
+    # digits spelt as the problem and the answer spell them (one space-led token each), so working a
+    # digit out is the demo task's lookup, not a second spelling of the digits to learn
+    return f"{digit} to {result},"
+
+
+def so_far(results: list[int]) -> str:
+    """An RC summary of the long task: the results found so far, in order."""
+    return "So far: " + (" ".join(map(str, results)) if results else "none") + "."
+
+
+def long_thinking(digits: list[int], known: list[int], results: list[int]) -> str:
+    """Restates the known results (from the summary), then works out the next digits."""
+    head = "Known: " + " ".join(map(str, known)) + "." if known else "Working."
+    items = [work_item(digits[len(known) + i], r) for i, r in enumerate(results)]
+    return " ".join([head] + items)
+
+
+def long_answer(found: list[int]) -> str:
+    """The answer of a long-task turn: the results found so far (the rubric's first positions)."""
+    return " ".join(["Answer:"] + [str(r) for r in found])
+
+
+def parse_found(thinking: str) -> list[int]:
+    """The results a (possibly cut-off) long-task thinking has established: the known ones and
+    every finished work item, in order."""
+    found: list[int] = []
+    known = re.match(r"\s*Known:((?:\s+\d)*)\.", thinking)
+    if known:
+        found = [int(x) for x in known.group(1).split()]
+    found += [int(m.group(1)) for m in re.finditer(r"\d to (\d),", thinking)]
+    return found
+
+
+def long_row(digits: list[int], rng: random.Random, cfg: ToyConfig) -> dict:
+    """A long-task demonstration: a first turn, a continuation from a summary, or a summary."""
+    from qedjax.rollout.rc import render_prompt
+
+    problem, n = problem_text(digits), len(digits)
+    right = target(digits)
+    # the state the turn starts from: a summary with m results known (summary_rows of the rows), or none
+    continues = rng.random() < cfg.summary_rows
+    m = rng.randint(0, n) if continues else 0
+    work = rng.randint(1, n - m) if m < n else 0  # the teacher stops after a random number of digits
+    results = right[m:m + work]
+    if results and rng.random() < cfg.teacher_error_rate:
+        i = rng.randrange(len(results))
+        results[i] = (results[i] + rng.randint(1, 9)) % 10
+    known = right[:m]
+    thinking = long_thinking(digits, known, results)
+    summary = so_far(known) if continues else ""
+    kind = rng.random()
+    if kind < cfg.summarize_rows:
+        cut = rng.random() < 0.5 and len(thinking) > 8
+        attempt = thinking[:rng.randrange(8, len(thinking))] if cut else thinking
+        note = "\n" + render_prompt("rc_truncated_note") + "\n" if cut else ""
+        prompt = render_prompt("rc_summarize", problem=problem, summary=summary or render_prompt("rc_no_summary"),
+                               attempt=attempt, note=note)
+        return {"problem": prompt, "reasoning_content": "Summarising the attempt.",
+                "proof": so_far(parse_found(attempt))}
+    if continues:
+        prompt = render_prompt("rc_reason_summary", problem=problem, summary=summary)
+    else:
+        prompt = render_prompt("rc_reason", problem=problem)
+    return {"problem": prompt, "reasoning_content": thinking, "proof": long_answer(known + results)}
 
 
 def _prompt_texts() -> list[str]:

@@ -201,6 +201,7 @@ def rc(
                 tally.add("summarize", turn.summary_completion)
         trace = {
             "summaries": [t.new_summary for t in result.turns[:-1]],
+            "turn_responses": [t.completion.text for t in result.turns[:-1]],  # the last is the response
             "truncated_turns": [t.state.turn for t in result.turns if t.truncated],
             "summary_stats": summary_stats([result]),
         }
