@@ -6,6 +6,7 @@ the choices behind them (which engine, which grader style, which checkpoint an e
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
@@ -45,10 +46,11 @@ class EngineConfig:
 
 class PublishingEngine:
     """A weight-store engine (vLLM) driven by an in-process trainer: `load_weights(version, params)`
-    publishes the parameters to the store, then has the engine load that version."""
+    publishes the parameters to the store, then has the engine load that version. `close()` hands
+    the engine back to the factory that made it, for its next user (see engine_factory)."""
 
-    def __init__(self, engine, store, config):
-        self.engine, self.store, self.config = engine, store, config
+    def __init__(self, engine, store, config, release=None):
+        self.engine, self.store, self.config, self._release = engine, store, config, release
         self.generate, self.count_tokens = engine.generate, engine.count_tokens
 
     @property
@@ -59,6 +61,11 @@ class PublishingEngine:
         if weights is not None:
             self.store.publish(weights, version, config=self.config)
         self.engine.load_weights(version)
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release(self.engine)
 
 
 class WorkerPublisher:
@@ -95,6 +102,13 @@ def check_summarizer(name: str, key: str) -> None:
     if name not in ("policy", "frozen") and name not in PRESETS and not os.path.isdir(name):
         raise FileNotFoundError(f"{key}: {name!r} is neither 'policy', 'frozen', a preset ({sorted(PRESETS)}) "
                                 f"nor a model directory")
+
+
+def close_engine(engine) -> None:
+    """Done with an engine from engine_factory (in-process JAX engines need no closing)."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
 
 
 def check_engine(cfg) -> None:
@@ -145,12 +159,21 @@ def engine_factory(cfg, tokenizer, mesh, run_dir: str):
         from qedjax.rollout.weights import WeightStore
 
         store = WeightStore(cfg.engine.store or os.path.join(run_dir, "weights"))
+        idle: list = []  # vLLM engines their users closed: the next make() loads its model into one
 
         def make(model, version):
             store.publish(model, version)
+            while idle:  # starting vLLM takes long (20 s to minutes): reuse a running engine
+                engine = idle.pop()
+                try:
+                    engine.load_weights(version)
+                    return PublishingEngine(engine, store, model.config, release=idle.append)
+                except ValueError:  # another architecture
+                    engine.close()
             engine = VllmEngine(store, tokenizer, version=version, **cfg.engine.vllm_args)
-            return PublishingEngine(engine, store, model.config)
+            return PublishingEngine(engine, store, model.config, release=idle.append)
 
+        atexit.register(lambda: [engine.close() for engine in idle])
         return make
     from qedjax.rollout.jax_engine import JaxEngine
 
@@ -272,7 +295,10 @@ def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict
         out[target] = run_eval(ev, engine, grader, out_dir, label=target,
                                judge=judge if writer else (_Discard() if ev.confirm_with_judge else None),
                                summarizer=summarizer)
+        close_engine(engine)
         del engine, params
+    if summarizer is not None:
+        close_engine(summarizer)
     return out
 
 

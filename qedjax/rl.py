@@ -276,6 +276,10 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
             producer.stop()
         bar.close()
         ckpt.close()
+        for e in {id(engine): engine, id(summarizer): summarizer}.values():
+            close = getattr(e, "close", None)  # a vLLM engine goes back to the launcher's factory
+            if close is not None:
+                close()
     if step < g.steps:
         raise KeyboardInterrupt(f"grpo stopped at step {step}; checkpoint saved in {ckpt_dir}")
     if remote:

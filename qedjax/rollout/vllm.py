@@ -162,9 +162,11 @@ class VllmEngine:
         self._write_model_dir(self.store.manifest(version)["config"])
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         options = dict(dtype=self.config.param_dtype, seed=0, enable_prefix_caching=True)
-        if _on_cpu() and "gpu_memory_utilization" not in llm_kwargs:
-            # vLLM's CPU build would reserve gpu_memory_utilization (0.92) of the host's memory
-            options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        if _on_cpu():
+            if "gpu_memory_utilization" not in llm_kwargs:
+                # vLLM's CPU build would reserve gpu_memory_utilization (0.92) of the host's memory
+                options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+            options["enforce_eager"] = True  # torch.compile of the CPU model costs minutes at start
         options.update(llm_kwargs)
         self.llm = vllm.LLM(model=self.model_dir, tokenizer=self.model_dir, load_format="dummy",
                             worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs",
