@@ -93,7 +93,7 @@ def cpu_vllm(request, tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
     for v, m in models.items():
         store.publish(m, v)
     engine = VllmEngine(store, toy_tokenizer_dir, version=1, max_model_len=256, max_num_seqs=8, block_size=BLOCK,
-                        enforce_eager=True, kv_cache_memory_bytes=64 * 2**20)
+                        max_num_batched_tokens=256, kv_cache_memory_bytes=64 * 2**20)
     try:
         yield types.SimpleNamespace(engine=engine, store=store, root=root, cfg=cfg, models=models,
                                     tokenizer=toy_tokenizer)
@@ -149,6 +149,13 @@ def test_vllm_seeded_sampling_is_reproducible(cpu_vllm):
     other = engine.generate([CHATS[0]] * 4, SamplingParams(max_new_tokens=8, temperature=1.0, seed=4))
     assert [c.tokens for c in other] != [c.tokens for c in first]
     _assert_trainer_logprobs(cpu_vllm.models[1], first, 1.0)
+    # Seeded requests whose prompts together exceed one step's tokens (max_num_batched_tokens=256):
+    # vLLM's CPU runner cannot split a seeded prompt over two steps, so the engine sends prompts whole.
+    long = ["add one to " + " ".join(str((i + k) % 10) for i in range(40)) for k in range(8)]
+    assert sum(engine.count_tokens(p) for p in long) > 256
+    batch = engine.generate(long, params)
+    assert [c.tokens for c in engine.generate(long, params)] == [c.tokens for c in batch]
+    _assert_trainer_logprobs(cpu_vllm.models[1], batch, 1.0)
 
 
 @pytest.mark.vllm

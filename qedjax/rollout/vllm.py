@@ -167,6 +167,10 @@ class VllmEngine:
                 # vLLM's CPU build would reserve gpu_memory_utilization (0.92) of the host's memory
                 options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
             options["enforce_eager"] = True  # torch.compile of the CPU model costs minutes at start
+            # vLLM 0.32's CPU runner fails on a seeded request whose prompt is split over two steps
+            # ("CPU Generator does not use offset"): prompts go in whole.
+            longest = llm_kwargs.get("max_model_len") or self.config.max_position_embeddings
+            options.update(enable_chunked_prefill=False, max_num_batched_tokens=max(longest, 4096))
         options.update(llm_kwargs)
         self.llm = vllm.LLM(model=self.model_dir, tokenizer=self.model_dir, load_format="dummy",
                             worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs",
