@@ -162,6 +162,7 @@ def engine_factory(cfg, tokenizer, mesh, run_dir: str):
         idle: list = []  # vLLM engines their users closed: the next make() loads its model into one
 
         def make(model, version):
+            _uncommit_newer(store, version)  # the store keeps the newest versions: a lower one would go at once
             store.publish(model, version)
             while idle:  # starting vLLM takes long (20 s to minutes): reuse a running engine
                 engine = idle.pop()

@@ -15,8 +15,9 @@
    `--compile-calls` requests with random batch sizes (1..32) and prompt lengths (1..300). Printed:
    the distinct raw (batch, prompt) shapes, `len(sampler.compiled_shapes)`, the jit cache size, the
    backend compiles counted by jax.monitoring, and the bound from the buckets.
-4. vLLM: when `import vllm` works (a GPU machine), the same prompts through `LLM.generate`
-   (greedy, ignore_eos); otherwise a line says it was skipped.
+4. vLLM: when `import vllm` works (its CUDA build, or the CPU build `make venv` installs), prompts of
+   the same shapes through `LLM.generate` on the same weights (ignore_eos, so exactly N tokens), as
+   tokens/s per whole call beside qedjax's; otherwise a line says it was skipped.
 
 Threads: `--threads N` pins the process to N cores and sets torch to N threads; XLA sizes its pool to
 the cores it may use. The default is one: on a shared 2-core machine, transformers' decode with two
@@ -165,7 +166,7 @@ def bench_decode(args) -> tuple[list[dict], dict]:
           flush=True)
     if args.temperature > 0:
         bench_draw(max(args.batch), cfg.vocab_size, args.repeats)
-    bench_vllm(args, tmp.name, rng, cfg)
+    bench_vllm(args, tmp.name, rng, cfg, rows)
     tmp.cleanup()
     return rows, ttft
 
@@ -210,21 +211,32 @@ def bench_draw(batch: int, vocab: int, repeats: int):
           ", ".join(f"{k} {1e3 * v:.1f}" for k, v in times.items()), flush=True)
 
 
-def bench_vllm(args, model_dir: str, rng, cfg):
+def bench_vllm(args, model_dir: str, rng, cfg, rows: list[dict]):
+    """The same shapes through vllm.LLM on the same weights (its CUDA build, or the CPU build that
+    `make venv` installs, eager and with a 1 GiB KV cache), beside qedjax's whole-call rate."""
     try:
         import vllm
+        from vllm.platforms import current_platform
     except Exception as e:  # noqa: BLE001  (any import failure means: no vLLM here)
         print(f"# vLLM: skipped (import failed: {type(e).__name__}: {str(e)[:80]})")
         return
+    cpu = current_platform.is_cpu()
+    extra = dict(kv_cache_memory_bytes=2**30) if cpu else {}
+    t0 = time.perf_counter()
     llm = vllm.LLM(model=model_dir, tokenizer=None, skip_tokenizer_init=True, dtype="float32",
-                   max_model_len=args.prompt + args.new, enforce_eager=False)
+                   max_model_len=args.prompt + args.new, enforce_eager=cpu, seed=0, **extra)
+    print(f"# vLLM {vllm.__version__} ({'CPU build, eager' if cpu else 'CUDA'}) started in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
     params = vllm.SamplingParams(temperature=args.temperature, max_tokens=args.new, ignore_eos=True, detokenize=False)
+    qedjax_rate = {r["batch"]: r["tokens"] / statistics.median(r["times"]["qedjax"]) for r in rows}
     for b in args.batch:
         prompts = [{"prompt_token_ids": p} for p in rng.integers(1, cfg.vocab_size, (b, args.prompt)).tolist()]
         llm.generate(prompts, params, use_tqdm=False)
         times = [timed(lambda: llm.generate(prompts, params, use_tqdm=False))[0] for _ in range(args.repeats)]
-        print(f"# vLLM batch {b}: {b * args.new / statistics.median(times):.0f} "
-              f"[{b * args.new / min(times):.0f}] tok/s", flush=True)
+        rate = b * args.new / statistics.median(times)
+        print(f"# vLLM batch {b}: {rate:.0f} [{b * args.new / min(times):.0f}] tok/s per whole call; qedjax "
+              f"{qedjax_rate[b]:.0f} tok/s per call -> qedjax / vLLM {qedjax_rate[b] / rate:.2f}x", flush=True)
+    llm.llm_engine.engine_core.shutdown()
 
 
 def bench_compile_count(args) -> dict:

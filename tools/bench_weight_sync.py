@@ -1,6 +1,6 @@
 """Weight-store publish and read time against the raw bandwidth of the same disk, measured in one run.
 
-  python tools/bench_weight_sync.py [--dir DIR] [--preset qwen3-0.6b] [--repeats 3]
+  python tools/bench_weight_sync.py [--dir DIR] [--preset qwen3-0.6b] [--repeats 3] [--vllm] [--dtype float32]
 
 The model: random bf16 parameters of the preset's shapes, made leaf by leaf directly in bf16 (never a
 second fp32 copy of the model). Each repeat, alternating so that load from other processes hits both
@@ -12,6 +12,12 @@ alike:
   publish    WeightStore.publish (layout transform, checksums, zarr chunks, fsync per file as
              tensorstore's file driver does by default, manifest, garbage collection)
   read       WeightStore.read, every tensor checked against its checksums
+With `--vllm` (vLLM importable: the CUDA build, or the CPU build `make venv` installs), a VllmEngine
+follows the store and each repeat also times the whole sync, from the end of a train step to vLLM
+serving the new version:
+  vllm load  VllmEngine.load_weights: WeightStore.read (cold, checksummed) into vLLM's worker through
+             the layerwise reload, kernel repacking, and the prefix-cache reset
+  sync       publish + vllm load, against raw write + raw read of the same bytes
 Page cache: before every read phase, each file that is about to be read is evicted from the page
 cache with posix_fadvise(DONTNEED) (it has been fsync'd, so its pages are clean and do get dropped;
 this needs no root, unlike /proc/sys/vm/drop_caches). A warm re-read of the raw file is printed too,
@@ -41,10 +47,11 @@ BLOCK = 64 * 2**20
 
 
 def random_params(config: Qwen3Config) -> dict:
-    """bf16 parameters of the config's shapes, each leaf drawn directly in bf16."""
+    """Parameters of the config's shapes and dtype, each leaf drawn directly in that dtype."""
     shapes = nnx.to_pure_dict(abstract_model(config)[1])
     leaves, treedef = jax.tree.flatten(shapes)
-    made = [0.02 * jax.random.normal(jax.random.key(i), s.shape, jnp.bfloat16) for i, s in enumerate(leaves)]
+    dtype = jnp.dtype(config.param_dtype)
+    made = [0.02 * jax.random.normal(jax.random.key(i), s.shape, dtype) for i, s in enumerate(leaves)]
     return jax.tree.unflatten(treedef, made)
 
 
@@ -108,9 +115,11 @@ def main():
     parser.add_argument("--chunk-mb", type=int, default=weights.DEFAULT_CHUNK_BYTES // 2**20)
     parser.add_argument("--concurrency", type=int, default=None, help="tensorstore file I/O concurrency")
     parser.add_argument("--direct-io", action="store_true", help="WeightStore(direct_io=True)")
+    parser.add_argument("--vllm", action="store_true", help="also time loading each version into vLLM")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     args = parser.parse_args()
 
-    config = Qwen3Config.preset(args.preset, param_dtype="bfloat16", dtype="bfloat16")
+    config = Qwen3Config.preset(args.preset, param_dtype=args.dtype, dtype=args.dtype)
     params = random_params(config)
     host = [np.asarray(x) for x in jax.tree.leaves(params)]  # CPU arrays: views, not copies
     nbytes = sum(x.nbytes for x in host)
@@ -120,14 +129,18 @@ def main():
     store = WeightStore(store_dir, keep=2, chunk_bytes=args.chunk_mb * 2**20, concurrency=args.concurrency,
                         direct_io=args.direct_io)
     gb = nbytes / 1e9
-    print(f"{args.preset}: {len(host)} tensors, {gb:.3f} GB bf16; dir {root}; chunks <= {args.chunk_mb} MiB; "
+    print(f"{args.preset}: {len(host)} tensors, {gb:.3f} GB {args.dtype}; dir {root}; chunks <= {args.chunk_mb} MiB; "
           f"checksum {weights.DEFAULT_CHECKSUM}; file concurrency "
           f"{args.concurrency or weights.DEFAULT_FILE_CONCURRENCY}; direct_io {args.direct_io}; "
           f"{os.cpu_count()} cpus")
     times: dict[str, list[float]] = {k: [] for k in ("raw_write", "raw_read", "raw_read_fresh", "publish",
                                                       "read")}
+    engine = None
+    if args.vllm:
+        times["vllm_load"] = []
+        engine = start_vllm(store, params, config, root)
     try:
-        for rep in range(args.repeats):
+        for rep in range(1, args.repeats + 1):
             times["raw_write"].append(raw_write(raw_file, host))
             evict(raw_file)
             times["raw_read"].append(raw_read(raw_file, nbytes))
@@ -139,6 +152,11 @@ def main():
             times["publish"].append(time.perf_counter() - start)
             evict_tree(store_dir)
             times["read"].append(store_read(store, rep))
+            if engine is not None:
+                evict_tree(store_dir)
+                start = time.perf_counter()
+                engine.load_weights(rep)
+                times["vllm_load"].append(time.perf_counter() - start)
             print("  repeat %d: " % rep + ", ".join(f"{k} {v[-1]:.2f}s ({gb / v[-1]:.2f} GB/s)"
                                                     for k, v in times.items()))
         raw_write(raw_file, host)
@@ -146,6 +164,8 @@ def main():
         warm = raw_read(raw_file, nbytes)
         print(f"  (warm raw re-read, page cache kept: {gb / warm:.2f} GB/s)")
     finally:
+        if engine is not None:
+            engine.close()
         shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"median of {args.repeats}:")
@@ -154,6 +174,25 @@ def main():
     print(f"  read:  read {gb / med['read']:.2f} GB/s vs raw {gb / med['raw_read']:.2f} GB/s "
           f"-> {med['raw_read'] / med['read']:.0%} of disk bandwidth; raw into new arrays "
           f"{gb / med['raw_read_fresh']:.2f} GB/s -> {med['raw_read_fresh'] / med['read']:.0%} of that")
+    if engine is not None:
+        sync, raw = med["publish"] + med["vllm_load"], med["raw_write"] + med["raw_read"]
+        print(f"  vLLM:  load {med['vllm_load']:.2f}s ({gb / med['vllm_load']:.2f} GB/s); sync (publish + load) "
+              f"{sync:.2f}s vs raw write + read {raw:.2f}s -> {sync / raw:.2f}x the raw disk time")
+
+
+def start_vllm(store: WeightStore, params, config: Qwen3Config, root: str):
+    """A VllmEngine on version 0 of the store (not timed: starting vLLM takes 20 s to minutes)."""
+    import vllm
+
+    from qedjax import toy
+    from qedjax.rollout.vllm import VllmEngine
+
+    store.publish(params, 0, config=config)
+    tokenizer = toy.build_tokenizer(os.path.join(root, "tokenizer"), vocab_size=512)
+    t0 = time.perf_counter()
+    engine = VllmEngine(store, tokenizer, version=0, max_model_len=256, max_num_seqs=4)
+    print(f"  vLLM {vllm.__version__} started in {time.perf_counter() - t0:.0f}s", flush=True)
+    return engine
 
 
 if __name__ == "__main__":

@@ -137,6 +137,9 @@ class VllmEngine:
         written (default: a temporary directory, removed by close()).
       **llm_kwargs: passed to vllm.LLM (tensor_parallel_size, gpu_memory_utilization, max_model_len,
         enforce_eager, ...).
+    On vLLM's CPU build the defaults differ (each overridable): a KV cache of CPU_KV_CACHE_BYTES instead
+    of 92% of the host's memory, eager mode, and no chunked prefill (see __init__). Its attention takes
+    head_dim 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512 only.
     vLLM's workers are started with the `spawn` method unless VLLM_WORKER_MULTIPROC_METHOD says
     otherwise (forking a process that runs JAX is unsafe), so the calling script needs the usual
     `if __name__ == "__main__":` guard.
