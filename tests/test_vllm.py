@@ -169,7 +169,8 @@ def test_vllm_resets_its_prefix_cache_on_load(cpu_vllm):
     engine.load_weights(1)
     _assert_trainer_logprobs(models[1], engine.generate([prompt], greedy), 0.0)
     # Version 2 loaded behind the engine's back, no reset: the cached blocks of version 1 are reused.
-    assert engine.llm.collective_rpc("qedjax_load_version", args=(cpu_vllm.store.path, 2)) == [{"missing": []}]
+    assert [r["missing"] for r in engine.llm.collective_rpc("qedjax_load_version",
+                                                            args=(cpu_vllm.store.path, 2))] == [[]]
     stale = engine.generate([prompt], greedy)[0]
     _, want = _trainer_logprobs(models[2], stale.prompt_tokens, stale.tokens, 0.0)
     assert np.abs(np.asarray(stale.logprobs) - want).max() > 100 * LOGPROB_ATOL

@@ -135,7 +135,7 @@ def main():
           f"{os.cpu_count()} cpus")
     times: dict[str, list[float]] = {k: [] for k in ("raw_write", "raw_read", "raw_read_fresh", "publish",
                                                       "read")}
-    engine = None
+    engine, parts = None, []
     if args.vllm:
         times["vllm_load"] = []
         engine = start_vllm(store, params, config, root)
@@ -157,6 +157,7 @@ def main():
                 start = time.perf_counter()
                 engine.load_weights(rep)
                 times["vllm_load"].append(time.perf_counter() - start)
+                parts.append(engine.load_times)
             print("  repeat %d: " % rep + ", ".join(f"{k} {v[-1]:.2f}s ({gb / v[-1]:.2f} GB/s)"
                                                     for k, v in times.items()))
         raw_write(raw_file, host)
@@ -178,6 +179,10 @@ def main():
         sync, raw = med["publish"] + med["vllm_load"], med["raw_write"] + med["raw_read"]
         print(f"  vLLM:  load {med['vllm_load']:.2f}s ({gb / med['vllm_load']:.2f} GB/s); sync (publish + load) "
               f"{sync:.2f}s vs raw write + read {raw:.2f}s -> {sync / raw:.2f}x the raw disk time")
+        print("  vLLM load, inside its worker (median): " + ", ".join(
+            f"{k} {statistics.median(p[k] for p in parts):.2f}s" for k in parts[0]) +
+              " (read: WeightStore.read; load: model.load_weights into the layers, each processed when complete;"
+              " finalize: layers left over, the tied head)")
 
 
 def start_vllm(store: WeightStore, params, config: Qwen3Config, root: str):

@@ -41,6 +41,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -101,16 +102,32 @@ class WeightStoreWorker:
 
         model = self.model_runner.get_model()
         expected = {name for name, _ in model.named_parameters()}
-        tensors = ((name, to_torch(array)) for name, array in WeightStore(path).read(version))
+        read_s = 0.0
+
+        def tensors():  # the store's tensors as torch tensors, timing the reads
+            nonlocal read_s
+            source = WeightStore(path).read(version)
+            while True:
+                t0 = time.perf_counter()
+                item = next(source, None)
+                read_s += time.perf_counter() - t0
+                if item is None:
+                    return
+                yield item[0], to_torch(item[1])
+
+        t0 = time.perf_counter()
         initialize_layerwise_reload(model)
         try:
-            loaded = model.load_weights(tensors)
+            loaded = model.load_weights(tensors())
         except WeightStoreError as e:
             return {"store_error": str(e)}
         finally:
+            t1 = time.perf_counter()
             finalize_layerwise_reload(model, self.model_runner.model_config)
             _process_tied_heads(model)
-        return {"missing": [] if loaded is None else sorted(expected - set(loaded))}
+            t2 = time.perf_counter()
+        return {"missing": [] if loaded is None else sorted(expected - set(loaded)),
+                "times": {"read_s": read_s, "load_s": t1 - t0 - read_s, "finalize_s": t2 - t1}}
 
 
 def _process_tied_heads(model) -> None:
@@ -179,6 +196,7 @@ class VllmEngine:
                             worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs",
                             generation_config="vllm", **options)
         self._version = -1
+        self.load_times: dict[str, float] = {}  # the last load in worker 0: read_s, load_s (into the layers), finalize_s
         self._lock = threading.Lock()  # one version for a whole generate call
         self.load_weights(version)
 
@@ -215,6 +233,7 @@ class VllmEngine:
 
     def _load(self, version: int) -> None:
         results = self.llm.collective_rpc("qedjax_load_version", args=(self.store.path, version))
+        self.load_times = results[0].get("times", {})
         try:
             for result in results:
                 if "store_error" in result:
