@@ -299,6 +299,8 @@ def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict
                                summarizer=summarizer)
         close_engine(engine)
         del engine, params
+    if summarizer is not None:
+        close_engine(summarizer)
     return out
 
 

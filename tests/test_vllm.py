@@ -92,11 +92,13 @@ def cpu_vllm(request, tmp_path_factory, toy_tokenizer_dir, toy_tokenizer):
     models = {v: _model(cfg, seed=v) for v in (1, 2)}
     for v, m in models.items():
         store.publish(m, v)
+    before = {p.pid for p in _descendants()}
     engine = VllmEngine(store, toy_tokenizer_dir, version=1, max_model_len=256, max_num_seqs=8, block_size=BLOCK,
                         max_num_batched_tokens=256, kv_cache_memory_bytes=64 * 2**20)
+    processes = [p for p in _descendants() if p.pid not in before]  # this engine's (other tests' may run too)
     try:
         yield types.SimpleNamespace(engine=engine, store=store, root=root, cfg=cfg, models=models,
-                                    tokenizer=toy_tokenizer)
+                                    tokenizer=toy_tokenizer, processes=processes)
     finally:
         engine.close()
 
@@ -210,8 +212,8 @@ def test_vllm_refuses_corrupt_and_partial_versions_and_keeps_serving(cpu_vllm):
     assert engine.version == 2
 
 
-def _vllm_processes():
-    """This process's descendants that vLLM started (its engine core and workers)."""
+def _descendants():
+    """This process's live descendants, multiprocessing's resource tracker aside."""
     import psutil
 
     out = []
@@ -231,7 +233,7 @@ def test_vllm_close_frees_the_engine(cpu_vllm):
     import psutil
 
     engine = cpu_vllm.engine
-    running = _vllm_processes()
+    running = [p for p in cpu_vllm.processes if p.is_running()]
     assert running, "vLLM runs its engine core in child processes"
     engine.close()
     _, alive = psutil.wait_procs(running, timeout=60)
