@@ -242,6 +242,10 @@ class Memory:
 
 def compile_program(p: Program) -> Program:
     t0 = time.perf_counter()
+    # A compile-only executable cannot be read back from JAX's persistent cache (there is no TPU
+    # client to load it into): keep it out, rather than warn on every later read.
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         compiled = p.fn.lower(*p.args).compile()
     except Exception as e:  # the TPU compiler's RESOURCE_EXHAUSTED, and anything else it refuses
@@ -252,6 +256,8 @@ def compile_program(p: Program) -> Program:
         p.memory = Memory(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
                           m.temp_size_in_bytes, m.peak_memory_in_bytes)
         p.peak = p.memory.peak
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
     p.compile_s = time.perf_counter() - t0
     return p
 
