@@ -82,8 +82,7 @@ def test_sft_step_memory_is_its_arrays(mesh):
     # the donated state comes back in place: outputs that alias the state's arguments
     state_padded = sum(padded[:len(jax.tree.leaves(state))])
     assert m.aliased == state_padded
-    assert program.peak >= m.arguments + m.outputs - m.aliased + m.temporaries
-    assert program.peak >= m.compiler_peak
+    assert program.peak == m.compiler_peak >= m.arguments
 
 
 def test_oversized_config_does_not_fit(mesh, tmp_path):
