@@ -190,6 +190,19 @@ def test_sharded_sampler_gives_the_same_tokens():
     assert [r.tokens for r in got] == [r.tokens for r in ref]
 
 
+def test_a_remat_model_decodes(hf_and_ours):
+    """The train configs set model.remat; the sampler decodes with that model (rematerialisation
+    inside the decode loop failed to trace: flax TraceContextError) and gets the same tokens."""
+    import dataclasses
+
+    _, model = hf_and_ours
+    graphdef, params = nnx.split(model)
+    remat = nnx.merge(*nnx.split(Qwen3(dataclasses.replace(model.config, remat=True), rngs=nnx.Rngs(0)))[:1], params)
+    ref = Sampler(model).generate(PROMPTS, max_new_tokens=12, temperature=0.8, seed=4)
+    got = Sampler(remat).generate(PROMPTS, max_new_tokens=12, temperature=0.8, seed=4)
+    assert [r.tokens for r in got] == [r.tokens for r in ref]
+
+
 def test_contract_and_engine(hf_and_ours, toy_tokenizer):
     _, model = hf_and_ours
     out = Sampler(model).generate([[1, 2, 3]], max_new_tokens=4, temperature=1.0, seed=0)

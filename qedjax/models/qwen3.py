@@ -436,7 +436,7 @@ class Qwen3(nnx.Module):
         def run_block(block, x, kv):
             return block(x, positions, segment_ids, q_slots, kv)
 
-        if cfg.remat:
+        if cfg.remat and cache is None:  # decoding (a cache) has no backward pass to save memory for
             run_block = nnx.remat(run_block)
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
