@@ -32,8 +32,8 @@ STAGES = ("sft", "grpo", "eval", "export")
 # workers and child processes may run elsewhere). URLs (gs://, s3://) stay as written; the values in
 # VERBATIM are keywords, not paths. tests/test_config.py checks that no path-like key is missing.
 PATH_KEYS = ("run.dir", "run.checkpoint_dir", "model.hf_path", "model.tokenizer", "engine.store", "engine.queue",
-             "judge.cache_dir", "sft.data.path", "grpo.problems.path", "grpo.init", "eval.benchmark.path",
-             "export.checkpoint", "export.out", "grpo.rc.summarizer", "eval.rc.summarizer")
+             "engine.summarizer_store", "judge.cache_dir", "sft.data.path", "grpo.problems.path", "grpo.init",
+             "eval.benchmark.path", "export.checkpoint", "export.out", "grpo.rc.summarizer", "eval.rc.summarizer")
 VERBATIM = {"grpo.init": ("sft", "model"), "grpo.rc.summarizer": ("policy", "frozen", *PRESETS),
             "eval.rc.summarizer": ("policy", "frozen", *PRESETS)}
 

@@ -191,8 +191,9 @@ def programs(cfg, mesh, stages, prompt_tokens: int | None = None, layers: int | 
         fn = rl.make_step(g, graphdef, optimizer, shardings, mesh, TRAIN_RULES)
         rows = rl.train_rows(g, mesh, TRAIN_RULES) // g.micro_batches
         in_process = cfg.engine.kind == "jax"
-        # The engines' parameter copies (rollout layout): the policy's, and a frozen summariser's.
-        engines = (2 if g.rc.enabled and g.rc.summarizer == "frozen" else 1) if in_process else 0
+        # The engines' parameter copies (rollout layout): the policy's, and a summariser's of its own
+        # (frozen, or another model: taken to be the policy's size, as the release's 4B instruct model is).
+        engines = (2 if g.rc.enabled and g.rc.summarizer != "policy" else 1) if in_process else 0
         copy = shard_bytes(_rollout_params(model_cfg, mesh)) if in_process else 0
         held = {f"{engines} engine param copies": engines * copy} if engines else {}
         step = Program(f"grpo step [{g.micro_batches} x {rows} x {seq}]", fn, (state, batch), held)

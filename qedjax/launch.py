@@ -68,7 +68,7 @@ def validate(cfg, mesh, stages, check_paths: bool = True) -> None:
             raise ValueError(f"sft: {cfg.sft.global_batch} rows / {cfg.sft.micro_batches} micro-batches = "
                              f"{per_micro} rows per micro-batch, not divisible by the {divisor} batch shards "
                              f"of mesh {sharding.format_mesh(mesh)}")
-    pipeline.check_engine(cfg)
+    pipeline.check_engine(cfg, check_paths)
     if not check_paths:  # a fit check reads no weights, tokenizer or data
         return
     if cfg.model.hf_path is None and cfg.model.tokenizer is None and cfg.toy is None:

@@ -38,6 +38,9 @@ class EngineConfig:
     # vLLM: arguments of the RC summariser's own engine (over vllm_args), when it is a model of its own;
     # both engines share the GPUs, so give each its gpu_memory_utilization
     summarizer_vllm_args: dict = dataclasses.field(default_factory=dict)
+    # vllm, workers: where the RC summariser's weights are published when it is a model of its own or a
+    # frozen copy (default run_dir/summarizer_weights); workers read it, so it must be shared with them
+    summarizer_store: str | None = None
 
     def __post_init__(self):
         if self.kind not in ENGINES:
@@ -95,11 +98,12 @@ class WorkerPublisher:
         raise RuntimeError("engine.kind=workers: the trainer holds no generating engine")
 
 
-def check_summarizer(name: str, key: str) -> None:
-    """A summarizer setting names "policy", "frozen", a local model directory or a preset."""
+def check_summarizer(name: str, key: str, check_paths: bool = True) -> None:
+    """A summarizer setting names "policy", "frozen", a local model directory or a preset (without
+    `check_paths`, as for a fit check that reads no weights, any name)."""
     from qedjax.models.qwen3 import PRESETS
 
-    if name not in ("policy", "frozen") and name not in PRESETS and not os.path.isdir(name):
+    if check_paths and name not in ("policy", "frozen") and name not in PRESETS and not os.path.isdir(name):
         raise FileNotFoundError(f"{key}: {name!r} is neither 'policy', 'frozen', a preset ({sorted(PRESETS)}) "
                                 f"nor a model directory")
 
@@ -111,22 +115,20 @@ def close_engine(engine) -> None:
         close()
 
 
-def check_engine(cfg) -> None:
-    """Checks between the engine and the grpo and eval sections, before anything compiles."""
+def check_engine(cfg, check_paths: bool = True) -> None:
+    """Checks between the engine and the grpo and eval sections, before anything compiles (and, with
+    `check_paths`, that a summariser's model directory exists)."""
     if cfg.eval is not None and cfg.eval.scaffold == "rc":
-        check_summarizer(cfg.eval.rc.summarizer, "eval.rc.summarizer")
+        check_summarizer(cfg.eval.rc.summarizer, "eval.rc.summarizer", check_paths)
     g = cfg.grpo
     if g is None:
         return
     if g.rc.enabled:
-        check_summarizer(g.rc.summarizer, "grpo.rc.summarizer")
+        check_summarizer(g.rc.summarizer, "grpo.rc.summarizer", check_paths)
     if g.mode == "async" and jax.process_count() > 1 and cfg.engine.kind != "workers":
         raise ValueError("grpo.mode=async runs rollouts in a second thread, which a multi-process JAX run cannot "
                          "do (collectives would interleave differently on each host): use mode=sync, or rollout "
                          "workers (engine.kind=workers, qedjax.rollout.worker)")
-    if cfg.engine.kind == "workers" and g.rc.enabled and g.rc.summarizer != "policy":
-        raise ValueError("engine.kind=workers summarises RC states with the workers' engine, the current policy: "
-                         "set grpo.rc.summarizer=policy (a frozen summariser would be a second engine per worker)")
 
 
 def _uncommit_newer(store, version: int) -> None:
@@ -184,38 +186,50 @@ def engine_factory(cfg, tokenizer, mesh, run_dir: str):
 
 def summarizer_factory(name: str, cfg, tokenizer, mesh, run_dir: str, make_engine):
     """(starting policy, version) -> the engine that writes RC summaries, for a summarizer setting:
-    "frozen" (a frozen copy of the starting policy, on the policy's kind of engine) or the name of a
-    model of its own (a local Hugging Face directory, or a qedjax preset with random weights seeded
-    from run.seed), loaded once and never updated. It gets its own engine: in-process with its own
-    tokenizer and chat template (the directory's, else the policy's), or with vLLM a second engine
-    over its own weight store (run_dir/summarizer_weights). "policy" needs no factory."""
-    if name == "frozen":
+    "frozen" (a frozen copy of the stage's starting policy) or the name of a model of its own (a local
+    Hugging Face directory, or a qedjax preset with random weights seeded from run.seed), loaded once
+    and never updated. It gets its own engine: in-process with its own tokenizer and chat template (the
+    directory's, else the policy's); with vLLM a second engine over its own weight store
+    (engine.summarizer_store, default run_dir/summarizer_weights); with rollout workers the weights are
+    published to that store and the workers build the engine (a qedjax.rollout.worker.StoreSummarizer
+    names it). "policy" needs no factory."""
+    kind = cfg.engine.kind
+    if name == "frozen" and kind == "jax":
         return make_engine
 
-    def make(policy_model=None, version: int = 0):
+    def own_model():
         from qedjax.rollout.rc import derive_seed
 
         local = os.path.isdir(name)
         model_cfg = dataclasses.replace(cfg.model, hf_path=name if local else None, preset=None if local else name,
                                         remat=False)
+        has_tokenizer = local and os.path.exists(os.path.join(name, "tokenizer_config.json"))
         tok = tokenizer
-        if local and os.path.exists(os.path.join(name, "tokenizer_config.json")):
+        if has_tokenizer:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(name)
         _, graphdef, params = train.init_params(model_cfg, mesh, ROLLOUT_RULES,
                                                 seed=derive_seed(cfg.run.seed, "summarizer"), vocab_size=len(tok))
-        model = nnx.merge(graphdef, params)
-        if cfg.engine.kind == "vllm":
-            from qedjax.rollout.vllm import VllmEngine
-            from qedjax.rollout.weights import WeightStore
+        return nnx.merge(graphdef, params), tok, name if has_tokenizer else None
 
-            store = WeightStore(os.path.join(run_dir, "summarizer_weights"))
-            store.publish(model, 0)
-            return VllmEngine(store, tok, version=0, **{**cfg.engine.vllm_args, **cfg.engine.summarizer_vllm_args})
-        from qedjax.rollout.jax_engine import JaxEngine
+    def make(policy_model=None, version: int = 0):
+        model, tok, tok_dir = (policy_model, tokenizer, None) if name == "frozen" else own_model()
+        if kind == "jax":
+            from qedjax.rollout.jax_engine import JaxEngine
 
-        return JaxEngine(model, tok, max_batch=cfg.engine.max_batch, version=0)
+            return JaxEngine(model, tok, max_batch=cfg.engine.max_batch, version=0)
+        from qedjax.rollout.weights import WeightStore
+
+        store = WeightStore(cfg.engine.summarizer_store or os.path.join(run_dir, "summarizer_weights"))
+        store.publish(model, 0)  # again on every start: the store then always holds this run's summariser
+        if kind == "workers":
+            from qedjax.rollout.worker import StoreSummarizer
+
+            return StoreSummarizer(str(store.path), 0, tok_dir)
+        from qedjax.rollout.vllm import VllmEngine
+
+        return VllmEngine(store, tok, version=0, **{**cfg.engine.vllm_args, **cfg.engine.summarizer_vllm_args})
 
     return make
 

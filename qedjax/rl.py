@@ -247,19 +247,23 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     ckpt = Checkpointer(ckpt_dir, g.checkpoint)
     sampler = ProblemSampler(problems, cfg.run.seed)
     start = ckpt.latest_step() or 0
+    if start >= g.steps:
+        ckpt.close()
+        return ckpt_dir
+    # A summariser of its own is built before a checkpoint replaces the parameters: "frozen" is a copy of
+    # the stage's starting policy, in a resumed run too.
+    own_summarizer = g.rc.enabled and g.rc.summarizer != "policy"
+    summarizer = (make_summarizer or make_engine)(nnx.merge(graphdef, params), 0) if own_summarizer else None
+    del params
     if start:
         state, data_state = ckpt.restore(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
         start = ckpt.restored_step
         sampler.restore(data_state)
-    if start >= g.steps:
-        ckpt.close()
-        return ckpt_dir
     version = int(state["step"])  # the policy version: optimizer steps (RL iterations may train nothing)
     remote = cfg.engine.kind == "workers"  # rollouts come from rollout workers (qedjax.rollout.worker)
     engine = make_engine(nnx.merge(graphdef, state["params"]), version)
-    summarizer = engine if g.rc.summarizer == "policy" or remote or not g.rc.enabled else (
-        make_summarizer or make_engine)(nnx.merge(graphdef, state["params"]), version)
+    summarizer = summarizer if own_summarizer else engine
     rows = train_rows(g, mesh, rules)
     step_fn = make_step(g, graphdef, optimizer, shardings, mesh, rules)
     ref_logp = make_ref_logprobs(graphdef, state["params"], g, mesh, rules) if g.loss.kl_coef else None
@@ -273,7 +277,8 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
         from qedjax.rollout.worker import Dispatcher
 
         producer = Dispatcher(engine.queue_dir, g, sampler, cfg.run.seed, grader, version=lambda: int(state["step"]),
-                              depth=g.max_lag + 1 if g.mode == "async" else 1)
+                              depth=g.max_lag + 1 if g.mode == "async" else 1,
+                              summarizer=summarizer if own_summarizer else None)
     else:
         producer = Producer(next_rollouts, g.max_lag) if g.mode == "async" else None
     if producer is not None:

@@ -434,8 +434,10 @@ def test_grpo_with_workers_sigkill_and_resume_equals_a_straight_run(tmp_path, to
                           "queue": str(tmp_path / name / "queue")},
                "grpo": {"init": "model", "steps": 3, "problems_per_step": 2, "group_size": 4, "mode": "sync",
                         "problems": {"path": data["rl"], "format": "rules"}, "skip_zero_variance": False,
+                        # A frozen summariser: the worker process builds its second engine from the
+                        # store the trainer publishes it to (again after each restart).
                         "rc": {"enabled": True, "turns": 1, "states_per_problem": 2, "summary_max_new_tokens": 8,
-                               "summarizer": "policy"},
+                               "summarizer": "frozen"},
                         "sampling": {"max_new_tokens": 12, "temperature": 1.0, "seed": 0},
                         "loss": {"clip_low": 0.2, "clip_high": 0.28, "entropy_coef": 0.01},
                         "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
@@ -466,5 +468,7 @@ def test_grpo_with_workers_sigkill_and_resume_equals_a_straight_run(tmp_path, to
         runs[name] = (path, tmp_path / name)
     killed_log = (tmp_path / "killed.log").read_text()
     assert "resuming from the checkpoint of step 1" in killed_log  # version 2 was in the store: uncommitted
+    # The trainer republished the summariser on each start; the worker rebuilt it for each publication.
+    assert (tmp_path / "killed_worker.log").read_text().count("built the RC summariser") == 3
     assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "straight")
     _assert_same_params(_params(*runs["killed"], "grpo"), _params(*runs["straight"], "grpo"))

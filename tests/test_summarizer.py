@@ -136,3 +136,53 @@ def test_the_launcher_builds_a_named_summarizer(tmp_path, toy_tokenizer):
     with pytest.raises(FileNotFoundError, match="grpo.rc.summarizer: 'nowhere' is neither"):
         pipeline.check_engine(dataclasses.replace(cfg, grpo=dataclasses.replace(
             cfg.grpo, rc=dataclasses.replace(cfg.grpo.rc, summarizer="nowhere"))))
+
+
+def test_a_frozen_summarizer_is_the_starting_policy_in_a_resumed_run_too(tmp_path, monkeypatch):
+    """"frozen" is a copy of the stage's starting policy: a run resumed from a checkpoint must build it
+    from the starting parameters, not from the checkpoint's (which summaries would then depend on)."""
+    import numpy as np
+    import yaml
+
+    from qedjax import launch, pipeline
+
+    seen = []
+    real = pipeline.summarizer_factory
+
+    def spy(name, *args):
+        make = real(name, *args)
+
+        def recording(model, version=0):
+            seen.append(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+            return make(model, version)
+
+        return recording
+
+    monkeypatch.setattr(pipeline, "summarizer_factory", spy)
+    raw = {"run": {"dir": str(tmp_path / "run"), "seed": 0, "stages": ["grpo"]},
+           "model": {"preset": "tiny"},
+           "toy": {"sft_rows": 8, "rl_problems": 8, "eval_problems": 2},
+           "grpo": {"init": "model", "steps": 1, "problems_per_step": 2, "group_size": 2, "mode": "sync",
+                    "rc": {"enabled": True, "turns": 1, "states_per_problem": 2, "summary_max_new_tokens": 4,
+                           "summarizer": "frozen"},
+                    "sampling": {"max_new_tokens": 6, "temperature": 1.0, "seed": 0},
+                    "skip_zero_variance": False,  # rewards are all 0: train anyway, so step 1 moves the weights
+                    "loss": {"clip_low": 0.2, "clip_high": 0.28, "entropy_coef": 0.01},
+                    "optim": {"lr": 1e-2, "schedule": "constant", "warmup_ratio": 0.0},
+                    "checkpoint": {"every": 1, "keep": 2, "async_save": False}}}
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert launch.main(["--config", str(config)]) == 0
+    assert launch.main(["--config", str(config), "grpo.steps=2"]) == 0  # resumes from step 1
+    assert len(seen) == 2
+    jax.tree.map(np.testing.assert_array_equal, seen[0], seen[1])
+    # ... and the checkpoint it resumed from differs from the start, so the check can fail.
+    from qedjax.checkpoint import restore_params
+    from qedjax.config import load_config
+    from qedjax import train
+
+    cfg = load_config(str(config), [])
+    mesh = sharding.make_mesh("", devices=jax.devices()[:1])
+    _, _, target = train.abstract_params(cfg.model, mesh, sharding.TRAIN_RULES)
+    step1 = restore_params(str(tmp_path / "run" / "grpo" / "checkpoints"), target, step=1)
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(seen[0]), jax.tree.leaves(step1)))

@@ -130,7 +130,9 @@ def _rollouts() -> groups.Rollouts:
     return groups.Rollouts(version=3, states=states,
                        completions=[[completion(1), completion(2)], [completion(3), completion(4)]],
                        grades=[[Grade(7.0, 1.0, "ok", "fine"), Grade(0.0, 0.0, "truncated", "")]] * 2,
-                       summary_tokens=[0, 12], times={"states_s": 0.1 + 0.2, "generate_s": 1 / 3}, problems=problems)
+                       summary_tokens=[0, 12], times={"states_s": 0.1 + 0.2, "generate_s": 1 / 3}, problems=problems,
+                       summary_stats={"summaries_attempted": 2.0, "summaries_ok": 1.0,
+                                      "summaries_failed_unclosed_think": 1.0, "summary_tokens_mean": 2048 / 3})
 
 
 def test_rollouts_and_work_items_round_trip_through_json():
@@ -141,7 +143,12 @@ def test_rollouts_and_work_items_round_trip_through_json():
     g = groups.GRPOConfig(group_size=4, rc=groups.RCTrainConfig(enabled=True, turns=2, summarizer="policy"),
                           sampling=SamplingParams(max_new_tokens=64, temperature=0.7, top_k=5, seed=9))
     payload = json.loads(json.dumps(worker.work_payload(g, ro.problems, step=6, seed=2, version=4)))
+    assert payload["summarizer"] is None  # the policy summarises
     assert worker.grpo_config(payload) == g == build(groups.GRPOConfig, to_dict(g))
+    own = worker.StoreSummarizer("gs://b/summarizer", 0, "/ckpt/Qwen3-4B-Instruct-2507")
+    payload = json.loads(json.dumps(worker.work_payload(g, ro.problems, step=6, seed=2, version=4,
+                                                        summarizer=own.spec())))
+    assert worker.StoreSummarizer(**payload["summarizer"]) == own
     assert [worker.problem_from_json(p) for p in payload["problems"]] == ro.problems
     with pytest.raises(ValueError, match="format"):
         worker.grpo_config({**payload, "format": "other/9"})
@@ -149,6 +156,18 @@ def test_rollouts_and_work_items_round_trip_through_json():
                               "--enforce-eager", "--vllm-arg", "swap_space=8", "--vllm-arg", "kv_cache_dtype=fp8"])
     assert worker.vllm_options(args) == {"tensor_parallel_size": 2, "enforce_eager": True, "swap_space": 8,
                                          "kv_cache_dtype": "fp8"}
+    # The summariser's engine: the policy engine's options, overlaid with --summarizer-vllm-arg.
+    args = worker.parse_args(["--store", "s", "--queue", "q", "--tokenizer", "t", "--gpu-memory-utilization", "0.6",
+                              "--summarizer-vllm-arg", "gpu_memory_utilization=0.25", "--vllm-arg", "dtype=bfloat16"])
+    assert worker.vllm_options(args) == {"gpu_memory_utilization": 0.6, "dtype": "bfloat16"}
+    assert worker.vllm_options(args, summarizer=True) == {"gpu_memory_utilization": 0.25, "dtype": "bfloat16"}
+    # Its tokenizer: the flag, else the directory the trainer named if it is here, else the policy's.
+    assert worker.summarizer_tokenizer(args, own.spec() | {"tokenizer": None}) == "t"
+    assert worker.summarizer_tokenizer(args, own.spec() | {"tokenizer": ROOT}) == ROOT
+    with pytest.raises(FileNotFoundError, match="--summarizer-tokenizer"):
+        worker.summarizer_tokenizer(args, own.spec())
+    args = worker.parse_args(["--store", "s", "--queue", "q", "--tokenizer", "t", "--summarizer-tokenizer", "u"])
+    assert worker.summarizer_tokenizer(args, own.spec()) == "u"
 
 
 class _Store:
@@ -242,21 +261,41 @@ def _config(tmp_path, name, **grpo):
 
 @pytest.mark.slow
 def test_rl_loop_with_a_worker_following_the_store(tmp_path):
+    """engine.kind=workers with an RC summariser of its own (the tiny preset with its own random
+    weights): the trainer publishes it once to the summariser store, the worker builds a second engine
+    on it, every summary call goes there with the summary sampling, and the summary counts come back
+    to the trainer's metrics with the rollouts."""
     from transformers import AutoTokenizer
 
     from qedjax.rollout.weights import WeightStore
 
     path, run_dir = _config(tmp_path, "workers")
-    versions = []
+    raw = yaml.safe_load(open(path))
+    raw["grpo"]["rc"]["summarizer"] = "tiny"
+    open(path, "w").write(yaml.safe_dump(raw))
+    versions, summary_calls, policy_prompts, specs = [], [], [], []
 
     class Recording(worker.StoreJaxEngine):
         def generate(self, requests, params):
             versions.append(self.version)
+            policy_prompts.extend(r[0]["content"] for r in requests)
             return super().generate(requests, params)
 
+    class Summarizer(worker.StoreJaxEngine):
+        def generate(self, requests, params):
+            summary_calls.append((len(requests), params,
+                                  all("summary of an attempt" in r[0]["content"] for r in requests)))
+            return super().generate(requests, params)
+
+    def tokenizer():
+        return AutoTokenizer.from_pretrained(str(run_dir / "toy" / "tokenizer"))
+
     def make_engine(version):
-        tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "toy" / "tokenizer"))
-        return Recording(WeightStore(tmp_path / "weights"), tokenizer, version=version, max_batch=64)
+        return Recording(WeightStore(tmp_path / "weights"), tokenizer(), version=version, max_batch=64)
+
+    def make_summarizer(spec):
+        specs.append(spec)
+        return Summarizer(WeightStore(spec["store"]), tokenizer(), version=spec["version"], max_batch=64)
 
     errors = []
 
@@ -267,7 +306,8 @@ def test_rl_loop_with_a_worker_following_the_store(tmp_path):
             errors.append(e)
 
     serving = threading.Thread(target=run, args=(worker.serve, str(tmp_path / "queue"), str(tmp_path / "weights"),
-                                                  make_engine), kwargs={"worker_id": "w0", "poll_s": 0.05}, daemon=True)
+                                                  make_engine), kwargs={"worker_id": "w0", "poll_s": 0.05,
+                                                                        "make_summarizer": make_summarizer}, daemon=True)
     training = threading.Thread(target=run, args=(launch.main, ["--config", path]), daemon=True)
     serving.start()
     training.start()
@@ -283,6 +323,17 @@ def test_rl_loop_with_a_worker_following_the_store(tmp_path):
     assert all(r["lag_max"] <= 1 and r["lag_min"] >= 0 for r in rows)
     assert all(sum(r["score_hist"]) == 2 * 2 * 4 and "wait_s" in r for r in rows)
     assert versions == sorted(versions) and versions[-1] > 0  # the worker followed the trainer's versions
+    # The summariser: built once, from version 0 of its own store, which holds the tiny preset's own
+    # weights (not the policy's version 0); 2 problems x 1 turn summarised per step, at T 0.7.
+    assert specs == [{"store": str(run_dir / "summarizer_weights"), "version": 0, "tokenizer": None}]
+    summarizer_store, policy_store = WeightStore(specs[0]["store"]), WeightStore(tmp_path / "weights")
+    assert summarizer_store.versions() == [0]
+    first = dict(summarizer_store.read(0))
+    assert any((first[k] != v).any() for k, v in policy_store.read(policy_store.versions()[0]) if k in first)
+    assert len(summary_calls) >= 3 and all(n == 2 and p.temperature == 0.7 and p.top_k == 20 and asked
+                                           for n, p, asked in summary_calls)
+    assert not any("summary of an attempt" in prompt for prompt in policy_prompts)  # the policy wrote none
+    assert all(r["summaries_attempted"] == 2 for r in rows)  # the counts came back with the rollouts
     counts = WorkQueue(tmp_path / "queue").counts()  # the step queued ahead: withdrawn, or finished unused
     assert counts["todo"] == counts["claimed"] == 0 and counts["done"] <= 1 and WorkQueue(tmp_path / "queue").closed
 
@@ -306,12 +357,14 @@ def test_rl_loop_with_a_vllm_worker_process_killed_and_replaced(tmp_path):
     raw = yaml.safe_load(open(path))
     raw["model"] = {"preset": "demo"}  # vLLM's CPU attention needs head_dim >= 32 (the demo model's)
     raw["grpo"]["checkpoint"]["every"] = 1
+    raw["grpo"]["rc"]["summarizer"] = "frozen"  # a second vLLM engine in the worker, on its own store
     open(path, "w").write(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "qedjax.rollout.worker", "--store", str(tmp_path / "weights"),
                "--queue", str(tmp_path / "queue"), "--tokenizer", str(run_dir / "toy" / "tokenizer"),
                "--worker-id", "w0", "--poll-s", "0.05", "--engine", "vllm", "--max-model-len", "256",
-               "--max-num-seqs", "16", "--enforce-eager", "--vllm-arg", f"kv_cache_memory_bytes={64 * 2**20}"]
+               "--max-num-seqs", "16", "--enforce-eager", "--vllm-arg", f"kv_cache_memory_bytes={64 * 2**20}",
+               "--summarizer-vllm-arg", f"kv_cache_memory_bytes={32 * 2**20}"]
     logs = [open(tmp_path / f"worker{k}.log", "w+") for k in range(2)]
 
     def start(k):  # its own session: SIGKILL to the group takes vLLM's engine-core and worker processes too
@@ -351,6 +404,10 @@ def test_rl_loop_with_a_vllm_worker_process_killed_and_replaced(tmp_path):
     first, second = (open(tmp_path / f"worker{k}.log").read() for k in range(2))
     assert "engine vllm" in first and "handed back" in second  # the claim of the killed worker went back
     assert "loaded version" in second and "rollouts at version" in second
+    assert "built the RC summariser" in second
+    # The summary counts came back from the worker (a random model's summaries never close its think block).
+    assert all(r["summaries_attempted"] == 2 for r in [r for r in read_metrics(str(run_dir), "grpo")
+                                                       if "reward_mean" in r])
     rows = [r for r in read_metrics(str(run_dir), "grpo") if "reward_mean" in r]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))  # no step lost, none made twice
     assert all(sum(r["score_hist"]) == 2 * 2 * 4 for r in rows)

@@ -18,9 +18,15 @@ loads the store's newest version, and waits until it has at least the version th
 item is never generated with weights older than those the trainer had when it asked for it: the lag
 is at most `max_lag` as long as every step trains.
 
-Summariser. RC states are summarised by the worker's own engine, i.e. the current policy
-(`grpo.rc.summarizer: policy`); a frozen summariser would be a second engine on the worker, pinned to
-the start version (twice the GPU memory), which is not built.
+Summariser. With `grpo.rc.summarizer: policy` RC states are summarised by the worker's own engine, the
+current policy. With a summariser of its own (a model directory or preset, e.g. the release's frozen
+Qwen3-4B-Instruct-2507, or `frozen`: a copy of the stage's starting policy) the trainer publishes its
+weights once, as version 0 of a second store (`engine.summarizer_store`, default
+run_dir/summarizer_weights), and names that store in every work item (`StoreSummarizer.spec`). A
+worker builds a second engine on it the first time an item asks (vLLM: `--vllm-arg` options overlaid
+with `--summarizer-vllm-arg`, e.g. both engines' gpu_memory_utilization; its tokenizer and chat
+template: `--summarizer-tokenizer`, else the directory the trainer named, else the policy's) and keeps
+it for as long as the items name the same publication. It never follows the policy's versions.
 
 Worker ids name claims and heartbeats (default: host-pid). A worker stops when the trainer closes
 the queue at the end of the stage, on SIGTERM (its unfinished item goes back to the queue), or after
@@ -88,6 +94,7 @@ def rollouts_to_json(ro: groups.Rollouts) -> dict:
         "completions": [[dataclasses.asdict(c) for c in group] for group in ro.completions],
         "grades": [[dataclasses.asdict(g) for g in group] for group in ro.grades],
         "summary_tokens": list(ro.summary_tokens),
+        "summary_stats": dict(ro.summary_stats),
         "times": dict(ro.times),
         "problems": [problem_to_json(p) for p in ro.problems],
     }
@@ -104,13 +111,16 @@ def rollouts_from_json(d: dict) -> groups.Rollouts:
                        completions=[[_completion(c) for c in group] for group in d["completions"]],
                        grades=[[Grade(**g) for g in group] for group in d["grades"]],
                        summary_tokens=list(d["summary_tokens"]), times=dict(d["times"]),
-                       problems=[problem_from_json(p) for p in d["problems"]])
+                       problems=[problem_from_json(p) for p in d["problems"]],
+                       summary_stats=dict(d["summary_stats"]))
 
 
-def work_payload(g: groups.GRPOConfig, problems: list[Problem], *, step: int, seed: int, version: int) -> dict:
-    """One RL step's work: what `groups.sample_groups` needs, and the least policy version to use."""
+def work_payload(g: groups.GRPOConfig, problems: list[Problem], *, step: int, seed: int, version: int,
+                 summarizer: dict | None = None) -> dict:
+    """One RL step's work: what `groups.sample_groups` needs, the least policy version to use, and the
+    RC summariser's store when it is a model of its own (`StoreSummarizer.spec`; None: the policy)."""
     return {"format": FORMAT, "grpo": to_dict(g), "problems": [problem_to_json(p) for p in problems],
-            "step": step, "seed": seed, "version": version}
+            "step": step, "seed": seed, "version": version, "summarizer": summarizer}
 
 
 def grpo_config(payload: dict) -> groups.GRPOConfig:
@@ -118,6 +128,23 @@ def grpo_config(payload: dict) -> groups.GRPOConfig:
         raise ValueError(f"work item of format {payload.get('format')!r}, this worker reads {FORMAT!r} "
                          f"(trainer and workers must run the same qedjax)")
     return build(groups.GRPOConfig, payload["grpo"], "grpo.")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSummarizer:
+    """The trainer's handle on an RC summariser that rollout workers run: its weights, published once
+    as `version` of the store at `store`, and the tokenizer directory it came with (None: the policy's).
+    It generates nothing in the trainer."""
+
+    store: str
+    version: int = 0
+    tokenizer: str | None = None
+
+    def spec(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def generate(self, requests, params):
+        raise RuntimeError("engine.kind=workers: the RC summariser runs on the rollout workers")
 
 
 # --- engines that follow the store ----------------------------------------------------------------------
@@ -190,9 +217,41 @@ class _Heartbeat(threading.Thread):
                 return
 
 
+class _Summarizers:
+    """The summariser engine an item names, built on first use and kept while items name the same
+    publication (store, version and its manifest: a trainer restarted with another summariser
+    republishes version 0, and the worker builds anew)."""
+
+    def __init__(self, make: Callable[[dict], RolloutEngine] | None, worker_id: str):
+        self.make, self.worker_id = make, worker_id
+        self.key, self.engine = None, None
+
+    def get(self, spec: dict | None, policy: RolloutEngine) -> RolloutEngine:
+        if spec is None:
+            return policy
+        if self.make is None:
+            raise RuntimeError("the work item names an RC summariser of its own, and this worker was given no "
+                               "way to build one (serve(..., make_summarizer=...))")
+        key = (spec["store"], spec["version"], json.dumps(WeightStore(spec["store"]).manifest(spec["version"]),
+                                                            sort_keys=True))
+        if key != self.key:
+            self.close()
+            t0 = time.perf_counter()
+            self.engine, self.key = self.make(spec), key
+            _log(self.worker_id, f"built the RC summariser from {spec['store']} (version {spec['version']}) in "
+                                 f"{time.perf_counter() - t0:.1f}s")
+        return self.engine
+
+    def close(self) -> None:
+        engine, self.engine, self.key = self.engine, None, None
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()
+
+
 def serve(queue_dir: str | os.PathLike, store: WeightStore | str, make_engine: Callable[[int], RolloutEngine], *,
           worker_id: str, poll_s: float = 2.0, max_items: int | None = None,
-          stop: threading.Event | None = None, heartbeat_s: float = HEARTBEAT_S) -> int:
+          stop: threading.Event | None = None, heartbeat_s: float = HEARTBEAT_S,
+          make_summarizer: Callable[[dict], RolloutEngine] | None = None) -> int:
     """Takes RL rollout work from the queue until told to stop; returns the number of items done.
 
     Args:
@@ -204,6 +263,8 @@ def serve(queue_dir: str | os.PathLike, store: WeightStore | str, make_engine: C
       poll_s: wait between looks at an empty queue.
       max_items: stop after this many items.
       stop: stop once idle when set.
+      make_summarizer: a summariser spec (StoreSummarizer.spec: store, version, tokenizer) -> an engine
+        loaded with it, for items whose RC summariser is a model of its own.
     Stops (once idle) when the trainer closes the queue, if this worker saw it open.
     """
     check_id(worker_id, "worker id")
@@ -215,6 +276,7 @@ def serve(queue_dir: str | os.PathLike, store: WeightStore | str, make_engine: C
     beat = _Heartbeat(queue, worker_id, heartbeat_s, status)
     beat.start()
     engine, done, seen_open = None, 0, False
+    summarizers = _Summarizers(make_summarizer, worker_id)
     try:
         while (max_items is None or done < max_items) and not (stop is not None and stop.is_set()):
             closed = queue.closed
@@ -235,7 +297,8 @@ def serve(queue_dir: str | os.PathLike, store: WeightStore | str, make_engine: C
                     time.sleep(poll_s)
                     engine = _follow(store, engine, make_engine, worker_id)
                 status["version"] = engine.version
-                ro = groups.sample_groups(grpo_config(payload), engine, engine,
+                summarizer = summarizers.get(payload.get("summarizer"), engine)
+                ro = groups.sample_groups(grpo_config(payload), engine, summarizer,
                                       [problem_from_json(p) for p in payload["problems"]],
                                       payload["step"], payload["seed"])
                 result = {"worker": worker_id, "rollouts": rollouts_to_json(ro)}
@@ -251,6 +314,7 @@ def serve(queue_dir: str | os.PathLike, store: WeightStore | str, make_engine: C
             _log(worker_id, f"{item}: {sum(map(len, ro.completions))} rollouts at version {ro.version} in "
                             f"{ro.times['states_s'] + ro.times['generate_s']:.1f}s")
     finally:
+        summarizers.close()
         beat.stopped.set()
         beat.join()
         queue.leave(worker_id)
@@ -265,8 +329,10 @@ class Dispatcher:
     from its sampler; process 0 alone talks to the queue and shares each result with the others."""
 
     def __init__(self, queue_dir: str, g: groups.GRPOConfig, sampler: groups.ProblemSampler, seed: int, grader, *,
-                 depth: int, version: Callable[[], int], poll_s: float = 1.0, dead_after_s: float = DEAD_AFTER_S):
+                 depth: int, version: Callable[[], int], poll_s: float = 1.0, dead_after_s: float = DEAD_AFTER_S,
+                 summarizer: StoreSummarizer | None = None):
         self.g, self.sampler, self.seed, self.grader = g, sampler, seed, grader
+        self.summarizer = summarizer.spec() if summarizer is not None else None
         self.depth, self.version, self.poll_s, self.dead_after_s = max(depth, 1), version, poll_s, dead_after_s
         self.lead = jax.process_index() == 0
         self.queue = WorkQueue(queue_dir) if self.lead else None
@@ -286,7 +352,7 @@ class Dispatcher:
         self.submitted += 1
         if self.lead:
             self.queue.submit(item, work_payload(self.g, problems, step=self.sampler.cursor, seed=self.seed,
-                                                 version=self.version()))
+                                                 version=self.version(), summarizer=self.summarizer))
         self.pending.append(item)
 
     def _wait(self, item: str) -> dict:
@@ -368,24 +434,52 @@ def parse_args(argv):
     p.add_argument("--enforce-eager", action="store_true", help="vLLM: no CUDA graphs")
     p.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other vllm.LLM argument (value read as JSON if it parses, else a string)")
+    p.add_argument("--summarizer-tokenizer",
+                   help="the RC summariser's tokenizer directory, when the trainer's grpo.rc.summarizer is a model "
+                        "with a tokenizer of its own (default: the path the trainer names, if it exists here)")
+    p.add_argument("--summarizer-vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="vLLM: an argument of the summariser's engine, over the policy engine's (e.g. "
+                        "gpu_memory_utilization=0.2: both engines share the GPUs)")
     return p.parse_args(argv)
 
 
-def vllm_options(args) -> dict:
-    """vllm.LLM keyword arguments from the command line."""
-    options = {k: getattr(args, k) for k in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
-                                             "max_num_seqs") if getattr(args, k) is not None}
-    if args.enforce_eager:
-        options["enforce_eager"] = True
-    for item in args.vllm_arg:
+def _key_values(items: list[str], flag: str) -> dict:
+    options = {}
+    for item in items:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"--vllm-arg {item!r} is not KEY=VALUE")
+            raise ValueError(f"{flag} {item!r} is not KEY=VALUE")
         try:
             options[key] = json.loads(text)
         except ValueError:
             options[key] = text
     return options
+
+
+def vllm_options(args, summarizer: bool = False) -> dict:
+    """vllm.LLM keyword arguments from the command line: the policy engine's, or the summariser's
+    (the policy's overlaid with --summarizer-vllm-arg)."""
+    options = {k: getattr(args, k) for k in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
+                                             "max_num_seqs") if getattr(args, k) is not None}
+    if args.enforce_eager:
+        options["enforce_eager"] = True
+    options.update(_key_values(args.vllm_arg, "--vllm-arg"))
+    if summarizer:
+        options.update(_key_values(args.summarizer_vllm_arg, "--summarizer-vllm-arg"))
+    return options
+
+
+def summarizer_tokenizer(args, spec: dict) -> str:
+    """The summariser's tokenizer directory on this worker (see --summarizer-tokenizer)."""
+    if args.summarizer_tokenizer:
+        return args.summarizer_tokenizer
+    named = spec.get("tokenizer")
+    if named is None:
+        return args.tokenizer
+    if os.path.isdir(named):
+        return named
+    raise FileNotFoundError(f"the RC summariser has a tokenizer of its own ({named} on the trainer), which this "
+                            f"worker does not have at that path: pass --summarizer-tokenizer DIR")
 
 
 def main(argv=None) -> int:
@@ -396,6 +490,10 @@ def main(argv=None) -> int:
 
         def make_engine(version):
             return VllmEngine(store, args.tokenizer, version=version, **vllm_options(args))
+
+        def make_summarizer(spec):
+            return VllmEngine(WeightStore(spec["store"]), summarizer_tokenizer(args, spec), version=spec["version"],
+                              **vllm_options(args, summarizer=True))
     else:
         from transformers import AutoTokenizer
 
@@ -404,13 +502,17 @@ def main(argv=None) -> int:
         def make_engine(version):
             return StoreJaxEngine(store, tokenizer, version=version, max_batch=args.max_batch)
 
+        def make_summarizer(spec):
+            return StoreJaxEngine(WeightStore(spec["store"]), AutoTokenizer.from_pretrained(
+                summarizer_tokenizer(args, spec)), version=spec["version"], max_batch=args.max_batch)
+
     def interrupted(signum, frame):  # SIGTERM (scancel, preemption) releases the current item
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, interrupted)
     _log(args.worker_id, f"store {store.path} | queue {args.queue} | engine {args.engine}")
     done = serve(args.queue, store, make_engine, worker_id=args.worker_id, poll_s=args.poll_s,
-                 max_items=args.max_items)
+                 max_items=args.max_items, make_summarizer=make_summarizer)
     _log(args.worker_id, f"done: {done} item(s)")
     return 0
 
