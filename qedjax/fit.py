@@ -142,11 +142,21 @@ def _train_state(model_cfg, optim, steps: int, mesh, rules, layers=None):
     return graphdef, optimizer, shardings, train.abstract_state(shardings, params, optimizer)
 
 
+def _engine_copy(config, params):
+    """An engine's parameter copy as the sampler keeps it (sampler.engine_dtype: matrices in the
+    compute dtype)."""
+    from qedjax.rollout.sampler import engine_dtype
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, engine_dtype(x.dtype, x.ndim, config.dtype),
+                                                       sharding=x.sharding), params)
+
+
 def _rollout_params(model_cfg, mesh, layers=None):
     from qedjax import train
     from qedjax.sharding import ROLLOUT_RULES
 
-    return train.abstract_params(model_cfg, mesh, ROLLOUT_RULES, layers=layers)[2]
+    config, _, params = train.abstract_params(model_cfg, mesh, ROLLOUT_RULES, layers=layers)
+    return _engine_copy(config, params)
 
 
 def _sampler_program(name, model_cfg, mesh, requests: int, max_batch: int, prompt: int, sampling, held,
@@ -156,6 +166,7 @@ def _sampler_program(name, model_cfg, mesh, requests: int, max_batch: int, promp
     from qedjax.sharding import ROLLOUT_RULES
 
     config, graphdef, params = train.abstract_params(model_cfg, mesh, ROLLOUT_RULES, layers=layers)
+    params = _engine_copy(config, params)
     b, p, new = sampler.padded_shape(min(requests, max_batch), prompt, sampling.max_new_tokens, mesh,
                                      ROLLOUT_RULES)
     fn = sampler.make_generate(config, graphdef, mesh, ROLLOUT_RULES, pad_id=0)
@@ -242,14 +253,24 @@ class Memory:
         return self.compiler_peak or self.arguments + self.outputs - self.aliased + self.temporaries
 
 
-def compile_program(p: Program) -> Program:
+MIB = 2**20
+
+
+def compile_program(p: Program, limit: int | None = None) -> Program:
+    """Compiles `p`; with `limit`, for a chip with only that many bytes of HBM (libtpu's
+    xla_tpu_max_hbm_size_mib): the compiler must schedule the program into what is left beside the
+    arrays it does not own (`held`), and refuses it where the chip would run out."""
     t0 = time.perf_counter()
     # A compile-only executable cannot be read back from JAX's persistent cache (there is no TPU
     # client to load it into): keep it out, rather than warn on every later read.
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    options = {"xla_tpu_max_hbm_size_mib": str(limit // MIB)} if limit is not None else {}
     try:
-        compiled = p.fn.lower(*p.args).compile()
+        if limit is not None and limit <= 0:
+            raise ValueError(f"RESOURCE_EXHAUSTED: what the stage holds beside the program already fills the "
+                             f"chip's HBM ({limit / GIB:.2f} GiB left)")
+        compiled = p.fn.lower(*p.args).compile(compiler_options=options)
     except Exception as e:  # the TPU compiler's RESOURCE_EXHAUSTED, and anything else it refuses
         p.error = str(e)
     else:
@@ -282,15 +303,22 @@ def extrapolate(shallow: Program, deeper: Program, a: int, b: int, depth: int) -
                                name=f"{deeper.name} (extrapolated from {a} and {b} of {depth} blocks)")
 
 
-def _add_alongside(progs: list[Program]) -> None:
+def _kind(p: Program) -> str:
+    return p.name.split(" [")[0]
+
+
+def _add_alongside(p: Program, progs: list[Program]) -> None:
     """A program that shares the chips with another (async GRPO: step and rollout) also holds that
     one's temporaries and outputs; its arguments (one engine's params) are already in `held`."""
-    by_kind = {p.name.split(" [")[0]: p for p in progs}
-    for p in progs:
-        other = by_kind.get(p.alongside)
-        if other is not None and other.memory is not None:
-            p.held[f"{p.alongside} running alongside (async): temporaries + outputs"] = (
-                other.peak - other.memory.arguments)
+    other = {_kind(q): q for q in progs}.get(p.alongside)
+    if other is not None and other.memory is not None:
+        p.held[f"{p.alongside} running alongside (async): temporaries + outputs"] = other.peak - other.memory.arguments
+
+
+def compile_order(progs: list[Program]) -> list[Program]:
+    """Programs that run alongside another are compiled after it (its memory is part of their budget)."""
+    after = {p.alongside for p in progs if p.alongside}
+    return [p for p in progs if _kind(p) in after] + [p for p in progs if _kind(p) not in after]
 
 
 def largest_arguments(p: Program, n: int = 5) -> list[tuple[str, int]]:
@@ -334,11 +362,15 @@ def report(cfg, mesh, stages, target: str, prompt_tokens: int | None = None, lay
                 out(f"[fit]     {n} blocks: " + (f"peak {_gib(p.peak)} per chip ({p.compile_s:.0f} s)" if not p.error
                                                  else "refused by the compiler"))
         progs = [extrapolate(x, y, a, b, depth) for x, y in progs]
-    else:
         for p in progs:
-            out(f"[fit] compiling {p.name} ...")
-            compile_program(p)
-    _add_alongside(progs)
+            _add_alongside(p, progs)
+    else:
+        for p in compile_order(progs):
+            _add_alongside(p, progs)
+            held = sum(p.held.values())
+            out(f"[fit] compiling {p.name}" + (f" for the {_gib(hbm - held)} of HBM left beside what the stage "
+                                               f"holds ({_gib(held)})" if held else "") + " ...")
+            compile_program(p, hbm - held)
     ok = True
     for p in progs:
         if p.error:

@@ -113,3 +113,30 @@ def test_launch_compile_only_checks_the_config_first():
                      "--stage", "sft", "sft.global_batch=8", "sft.micro_batches=4"])
     with pytest.raises(ValueError, match="unknown TPU generation"):
         launch.main(["--config", "configs/tiny.yaml", "--compile-only", "h100x8"])
+
+
+def test_a_program_is_compiled_for_the_memory_left_beside_what_is_held(mesh):
+    """With a budget (the chip's HBM less what the stage holds beside the program), the compiler
+    refuses a program that would fit an empty chip but not the room that is left."""
+    cfg = load_config(None, SMALL)
+    [alone] = fit.programs(cfg, mesh, ("sft",))
+    fit.compile_program(alone)
+    assert not alone.error and alone.peak > 2 * fit.MIB
+    [roomy] = fit.programs(cfg, mesh, ("sft",))
+    fit.compile_program(roomy, limit=alone.peak + 64 * fit.MIB)
+    assert not roomy.error and roomy.peak == alone.peak
+    [tight] = fit.programs(cfg, mesh, ("sft",))
+    fit.compile_program(tight, limit=alone.peak - fit.MIB)
+    assert "RESOURCE_EXHAUSTED" in tight.error
+    [none] = fit.programs(cfg, mesh, ("sft",))
+    fit.compile_program(none, limit=0)
+    assert "already fills the chip" in none.error
+
+
+def test_async_step_is_compiled_after_the_rollout_it_runs_beside():
+    step = fit.Program("grpo step [1 x 2 x 3]", None, (), {}, alongside="rollout")
+    rollout = fit.Program("rollout [1 x 2 + 3]", None, (), {})
+    assert fit.compile_order([step, rollout]) == [rollout, step]
+    rollout.memory, rollout.peak = fit.Memory(5, 0, 0, 0, 12), 12
+    fit._add_alongside(step, [step, rollout])
+    assert step.held == {"rollout running alongside (async): temporaries + outputs": 7}

@@ -203,6 +203,28 @@ def test_a_remat_model_decodes(hf_and_ours):
     assert [r.tokens for r in got] == [r.tokens for r in ref]
 
 
+def test_engine_copy_keeps_matrices_in_the_compute_dtype_with_the_same_outputs():
+    """fp32 master weights with bf16 compute: the sampler stores the weight matrices in bf16 (half the
+    memory) and the norm scales as they are; the model casts matrices to bf16 where it uses them, so
+    hidden states and logits are bit-identical to those of the fp32-weight model."""
+    import dataclasses
+
+    from qedjax.rollout.sampler import engine_dtype
+
+    config = dataclasses.replace(Qwen3Config.preset("tiny", vocab_size=128), dtype="bfloat16")
+    model = Qwen3(config, rngs=nnx.Rngs(5))
+    sampler = Sampler(model)
+    stored = {tuple(map(str, path)): x for path, x in jax.tree_util.tree_flatten_with_path(sampler.params)[0]}
+    assert all(x.dtype == (jnp.bfloat16 if x.ndim >= 2 else jnp.float32) for x in stored.values())
+    assert engine_dtype(jnp.float32, 2, jnp.float32) == jnp.float32  # fp32 compute: nothing changes
+    assert engine_dtype(jnp.int32, 2, jnp.bfloat16) == jnp.int32
+    copy = nnx.merge(sampler.graphdef, sampler.params)
+    tokens = jnp.asarray([PROMPTS[1][:16], PROMPTS[3] * 3 + [7]], jnp.int32)
+    want, got = model.hidden(tokens), copy.hidden(tokens)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(np.asarray(copy.logits(got)), np.asarray(model.logits(want)))
+
+
 def test_contract_and_engine(hf_and_ours, toy_tokenizer):
     _, model = hf_and_ours
     out = Sampler(model).generate([[1, 2, 3]], max_new_tokens=4, temperature=1.0, seed=0)

@@ -209,6 +209,17 @@ def input_shapes(b: int, p: int, mesh: Mesh | None, rules) -> tuple:
     return (*ints, controls, keys)
 
 
+def engine_dtype(param_dtype, ndim: int, compute_dtype):
+    """The dtype a sampler keeps a parameter in: weight matrices (ndim >= 2) in the compute dtype when it
+    is narrower, since the model casts every matrix to the compute dtype where it uses it (the same
+    rounding, done once: a bf16-compute model with fp32 master weights decodes exactly as before, from
+    half the memory); norm scales, used as they are, keep their dtype."""
+    param_dtype, compute_dtype = jnp.dtype(param_dtype), jnp.dtype(compute_dtype)
+    if ndim >= 2 and jnp.issubdtype(param_dtype, jnp.floating) and compute_dtype.itemsize < param_dtype.itemsize:
+        return compute_dtype
+    return param_dtype
+
+
 class Sampler:
     """Generates from a Qwen3 model. See the module docstring.
 
@@ -234,9 +245,12 @@ class Sampler:
         self._generate = make_generate(self.config, self.graphdef, mesh, rules, pad_id)
 
     def update(self, params) -> None:
-        """New parameter values (a pure dict as from nnx.to_pure_dict, any layout). They are copied:
-        a trainer may donate its buffers to the next step while this sampler still uses them."""
-        params = jax.tree.map(jnp.copy, params)
+        """New parameter values (a pure dict as from nnx.to_pure_dict, any layout). They are copied
+        (a trainer may donate its buffers to the next step while this sampler still uses them), the
+        weight matrices in the compute dtype (`engine_dtype`)."""
+        dtype = jnp.dtype(self.config.dtype)
+        params = jax.tree.map(lambda a: a.astype(engine_dtype(a.dtype, a.ndim, dtype)) if
+                              engine_dtype(a.dtype, a.ndim, dtype) != a.dtype else jnp.copy(a), params)
         if self._param_shardings is not None:
             params = jax.device_put(params, self._param_shardings)
         self.params = params
