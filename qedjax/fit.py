@@ -151,26 +151,27 @@ def _engine_copy(config, params):
                                                        sharding=x.sharding), params)
 
 
-def _rollout_params(model_cfg, mesh, layers=None):
+def _engine_params(model_cfg, mesh, rules=None, layers=None):
+    """An in-process engine's parameter copy (rollout layout unless `rules` says otherwise)."""
     from qedjax import train
     from qedjax.sharding import ROLLOUT_RULES
 
-    config, _, params = train.abstract_params(model_cfg, mesh, ROLLOUT_RULES, layers=layers)
+    config, _, params = train.abstract_params(model_cfg, mesh, rules or ROLLOUT_RULES, layers=layers)
     return _engine_copy(config, params)
 
 
 def _sampler_program(name, model_cfg, mesh, requests: int, max_batch: int, prompt: int, sampling, held,
-                     layers=None):
+                     layers=None, rules=None):
     from qedjax import train
     from qedjax.rollout import sampler
     from qedjax.sharding import ROLLOUT_RULES
 
-    config, graphdef, params = train.abstract_params(model_cfg, mesh, ROLLOUT_RULES, layers=layers)
+    rules = rules or ROLLOUT_RULES
+    config, graphdef, params = train.abstract_params(model_cfg, mesh, rules, layers=layers)
     params = _engine_copy(config, params)
-    b, p, new = sampler.padded_shape(min(requests, max_batch), prompt, sampling.max_new_tokens, mesh,
-                                     ROLLOUT_RULES)
-    fn = sampler.make_generate(config, graphdef, mesh, ROLLOUT_RULES, pad_id=0)
-    args = (params, *sampler.input_shapes(b, p, mesh, ROLLOUT_RULES), new, sampling.top_k > 0, sampling.top_p < 1.0)
+    b, p, new = sampler.padded_shape(min(requests, max_batch), prompt, sampling.max_new_tokens, mesh, rules)
+    fn = sampler.make_generate(config, graphdef, mesh, rules, pad_id=0)
+    args = (params, *sampler.input_shapes(b, p, mesh, rules), new, sampling.top_k > 0, sampling.top_p < 1.0)
     return Program(f"{name} [{b} x {p} + {new}]", fn, args, held)
 
 
@@ -181,7 +182,7 @@ def programs(cfg, mesh, stages, prompt_tokens: int | None = None, layers: int | 
     always computed at the model's full depth).
     """
     from qedjax import rl, sft
-    from qedjax.sharding import TRAIN_RULES
+    from qedjax.sharding import SUMMARIZER_RULES, TRAIN_RULES
 
     model_cfg = _model_cfg(cfg.model)
     out = []
@@ -202,30 +203,34 @@ def programs(cfg, mesh, stages, prompt_tokens: int | None = None, layers: int | 
         fn = rl.make_step(g, graphdef, optimizer, shardings, mesh, TRAIN_RULES)
         rows = rl.train_rows(g, mesh, TRAIN_RULES) // g.micro_batches
         in_process = cfg.engine.kind == "jax"
-        # The engines' parameter copies (rollout layout): the policy's, and a summariser's of its own
-        # (frozen, or another model: taken to be the policy's size, as the release's 4B instruct model is).
-        engines = (2 if g.rc.enabled and g.rc.summarizer != "policy" else 1) if in_process else 0
-        copy = shard_bytes(_rollout_params(model_cfg, mesh)) if in_process else 0
-        held = {f"{engines} engine param copies": engines * copy} if engines else {}
+        # The engines' parameter copies: the policy's (rollout layout) and a summariser's of its own
+        # (frozen, or another model, taken to be the policy's size as the release's 4B instruct model
+        # is; sharded as in training, SUMMARIZER_RULES).
+        own = in_process and g.rc.enabled and g.rc.summarizer != "policy"
+        copy = shard_bytes(_engine_params(model_cfg, mesh)) if in_process else 0
+        summarizer_copy = shard_bytes(_engine_params(model_cfg, mesh, SUMMARIZER_RULES)) if own else 0
+        held = {"policy engine's params": copy} if in_process else {}
+        if own:
+            held["summariser engine's params (fsdp-sharded)"] = summarizer_copy
         step = Program(f"grpo step [{g.micro_batches} x {rows} x {seq}]", fn, (state, batch), held)
         out.append(step)
         if in_process:
-            full_state = _train_state(model_cfg, g.optim, g.steps, mesh, TRAIN_RULES)[3]
-            held = {"train state": shard_bytes(full_state)}
-            if engines > 1:
-                held["other engine's params"] = copy
+            train_state = {"train state": shard_bytes(_train_state(model_cfg, g.optim, g.steps, mesh, TRAIN_RULES)[3])}
+            held = {**train_state, "summariser engine's params (fsdp-sharded)": summarizer_copy} if own else train_state
             rollout = _sampler_program("rollout", model_cfg, mesh, g.sequences_per_step, cfg.engine.max_batch,
                                        prompt, g.sampling, held, layers)
             out.append(rollout)
             if g.rc.enabled:
                 summary = dataclasses.replace(g.sampling, max_new_tokens=g.rc.summary_max_new_tokens)
+                held = {**train_state, "policy engine's params": copy} if own else dict(train_state)
                 out.append(_sampler_program("rc summary", model_cfg, mesh, g.problems_per_step, cfg.engine.max_batch,
-                                            prompt + g.sampling.max_new_tokens, summary, dict(held), layers))
+                                            prompt + g.sampling.max_new_tokens, summary, held, layers,
+                                            SUMMARIZER_RULES if own else None))
             if g.mode == "async":  # rollouts run in a thread while the trainer trains
                 step.alongside = "rollout"
     if cfg.eval is not None and "eval" in stages and cfg.engine.kind == "jax":
         e = cfg.eval
-        copy = shard_bytes(_rollout_params(model_cfg, mesh))
+        copy = shard_bytes(_engine_params(model_cfg, mesh))
         # A scaffold call generates for batch_size units at most (single: one request each);
         # pipeline.run_evals keeps the target's params while its engine holds a copy.
         out.append(_sampler_program("eval rollout", model_cfg, mesh, e.batch_size, cfg.engine.max_batch,

@@ -148,8 +148,7 @@ def main(argv=None) -> int:
         elif stage == "grpo":
             grader = pipeline.build_grader(cfg.grpo.grader, cfg, run_dir, style="rubric",
                                            answer_timeout_s=cfg.grpo.answer_timeout_s)
-            make_summarizer = pipeline.summarizer_factory(cfg.grpo.rc.summarizer, cfg, tokenizer, mesh, run_dir,
-                                                          make_engine)
+            make_summarizer = pipeline.summarizer_factory(cfg.grpo.rc.summarizer, cfg, tokenizer, mesh, run_dir)
             rl.run(cfg, mesh, run_dir, writer, tokenizer=tokenizer, grader=grader, make_engine=make_engine,
                    make_summarizer=make_summarizer)
         elif stage == "eval":

@@ -20,7 +20,7 @@ from qedjax import train
 from qedjax.checkpoint import restore_params
 from qedjax.metrics import plot_metrics
 from qedjax.rewards import Grade, Grader, make_grader
-from qedjax.sharding import ROLLOUT_RULES
+from qedjax.sharding import ROLLOUT_RULES, SUMMARIZER_RULES
 
 ENGINES = ("jax", "vllm", "workers")
 TARGETS = ("base", "sft", "grpo", "final")
@@ -184,18 +184,16 @@ def engine_factory(cfg, tokenizer, mesh, run_dir: str):
                                             version=version)
 
 
-def summarizer_factory(name: str, cfg, tokenizer, mesh, run_dir: str, make_engine):
+def summarizer_factory(name: str, cfg, tokenizer, mesh, run_dir: str):
     """(starting policy, version) -> the engine that writes RC summaries, for a summarizer setting:
     "frozen" (a frozen copy of the stage's starting policy) or the name of a model of its own (a local
     Hugging Face directory, or a qedjax preset with random weights seeded from run.seed), loaded once
     and never updated. It gets its own engine: in-process with its own tokenizer and chat template (the
-    directory's, else the policy's); with vLLM a second engine over its own weight store
+    directory's, else the policy's) and its weights sharded as in training (SUMMARIZER_RULES); with vLLM a second engine over its own weight store
     (engine.summarizer_store, default run_dir/summarizer_weights); with rollout workers the weights are
     published to that store and the workers build the engine (a qedjax.rollout.worker.StoreSummarizer
     names it). "policy" needs no factory."""
     kind = cfg.engine.kind
-    if name == "frozen" and kind == "jax":
-        return make_engine
 
     def own_model():
         from qedjax.rollout.rc import derive_seed
@@ -209,16 +207,16 @@ def summarizer_factory(name: str, cfg, tokenizer, mesh, run_dir: str, make_engin
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(name)
-        _, graphdef, params = train.init_params(model_cfg, mesh, ROLLOUT_RULES,
+        _, graphdef, params = train.init_params(model_cfg, mesh, SUMMARIZER_RULES,
                                                 seed=derive_seed(cfg.run.seed, "summarizer"), vocab_size=len(tok))
         return nnx.merge(graphdef, params), tok, name if has_tokenizer else None
 
     def make(policy_model=None, version: int = 0):
         model, tok, tok_dir = (policy_model, tokenizer, None) if name == "frozen" else own_model()
-        if kind == "jax":
+        if kind == "jax":  # weights sharded as in training (sharding.SUMMARIZER_RULES)
             from qedjax.rollout.jax_engine import JaxEngine
 
-            return JaxEngine(model, tok, max_batch=cfg.engine.max_batch, version=0)
+            return JaxEngine(model, tok, mesh=mesh, rules=SUMMARIZER_RULES, max_batch=cfg.engine.max_batch, version=0)
         from qedjax.rollout.weights import WeightStore
 
         store = WeightStore(cfg.engine.summarizer_store or os.path.join(run_dir, "summarizer_weights"))
@@ -304,7 +302,7 @@ def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict
     out = {}
     summarizer = None  # RC with a summariser of its own: one engine for every target
     if ev.scaffold == "rc" and ev.rc.summarizer not in ("policy", "frozen"):
-        summarizer = summarizer_factory(ev.rc.summarizer, cfg, tokenizer, mesh, run_dir, make_engine)()
+        summarizer = summarizer_factory(ev.rc.summarizer, cfg, tokenizer, mesh, run_dir)()
     for target in cfg.run.eval_targets:
         graphdef, params = target_params(cfg, target, mesh, run_dir, len(tokenizer))
         engine = make_engine(nnx.merge(graphdef, params), 0)

@@ -44,6 +44,10 @@ TRAIN_RULES: Rules = {
 }
 
 ROLLOUT_RULES: Rules = {**TRAIN_RULES, "embed": None}
+# An RC summariser's engine (in-process): weights sharded over fsdp as in training (1/F of the memory
+# of a rollout-layout copy, gathered for each decoded token), batch and cache as in rollouts. It only
+# writes short summaries, and a second whole copy beside the policy's did not fit a 4B async run.
+SUMMARIZER_RULES: Rules = TRAIN_RULES
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:

@@ -125,14 +125,12 @@ def test_the_launcher_builds_a_named_summarizer(tmp_path, toy_tokenizer):
 
     cfg = load_config(None, [f"run.dir={tmp_path}", "model.preset=tiny", "grpo.rc.enabled=true",
                              "grpo.rc.summarizer=tiny"])
-    made = []
     mesh = sharding.make_mesh("", devices=jax.devices()[:1])
-    make = pipeline.summarizer_factory("tiny", cfg, toy_tokenizer, mesh, str(tmp_path),
-                                       lambda model, version: made.append(model))
+    make = pipeline.summarizer_factory("tiny", cfg, toy_tokenizer, mesh, str(tmp_path))
     engine = make(None, 3)
-    assert isinstance(engine, JaxEngine) and not made  # its own engine, not the policy's factory
+    assert isinstance(engine, JaxEngine)
     assert engine.version == 0  # frozen: never follows the policy's versions
-    assert pipeline.summarizer_factory("frozen", cfg, toy_tokenizer, None, str(tmp_path), "F") == "F"
+    assert engine.sampler.rules is sharding.SUMMARIZER_RULES  # weights sharded as in training
     with pytest.raises(FileNotFoundError, match="grpo.rc.summarizer: 'nowhere' is neither"):
         pipeline.check_engine(dataclasses.replace(cfg, grpo=dataclasses.replace(
             cfg.grpo, rc=dataclasses.replace(cfg.grpo.rc, summarizer="nowhere"))))

@@ -15,6 +15,7 @@ from flax import nnx
 from qedjax.models.qwen3 import Qwen3
 from qedjax.rollout.engine import Completion, Request, SamplingParams
 from qedjax.rollout.sampler import Sampler
+from qedjax.sharding import ROLLOUT_RULES
 from qedjax.text import THINK_OPEN
 
 
@@ -40,12 +41,14 @@ class JaxEngine:
     Args:
       model: the policy (its current weights are version 0).
       tokenizer: a Hugging Face tokenizer with a chat template.
-      mesh, max_batch: passed to the Sampler.
+      mesh, rules, max_batch: passed to the Sampler (rules: its parameter and cache layout).
     """
 
-    def __init__(self, model: Qwen3, tokenizer, *, mesh=None, max_batch: int = 256, version: int = 0):
+    def __init__(self, model: Qwen3, tokenizer, *, mesh=None, rules=ROLLOUT_RULES, max_batch: int = 256,
+                 version: int = 0):
         self.tokenizer = tokenizer
-        self.sampler = Sampler(model, mesh=mesh, max_batch=max_batch, pad_id=tokenizer.pad_token_id or 0)
+        self.sampler = Sampler(model, mesh=mesh, rules=rules, max_batch=max_batch,
+                               pad_id=tokenizer.pad_token_id or 0)
         self.stop_ids = stop_token_ids(tokenizer)
         self._version = version
         self._lock = threading.Lock()  # load_weights may run while another thread generates
