@@ -104,13 +104,16 @@ def evaluate(config: str, run_dir: str, overrides: list[str]) -> None:
         del engine, params
 
 
-_SO_FAR = re.compile(r"So far:((?:\s+\d)*)")
-_KNOWN = re.compile(r"Known:((?:\s+\d)*)\.")
+_SO_FAR = re.compile(r"So far:([^.]*)")
+_KNOWN = re.compile(r"Known:([^.]*)\.")
 
 
 def _digits(pattern: re.Pattern, text: str) -> list[int] | None:
+    """The labelled results (toy.parse_labelled) after pattern's marker, None without the marker."""
+    from qedjax import toy
+
     m = pattern.search(text)
-    return [int(x) for x in m.group(1).split()] if m else None
+    return toy.parse_labelled(m.group(1)) if m else None
 
 
 def mechanism(records: list[dict], problems: dict) -> dict:
