@@ -12,16 +12,21 @@ The tokenizer is a byte-level BPE trained on the task and on the project's promp
 as a Hugging Face tokenizer directory with a Qwen3-style chat template (thinking models open the
 think block in the generation prompt).
 
-`ToyConfig.task="long"` is the reasoning-cache variant (configs/tiny-rc.yaml, tools/rc_compare.py):
-the same problems and rubric, but every digit is worked out in the thinking (`3 to 4,`, four
-tokens a digit) and the answer lists the results worked out so far (the digits not reached score no
-point). Working all seven digits and answering takes about 45 tokens, more than the per-call budget of
-the RC config (32, room for four digits), so a single call either answers part of the problem or is
-cut off: the budget, not the model, limits one pass. The teacher works a random number of digits
-per turn; a turn that continues from an RC summary (`So far: 4 6 0.`) restates the known results
-(`Known: 4 6 0.`) and works on from the next digit, and the summary of an attempt lists the results
-of its finished work items, so progress is carried from turn to turn only by the summary. (The demo
-model has not learned to read this layout's digits in 900 SFT steps: docs/BENCHMARKS.md.)
+`ToyConfig.task="long"` is the reasoning-cache variant (configs/tiny-rc.yaml, tools/rc_compare.py).
+Its digits carry labels, a label and its digit spelt as one token: the problem reads
+`Add one to each digit: A3 B5 C9 D0 E2 F7 G1`, the thinking works the digits in order, three tokens
+each (`Working. A3 a4, B5 b6,`: copy the labelled digit, write its result), and the answer lists
+the results found so far (`Answer: a4 b6`), one rubric point per correct result, so a partial
+answer scores partially. Every copy is thus a lookup of the token with the next label, wherever it
+sits, which the demo model learns in a few hundred SFT steps (an earlier layout that copied the k-th
+digit by position was not learnt in 900: docs/BENCHMARKS.md). Working all seven digits and
+answering takes 37 tokens, more than the per-call budget of the RC config (26: room for four
+digits), so a single call either answers part of the problem or is cut off: the budget, not the
+model, limits one pass. The teacher works a random number of digits per turn; a turn that continues
+from an RC summary (`So far: a4 b6 c0.`) restates the known results (`Known: a4 b6 c0.`) and works
+on from the next label, and the summary of an attempt lists the results of its finished work items,
+so progress is carried from turn to turn only by the summary. Within the budget, three turns can
+finish a problem (4 + 2 + 1 digits: restating grows with what is known).
 """
 
 from __future__ import annotations
@@ -144,9 +149,11 @@ def write_data(cfg: ToyConfig, out_dir: str) -> dict[str, str]:
     for name, n in (("rl", cfg.rl_problems), ("eval", cfg.eval_problems)):
         with open(paths[name], "w") as f:
             for digits in _problems(rng, n, cfg.num_digits):
-                long = cfg.task == "long"
-                f.write(json.dumps({"problem": long_problem_text(digits) if long else problem_text(digits),
-                                    "rubric": json.dumps(long_rubric(digits) if long else rubric(digits))}) + "\n")
+                if cfg.task == "long":
+                    problem, rubric_ = long_problem_text(digits), long_rubric(digits)
+                else:
+                    problem, rubric_ = problem_text(digits), rubric(digits)
+                f.write(json.dumps({"problem": problem, "rubric": json.dumps(rubric_)}) + "\n")
     return paths
 
 
@@ -191,7 +198,8 @@ def parse_problem(text: str) -> list[int]:
 
 
 def long_rubric(digits: list[int]) -> dict:
-    """One checkpoint per label: the first `x` of the answer must be followed by the result of X."""
+    """One checkpoint per label: the answer's first result labelled x must be the result of X (a
+    label written twice scores at most once)."""
     return {"checkpoints": [
         {"pattern": f"Answer:[^{a}]*\\b{a}{d}\\b", "points": 1, "description": f"{a} is {d}"}
         for a, d in zip(RESULT_LABELS, target(digits))]}

@@ -79,7 +79,8 @@ def test_rc_carries_progress_that_one_call_cannot_make(tmp_path):
     problems = {p.id: p for p in load_benchmark(bench)}
     m = rc_compare.mechanism(read_jsonl(tmp_path / "eval" / "teacher-rc" / "samples.jsonl"), problems)
     assert [round(v, 1) for v in m["turn_scores"].values()] == [round(100 * 3 / 7, 1), round(100 * 6 / 7, 1), 100.0]
-    assert m["summary_nonempty"] == {1: 1.0, 2: 1.0} and m["restated_summary"] == m["continued_from_count"] == 1.0
+    assert m["summary_nonempty"] == {1: 1.0, 2: 1.0} and m["turn_truncated"] == {1: 0.0, 2: 0.0, 3: 0.0}
+    assert m["restated_summary"] == m["continued_from_count"] == m["next_item_right"] == 1.0
 
 
 def test_one_command_runs_the_comparison(tmp_path):
