@@ -97,7 +97,8 @@ def with_toy_data(cfg, run_dir: str):
     toy_dir = os.path.join(run_dir, "toy")
     tok_dir = os.path.join(toy_dir, "tokenizer")
     if jax.process_index() == 0 and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        toy.build_tokenizer(tok_dir, vocab_size=cfg.toy.vocab_size, seed=cfg.toy.seed)
+        toy.build_tokenizer(tok_dir, vocab_size=cfg.toy.vocab_size, seed=cfg.toy.seed,
+                            **toy.tokenizer_extras(cfg.toy))
     paths = toy.write_data(cfg.toy, toy_dir) if jax.process_index() == 0 else toy.data_paths(toy_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -12,16 +12,21 @@ The tokenizer is a byte-level BPE trained on the task and on the project's promp
 as a Hugging Face tokenizer directory with a Qwen3-style chat template (thinking models open the
 think block in the generation prompt).
 
-`ToyConfig.task="long"` is the reasoning-cache variant (configs/tiny-rc.yaml, tools/rc_compare.py):
-the same problems and rubric, but every digit is worked out in the thinking (`3 to 4,`, four
-tokens a digit) and the answer lists the results worked out so far (the digits not reached score no
-point). Working all seven digits and answering takes about 45 tokens, more than the per-call budget of
-the RC config (32, room for four digits), so a single call either answers part of the problem or is
-cut off: the budget, not the model, limits one pass. The teacher works a random number of digits
-per turn; a turn that continues from an RC summary (`So far: 4 6 0.`) restates the known results
-(`Known: 4 6 0.`) and works on from the next digit, and the summary of an attempt lists the results
-of its finished work items, so progress is carried from turn to turn only by the summary. (The demo
-model has not learned to read this layout's digits in 900 SFT steps: docs/BENCHMARKS.md.)
+`ToyConfig.task="long"` is the reasoning-cache variant (configs/tiny-rc.yaml, tools/rc_compare.py).
+Its digits carry labels, a label and its digit spelt as one token: the problem reads
+`Add one to each digit: A3 B5 C9 D0 E2 F7 G1`, the thinking works the digits in order, three tokens
+each (`Working. A3 a4, B5 b6,`: copy the labelled digit, write its result), and the answer lists
+the results found so far (`Answer: a4 b6`), one rubric point per correct result, so a partial
+answer scores partially. Every copy is thus a lookup of the token with the next label, wherever it
+sits, which the demo model learns in a few hundred SFT steps (an earlier layout that copied the k-th
+digit by position was not learnt in 900: docs/BENCHMARKS.md). Working all seven digits and
+answering takes 37 tokens, more than the per-call budget of the RC config (26: room for four
+digits), so a single call either answers part of the problem or is cut off: the budget, not the
+model, limits one pass. The teacher works a random number of digits per turn; a turn that continues
+from an RC summary (`So far: a4 b6 c0.`) restates the known results (`Known: a4 b6 c0.`) and works
+on from the next label, and the summary of an attempt lists the results of its finished work items,
+so progress is carried from turn to turn only by the summary. Within the budget, three turns can
+finish a problem (4 + 2 + 1 digits: restating grows with what is known).
 """
 
 from __future__ import annotations
@@ -144,8 +149,11 @@ def write_data(cfg: ToyConfig, out_dir: str) -> dict[str, str]:
     for name, n in (("rl", cfg.rl_problems), ("eval", cfg.eval_problems)):
         with open(paths[name], "w") as f:
             for digits in _problems(rng, n, cfg.num_digits):
-                f.write(json.dumps({"problem": problem_text(digits),
-                                    "rubric": json.dumps(rubric(digits))}) + "\n")
+                if cfg.task == "long":
+                    problem, rubric_ = long_problem_text(digits), long_rubric(digits)
+                else:
+                    problem, rubric_ = problem_text(digits), rubric(digits)
+                f.write(json.dumps({"problem": problem, "rubric": json.dumps(rubric_)}) + "\n")
     return paths
 
 
@@ -172,37 +180,78 @@ def sft_row(digits: list[int], rng: random.Random, cfg: ToyConfig) -> dict:
 
 # ---------------------------------------------------------------- the "long" task (RC variant)
 
-def work_item(digit: int, result: int) -> str:
-    # digits spelt as the problem and the answer spell them (one space-led token each), so working a
-    # digit out is the demo task's lookup, not a second spelling of the digits to learn
-    return f"{digit} to {result},"
+# The long task labels every digit and spells a label with its digit as one token (`C9`: the digit 9
+# of the problem's third place; `c0`: the result of that place), so every copy is a lookup of the
+# token whose label comes next, wherever it sits, rather than a count of positions (which the demo
+# model did not learn). Capitals label problem digits, lower case results.
+PROBLEM_LABELS, RESULT_LABELS = "ABCDEFG", "abcdefg"
+_PAIR = re.compile(r"\b([a-g])(\d)\b")
+
+
+def long_problem_text(digits: list[int]) -> str:
+    return "Add one to each digit: " + " ".join(f"{a}{d}" for a, d in zip(PROBLEM_LABELS, digits))
+
+
+def parse_problem(text: str) -> list[int]:
+    """The digits of a long-task problem, in label order."""
+    return [int(d) for d in re.findall(r"\b[A-G](\d)\b", text.split("Add one to each digit:", 1)[1])]
+
+
+def long_rubric(digits: list[int]) -> dict:
+    """One checkpoint per label: the answer's first result labelled x must be the result of X (a
+    label written twice scores at most once)."""
+    return {"checkpoints": [
+        {"pattern": f"Answer:[^{a}]*\\b{a}{d}\\b", "points": 1, "description": f"{a} is {d}"}
+        for a, d in zip(RESULT_LABELS, target(digits))]}
+
+
+def labelled(results: list[int]) -> str:
+    """`a4 b6 c0`: results in label order, from the first label."""
+    return " ".join(f"{a}{r}" for a, r in zip(RESULT_LABELS, results))
+
+
+def parse_labelled(text: str) -> list[int]:
+    """The results of a labelled list, in order, up to the first label out of sequence."""
+    out = []
+    for a, r in _PAIR.findall(text):
+        if a != RESULT_LABELS[len(out)]:
+            break
+        out.append(int(r))
+        if len(out) == len(RESULT_LABELS):
+            break
+    return out
+
+
+def work_item(k: int, digit: int, result: int) -> str:
+    """`C9 c0,`: the k-th digit copied with its label, then its result."""
+    return f"{PROBLEM_LABELS[k]}{digit} {RESULT_LABELS[k]}{result},"
 
 
 def so_far(results: list[int]) -> str:
-    """An RC summary of the long task: the results found so far, in order."""
-    return "So far: " + (" ".join(map(str, results)) if results else "none") + "."
+    """An RC summary of the long task: the results found so far."""
+    return "So far: " + (labelled(results) or "none") + "."
 
 
 def long_thinking(digits: list[int], known: list[int], results: list[int]) -> str:
     """Restates the known results (from the summary), then works out the next digits."""
-    head = "Known: " + " ".join(map(str, known)) + "." if known else "Working."
-    items = [work_item(digits[len(known) + i], r) for i, r in enumerate(results)]
+    head = "Known: " + labelled(known) + "." if known else "Working."
+    items = [work_item(len(known) + i, digits[len(known) + i], r) for i, r in enumerate(results)]
     return " ".join([head] + items)
 
 
 def long_answer(found: list[int]) -> str:
-    """The answer of a long-task turn: the results found so far (the rubric's first positions)."""
-    return " ".join(["Answer:"] + [str(r) for r in found])
+    """The answer of a long-task turn: the results found so far, labelled."""
+    return " ".join(["Answer:", labelled(found)]).strip()
 
 
 def parse_found(thinking: str) -> list[int]:
     """The results a (possibly cut-off) long-task thinking has established: the known ones and
     every finished work item, in order."""
-    found: list[int] = []
-    known = re.match(r"\s*Known:((?:\s+\d)*)\.", thinking)
-    if known:
-        found = [int(x) for x in known.group(1).split()]
-    found += [int(m.group(1)) for m in re.finditer(r"\d to (\d),", thinking)]
+    known = re.match(r"\s*Known:([^.]*)\.", thinking)
+    found = parse_labelled(known.group(1)) if known else []
+    for a, r in re.findall(r"\b[A-G]\d ([a-g])(\d),", thinking):
+        if len(found) < len(RESULT_LABELS) and a == RESULT_LABELS[len(found)]:
+            found.append(int(r))
     return found
 
 
@@ -210,7 +259,7 @@ def long_row(digits: list[int], rng: random.Random, cfg: ToyConfig) -> dict:
     """A long-task demonstration: a first turn, a continuation from a summary, or a summary."""
     from qedjax.rollout.rc import render_prompt
 
-    problem, n = problem_text(digits), len(digits)
+    problem, n = long_problem_text(digits), len(digits)
     right = target(digits)
     # the state the turn starts from: a summary with m results known (summary_rows of the rows), or none
     continues = rng.random() < cfg.summary_rows
@@ -225,8 +274,9 @@ def long_row(digits: list[int], rng: random.Random, cfg: ToyConfig) -> dict:
     summary = so_far(known) if continues else ""
     kind = rng.random()
     if kind < cfg.summarize_rows:
-        cut = rng.random() < 0.5 and len(thinking) > 8
-        attempt = thinking[:rng.randrange(8, len(thinking))] if cut else thinking
+        words = thinking.split(" ")
+        cut = rng.random() < 0.5 and len(words) > 1  # cut off between tokens, as a token budget does
+        attempt = " ".join(words[:rng.randrange(1, len(words))]) if cut else thinking
         note = "\n" + render_prompt("rc_truncated_note") + "\n" if cut else ""
         prompt = render_prompt("rc_summarize", problem=problem, summary=summary or render_prompt("rc_no_summary"),
                                attempt=attempt, note=note)
@@ -237,6 +287,19 @@ def long_row(digits: list[int], rng: random.Random, cfg: ToyConfig) -> dict:
     else:
         prompt = render_prompt("rc_reason", problem=problem)
     return {"problem": prompt, "reasoning_content": thinking, "proof": long_answer(known + results)}
+
+
+def tokenizer_extras(cfg: ToyConfig) -> dict:
+    """build_tokenizer's extra arguments for cfg's task: none for the demo task (its tokenizer stays
+    as it was); for the long task its demonstrations as extra text, and every labelled digit (` A3`,
+    ` a4`, space included) as a token of its own."""
+    if cfg.task != "long":
+        return {}
+    rng = random.Random(cfg.seed + 1)
+    rows = [long_row(d, rng, dataclasses.replace(cfg, teacher_error_rate=0.0))
+            for d in _problems(rng, 500, cfg.num_digits)]
+    return {"extra_texts": [f"{r['problem']}\n{r['reasoning_content']}\n{r['proof']}" for r in rows],
+            "extra_tokens": [f" {a}{d}" for a in PROBLEM_LABELS + RESULT_LABELS for d in range(10)]}
 
 
 def _prompt_texts() -> list[str]:
@@ -258,8 +321,9 @@ def _template_chunks() -> list[str]:
 
 
 def build_tokenizer(out_dir: str, *, vocab_size: int = 512, extra_texts: list[str] | None = None,
-                    seed: int = 0) -> str:
-    """Trains a byte-level BPE on toy problems + the prompt templates and saves an HF tokenizer dir."""
+                    extra_tokens: list[str] | None = None, seed: int = 0) -> str:
+    """Trains a byte-level BPE on toy problems + the prompt templates (+ extra_texts) and saves an HF
+    tokenizer dir; extra_tokens are added whole, as the template chunks are."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -271,11 +335,12 @@ def build_tokenizer(out_dir: str, *, vocab_size: int = 512, extra_texts: list[st
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(THINK_TOKENS) - len(_template_chunks()),
+    added = THINK_TOKENS + _template_chunks() + list(extra_tokens or [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(added),
                                   special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS + _template_chunks()])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                  additional_special_tokens=["<|im_start|>"])
     hf.chat_template = CHAT_TEMPLATE

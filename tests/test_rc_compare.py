@@ -10,7 +10,6 @@ model under both scaffolds and writes the table and the plot.
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 
@@ -32,13 +31,13 @@ WORK_PER_CALL = 3
 
 def teacher(kind, text, params, index):
     """The long task's teacher, working at most WORK_PER_CALL digits per call (words are tokens)."""
-    digits = [int(x) for x in re.search(r"Add one to each digit:((?: \d)+)", text).group(1).split()]
+    digits = toy.parse_problem(text)
     if kind == "rc_summarize":
         attempt = text.split("Reasoning of the latest attempt:", 1)[1].strip()
         return "<think> Summarising. </think> " + toy.so_far(toy.parse_found(attempt))
     known = []
     if kind == "rc_reason_summary":
-        known = [int(x) for x in re.search(r"So far:((?: \d)*)", text).group(1).split()]
+        known = toy.parse_labelled(text.split("So far:", 1)[1].split(".", 1)[0])
     results = toy.target(digits)[len(known):len(known) + WORK_PER_CALL]
     thinking = toy.long_thinking(digits, known, results)
     return f"<think> {thinking} </think> " + toy.long_answer(known + results)
@@ -53,7 +52,7 @@ def test_long_task_data_teaches_turns_and_summaries(tmp_path):
     summaries = [r for r in rows if r["problem"].startswith("Write a short summary")]
     assert starts and continues and summaries
     for r in starts + continues:
-        digits = [int(x) for x in re.search(r"Add one to each digit:((?: \d)+)", r["problem"]).group(1).split()]
+        digits = toy.parse_problem(r["problem"])
         found = toy.parse_found(r["reasoning_content"])
         assert found == toy.target(digits)[:len(found)]  # no teacher errors here
         assert r["proof"] == toy.long_answer(found)
@@ -66,7 +65,7 @@ def test_rc_carries_progress_that_one_call_cannot_make(tmp_path):
     paths = toy.write_data(cfg, str(tmp_path / "toy"))
     bench = BenchmarkConfig(path=paths["eval"], format="rules", name="toy-long")
     engine = FakeEngine(teacher)
-    # 3 digits of work (5 words each) plus the answer fit in 40 words; all 7 would not
+    # the teacher's 3 digits of work (2 words each) plus the answer fit in 40 words
     base = EvalConfig(benchmark=bench, sampling=SamplingParams(max_new_tokens=40, temperature=1.0), grader="rule")
     out = {}
     for scaffold in ("single", "rc"):
@@ -80,7 +79,8 @@ def test_rc_carries_progress_that_one_call_cannot_make(tmp_path):
     problems = {p.id: p for p in load_benchmark(bench)}
     m = rc_compare.mechanism(read_jsonl(tmp_path / "eval" / "teacher-rc" / "samples.jsonl"), problems)
     assert [round(v, 1) for v in m["turn_scores"].values()] == [round(100 * 3 / 7, 1), round(100 * 6 / 7, 1), 100.0]
-    assert m["summary_nonempty"] == {1: 1.0, 2: 1.0} and m["restated_summary"] == m["continued_from_count"] == 1.0
+    assert m["summary_nonempty"] == {1: 1.0, 2: 1.0} and m["turn_truncated"] == {1: 0.0, 2: 0.0, 3: 0.0}
+    assert m["restated_summary"] == m["continued_from_count"] == m["next_item_right"] == 1.0
 
 
 def test_one_command_runs_the_comparison(tmp_path):

@@ -14,12 +14,14 @@ Per seed (run.seed; the toy data stay those of toy.seed), under RUN_DIR/seed<N> 
      labels `<model>-<scaffold>` under RUN_DIR/seed<N>/eval/ (with the run's score-vs-tokens plot,
      eval/cost_vs_score.png);
   4. the report: per model and scaffold the score, its standard error over problems and tokens per
-     problem; for RC the score of every turn's response, the share of non-empty summaries and the share
-     of later turns that restate their summary (long task: their `Known:` list equals the summary's
-     results) or at least continue from its progress (as many results as the summary); paired
-     differences with standard errors over problems (qedjax.eval.report): RC minus
-     single pass per model, GRPO-RC minus GRPO under RC. Written to RUN_DIR/seed<N>/comparison.{md,json}
-     and, for all seeds, RUN_DIR/comparison.md.
+     problem; for RC the score of every turn's response and the share of every turn cut off by the
+     budget, the share of non-empty summaries, the share of later turns that restate their summary
+     (long task: their `Known:` list equals the summary's results) or at least continue from its
+     progress (as many results as the summary), and, of those whose summary is not complete, the
+     share that restate it and then work the next digit right; paired differences with standard
+     errors over problems (qedjax.eval.report): RC minus single pass per model, GRPO-RC minus GRPO
+     under RC. Written to RUN_DIR/seed<N>/comparison.{md,json} and, for all seeds,
+     RUN_DIR/comparison.md.
 
 Every stage resumes or skips itself, so re-running a killed command continues it.
 """
@@ -104,24 +106,43 @@ def evaluate(config: str, run_dir: str, overrides: list[str]) -> None:
         del engine, params
 
 
-_SO_FAR = re.compile(r"So far:((?:\s+\d)*)")
-_KNOWN = re.compile(r"Known:((?:\s+\d)*)\.")
+_SO_FAR = re.compile(r"So far:([^.]*)")
+_KNOWN = re.compile(r"Known:([^.]*)\.")
 
 
 def _digits(pattern: re.Pattern, text: str) -> list[int] | None:
+    """The labelled results (toy.parse_labelled) after pattern's marker, None without the marker."""
+    from qedjax import toy
+
     m = pattern.search(text)
-    return [int(x) for x in m.group(1).split()] if m else None
+    return toy.parse_labelled(m.group(1)) if m else None
+
+
+def _next_item_right(problem: str, said: list[int], response: str) -> bool:
+    """Whether the response's first work item is the one after the summary's results, worked right."""
+    from qedjax import toy
+    from qedjax.text import split_thinking
+
+    digits = toy.parse_problem(problem)
+    k = len(said)
+    item = toy.work_item(k, digits[k], toy.target(digits)[k])
+    thinking = split_thinking(response).thinking or response
+    after = thinking.split(".", 1)[1] if "Known:" in thinking else ""
+    return after.split(",", 1)[0].strip() + "," == item
 
 
 def mechanism(records: list[dict], problems: dict) -> dict:
     """Per-turn scores, non-empty summaries and turns that restate their summary, of RC records."""
+    from qedjax import toy
     from qedjax.rewards import GradeItem, RuleGrader
     from qedjax.text import split_thinking
 
     per_turn: dict[int, list[float]] = collections.defaultdict(list)
+    cut: dict[int, list[bool]] = collections.defaultdict(list)  # the turn ran out of its budget
     nonempty: dict[int, list[bool]] = collections.defaultdict(list)
     restated: list[bool] = []  # the next turn's `Known:` list equals the summary's results
     counted: list[bool] = []  # ... has as many results as the summary (it continues from its progress)
+    stepped: list[bool] = []  # ... and, where the summary is not complete, works the next digit right
     items, turns = [], []
     for r in records:
         responses = list(r["trace"].get("turn_responses", [])) + [r["response"]]
@@ -129,6 +150,7 @@ def mechanism(records: list[dict], problems: dict) -> dict:
         for k, text in enumerate(responses):
             items.append(GradeItem(problems[r["id"]].problem, text, problems[r["id"]].references))
             turns.append(k)
+            cut[k + 1].append(k in r["trace"].get("truncated_turns", []))
         for k, summary in enumerate(summaries):
             nonempty[k + 1].append(bool(summary.strip()))
             said = _digits(_SO_FAR, summary)
@@ -136,12 +158,17 @@ def mechanism(records: list[dict], problems: dict) -> dict:
                 known = _digits(_KNOWN, split_thinking(responses[k + 1]).thinking or responses[k + 1])
                 restated.append(known == said)
                 counted.append(known is not None and len(known) == len(said))
+                if len(said) < len(toy.RESULT_LABELS):
+                    stepped.append(known == said and _next_item_right(problems[r["id"]].problem, said,
+                                                                      responses[k + 1]))
     for k, grade in zip(turns, RuleGrader().grade(items) if items else []):
         per_turn[k + 1].append(100.0 * grade.reward)
     return {"turn_scores": {k: statistics.fmean(v) for k, v in sorted(per_turn.items())},
+            "turn_truncated": {k: statistics.fmean(v) for k, v in sorted(cut.items())},
             "summary_nonempty": {k: statistics.fmean(v) for k, v in sorted(nonempty.items())},
             "restated_summary": statistics.fmean(restated) if restated else None,
             "continued_from_count": statistics.fmean(counted) if counted else None,
+            "next_item_right": statistics.fmean(stepped) if stepped else None,
             "summaries_with_results": len(restated)}
 
 
@@ -182,16 +209,21 @@ def markdown(out: dict) -> str:
              f"{out['problems']} problems x {out['samples']} samples; per-call budget {out['per_call_budget']} "
              f"tokens; RC: {out['rc_turns']} turns, summaries up to {out['summary_budget']} tokens.", "",
              "| model | scaffold | score % | stderr | tokens/problem | calls | truncated | per-turn score % "
-             "| summaries non-empty | turn restates summary | ... as many results |", "|---" * 11 + "|"]
+             "| per-turn truncated "
+             "| summaries non-empty | turn restates summary | ... as many results | ... then works the next "
+             "digit right |", "|---" * 13 + "|"]
     for label, r in out["rows"].items():
         model, scaffold = label.rsplit("-", 1)
         turns = " / ".join(f"{v:.1f}" for v in r.get("turn_scores", {}).values()) or "-"
+        turn_cut = " / ".join(f"{100 * v:.0f}%" for v in r.get("turn_truncated", {}).values()) or "-"
         nonempty = " / ".join(f"{100 * v:.0f}%" for v in r.get("summary_nonempty", {}).values()) or "-"
         restated = "-" if r.get("restated_summary") is None else f"{100 * r['restated_summary']:.0f}%"
         counted = "-" if r.get("continued_from_count") is None else f"{100 * r['continued_from_count']:.0f}%"
+        stepped = "-" if r.get("next_item_right") is None else f"{100 * r['next_item_right']:.0f}%"
         lines.append(f"| {model} | {scaffold} | {r['score']:.1f} | {r['stderr']:.1f} | {r['tokens_per_problem']:.0f} "
-                     f"| {r['calls_per_problem']:.1f} | {100 * r['truncated_share']:.0f}% | {turns} | {nonempty} "
-                     f"| {restated} | {counted} |")
+                     f"| {r['calls_per_problem']:.1f} | {100 * r['truncated_share']:.0f}% | {turns} "
+                     f"| {turn_cut} | {nonempty} "
+                     f"| {restated} | {counted} | {stepped} |")
     lines += ["", "| paired difference | points | stderr | problems |", "|---|---|---|---|"]
     for name, d in out["differences"].items():
         lines.append(f"| {name} | {d['diff']:+.1f} | {d['stderr']:.1f} | {d['problems']} |")
