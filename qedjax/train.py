@@ -41,11 +41,12 @@ def token_logprobs(model, tokens, targets, *, positions=None, segment_ids=None, 
 
     @jax.checkpoint
     def piece(h, y):  # h: [B, C, D], y: [B, C]
-        logits = model.logits(h) / temperature  # [B, C, V]
+        rows = h.shape[:2]
+        logits = model.logits(h.reshape(-1, d)) / temperature  # [M, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
-        target = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        target = jnp.take_along_axis(logits, y.reshape(-1, 1), axis=-1)[:, 0]
         probs = jax.nn.softmax(logits, axis=-1)
-        return target - lse, lse - jnp.sum(probs * logits, axis=-1)
+        return (target - lse).reshape(rows), (lse - jnp.sum(probs * logits, axis=-1)).reshape(rows)
 
     if t <= chunk:
         return piece(hidden, targets)
