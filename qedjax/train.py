@@ -162,11 +162,16 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
             g = jax.tree.map(lambda x: (x / denom).astype(x.dtype), g_sum)
             loss = loss_sum / denom
             grad_norm = optax.global_norm(g)
-            updates, opt_state = optimizer.update(g, state["opt_state"], params)
-            new_params = optax.apply_updates(params, updates)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-            new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
+            apply = getattr(optimizer, "apply", None)  # qedjax.optim's fused step, or any optax transformation
+            if apply is not None:
+                new_params, opt_state = apply(g, state["opt_state"], params, finite)
+            else:
+                updates, opt_state = optimizer.update(g, state["opt_state"], params)
+                keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+                new_params = keep(optax.apply_updates(params, updates), params)
+                opt_state = keep(opt_state, state["opt_state"])
+            new_state = {"params": new_params, "opt_state": opt_state,
                          "step": state["step"] + finite.astype(jnp.int32)}
             metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32),
                        "normalizer": denom, **aux}
