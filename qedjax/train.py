@@ -41,11 +41,12 @@ def token_logprobs(model, tokens, targets, *, positions=None, segment_ids=None, 
 
     @jax.checkpoint
     def piece(h, y):  # h: [B, C, D], y: [B, C]
-        logits = model.logits(h) / temperature  # [B, C, V]
+        rows = h.shape[:2]
+        logits = model.logits(h.reshape(-1, d)) / temperature  # [M, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
-        target = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        target = jnp.take_along_axis(logits, y.reshape(-1, 1), axis=-1)[:, 0]
         probs = jax.nn.softmax(logits, axis=-1)
-        return target - lse, lse - jnp.sum(probs * logits, axis=-1)
+        return (target - lse).reshape(rows), (lse - jnp.sum(probs * logits, axis=-1)).reshape(rows)
 
     if t <= chunk:
         return piece(hidden, targets)
@@ -161,11 +162,16 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
             g = jax.tree.map(lambda x: (x / denom).astype(x.dtype), g_sum)
             loss = loss_sum / denom
             grad_norm = optax.global_norm(g)
-            updates, opt_state = optimizer.update(g, state["opt_state"], params)
-            new_params = optax.apply_updates(params, updates)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-            new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
+            apply = getattr(optimizer, "apply", None)  # qedjax.optim's fused step, or any optax transformation
+            if apply is not None:
+                new_params, opt_state = apply(g, state["opt_state"], params, finite)
+            else:
+                updates, opt_state = optimizer.update(g, state["opt_state"], params)
+                keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+                new_params = keep(optax.apply_updates(params, updates), params)
+                opt_state = keep(opt_state, state["opt_state"])
+            new_state = {"params": new_params, "opt_state": opt_state,
                          "step": state["step"] + finite.astype(jnp.int32)}
             metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32),
                        "normalizer": denom, **aux}

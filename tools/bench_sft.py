@@ -19,6 +19,10 @@
    fp32 parameters and bf16 compute, never allocating the state. Compiling all 36 layers on a small
    CPU is slow, so by default the child compiles 2 and 4 layers and the figures are extrapolated
    linearly per layer (`--memory-layers 2 4 36` compiles the real depth too).
+4. With `--grpo`, the GRPO step (`train.make_train_step` with `grpo.make_loss`, default LossConfig,
+   temperature 1) joins the rounds on the same batch: the unmasked three quarters of each row are
+   the response, with random behaviour logprobs and advantages. It has no torch counterpart; its
+   time is reported beside the SFT step's (SFT and GRPO share the step; only the loss differs).
 
 Timings on a shared machine are noisy: figures are medians over rounds, best in brackets, and the
 ratio is the median of per-round ratios.
@@ -27,6 +31,7 @@ Usage:
   .venv/bin/python tools/bench_sft.py                            # bench-100m 2x128 and 4x256, 4B memory
   .venv/bin/python tools/bench_sft.py --batch 8 --seq 512 --repeats 3 --skip-memory
   .venv/bin/python tools/bench_sft.py --skip-step --memory-layers 2 4 36
+  .venv/bin/python tools/bench_sft.py --batch 8 --seq 320 --grpo --repeats 3 --skip-memory   # 8 x 240 response tokens
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="cores for both frameworks (default: all this process may use)")
     p.add_argument("--skip-step", action="store_true", help="skip the throughput benchmark")
+    p.add_argument("--grpo", action="store_true", help="time the GRPO loss step too (qedjax only)")
     p.add_argument("--skip-memory", action="store_true", help="skip the qwen3-4b memory analysis")
     p.add_argument("--memory-preset", default="qwen3-4b")
     p.add_argument("--memory-layers", type=int, nargs="+", default=[2, 4],
@@ -109,11 +115,24 @@ def sft_batch(vocab: int, b: int, t: int, seed: int = 0):
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
 
 
-def qedjax_trainer(model_dir: str, batch):
-    """(step() -> loss, flops per step): the SFT stage's jitted step on a one-device mesh."""
+def grpo_batch(batch, seed: int = 1):
+    """The SFT batch plus what a GRPO step reads: behaviour logprobs, advantages, token weights."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    b, t = batch["tokens"].shape
+    mask = batch["loss_mask"].astype(np.float32)
+    return dict(batch, behaviour_logp=(-rng.exponential(2.0, (b, t)) * mask).astype(np.float32),
+                ref_logp=np.zeros((b, t), np.float32), weight=mask,
+                advantage=rng.choice([-1.0, 1.0], b).astype(np.float32))
+
+
+def qedjax_trainer(model_dir: str, batch, grpo: bool = False):
+    """(step() -> loss, flops per step): the SFT (or GRPO) stage's jitted step on a one-device mesh."""
     import jax
 
     from qedjax import convert, sft, train
+    from qedjax import grpo as grpo_lib
     from qedjax.optim import OptimConfig, make_optimizer
     from qedjax.sharding import TRAIN_RULES, make_mesh, state_shardings
 
@@ -124,9 +143,13 @@ def qedjax_trainer(model_dir: str, batch):
     optimizer = make_optimizer(OptimConfig(lr=LR, schedule="constant", warmup_ratio=0.0,
                                            weight_decay=WEIGHT_DECAY, clip_norm=CLIP), 1000)
     state, shardings = train.init_state(params, optimizer, mesh)
-    batch_sh = {k: train.micro_batch_sharding(mesh, TRAIN_RULES, 3) for k in batch}
-    step_fn = train.make_train_step(graphdef, sft.sft_loss, sft.target_tokens, optimizer, shardings, batch_sh,
-                                    mesh, TRAIN_RULES)
+    batch_sh = {k: train.micro_batch_sharding(mesh, TRAIN_RULES, v.ndim + 1) for k, v in batch.items()}
+    if grpo:
+        cfg = grpo_lib.LossConfig()
+        loss_fn, normalizer = grpo_lib.make_loss(cfg, 1.0), grpo_lib.normalizer(cfg.aggregation, len(batch["tokens"]))
+    else:
+        loss_fn, normalizer = sft.sft_loss, sft.target_tokens
+    step_fn = train.make_train_step(graphdef, loss_fn, normalizer, optimizer, shardings, batch_sh, mesh, TRAIN_RULES)
     device_batch = train.put_batch({k: v[None] for k, v in batch.items()}, mesh, TRAIN_RULES)
     start = time.perf_counter()
     compiled = step_fn.lower(state, device_batch).compile()
@@ -187,6 +210,7 @@ def bench_step(args) -> list[dict]:
         with tempfile.TemporaryDirectory(prefix="bench-sft-") as d:
             hf.save_pretrained(d)
             jax_step, hlo_flops, compile_s = qedjax_trainer(d, batch)
+            grpo_step = qedjax_trainer(d, grpo_batch(batch), grpo=True)[0] if args.grpo else None
         torch_step = torch_trainer(hf, batch, args.torch_optim)
         if not rows:
             print(f"# {args.preset}: {n_params / 1e6:.1f}M params, fp32, AdamW ({args.torch_optim} in torch); "
@@ -204,17 +228,26 @@ def bench_step(args) -> list[dict]:
         for i, (a, c) in enumerate(((jax_loss0, torch_loss0), (jax_loss1, torch_loss1))):
             if abs(a - c) > 1e-3 * abs(c):
                 raise SystemExit(f"losses disagree at {b}x{t} step {i}: qedjax {a:.6f}, torch {c:.6f}")
-        t_jax, t_torch = [], []
+        steps = {"jax": jax_step, "torch": torch_step, **({"grpo": grpo_step} if args.grpo else {})}
+        if args.grpo:
+            timed(grpo_step)
+        times = {name: [] for name in steps}
         for r in range(args.repeats):
-            for name in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
-                (t_jax if name == "jax" else t_torch).append(timed(jax_step if name == "jax" else torch_step)[0])
+            for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+                times[name].append(timed(steps[name])[0])
+        t_jax, t_torch = times["jax"], times["torch"]
         row = dict(batch=b, seq=t, tokens=b * t, params=n_params, compile_s=compile_s, jax_first_s=jax_first,
                    torch_first_s=torch_first, losses=[[jax_loss0, torch_loss0], [jax_loss1, torch_loss1]],
                    hlo_gflop=hlo_flops / 1e9, jax_s=t_jax, torch_s=t_torch)
         rows.append(row)
         print(f"# {b}x{t}: qedjax {[round(x, 2) for x in t_jax]} s, torch {[round(x, 2) for x in t_torch]} s",
               flush=True)
-        del hf, jax_step, torch_step
+        if args.grpo:
+            row["grpo_s"] = times["grpo"]
+            print(f"# {b}x{t}: qedjax GRPO step {[round(x, 2) for x in times['grpo']]} s: "
+                  f"{b * t / statistics.median(times['grpo']):.0f} tok/s, GRPO / SFT step time "
+                  f"{statistics.median(g / j for g, j in zip(times['grpo'], t_jax)):.2f}", flush=True)
+        del hf, jax_step, torch_step, grpo_step
     return rows
 
 
