@@ -189,10 +189,11 @@ def summarizer_factory(name: str, cfg, tokenizer, mesh, run_dir: str):
     "frozen" (a frozen copy of the stage's starting policy) or the name of a model of its own (a local
     Hugging Face directory, or a qedjax preset with random weights seeded from run.seed), loaded once
     and never updated. It gets its own engine: in-process with its own tokenizer and chat template (the
-    directory's, else the policy's) and its weights sharded as in training (SUMMARIZER_RULES); with vLLM a second engine over its own weight store
-    (engine.summarizer_store, default run_dir/summarizer_weights); with rollout workers the weights are
-    published to that store and the workers build the engine (a qedjax.rollout.worker.StoreSummarizer
-    names it). "policy" needs no factory."""
+    directory's, else the policy's) and its weights sharded as in training (SUMMARIZER_RULES); with
+    vLLM a second engine over its own weight store (engine.summarizer_store, default
+    run_dir/summarizer_weights); with rollout workers the weights are published to that store and the
+    workers build the engine (a qedjax.rollout.worker.StoreSummarizer names it). "policy" needs no
+    factory."""
     kind = cfg.engine.kind
 
     def own_model():

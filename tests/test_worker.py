@@ -305,9 +305,9 @@ def test_rl_loop_with_a_worker_following_the_store(tmp_path):
         except BaseException as e:  # noqa: BLE001 - reported to the test
             errors.append(e)
 
-    serving = threading.Thread(target=run, args=(worker.serve, str(tmp_path / "queue"), str(tmp_path / "weights"),
-                                                  make_engine), kwargs={"worker_id": "w0", "poll_s": 0.05,
-                                                                        "make_summarizer": make_summarizer}, daemon=True)
+    serve_args = (worker.serve, str(tmp_path / "queue"), str(tmp_path / "weights"), make_engine)
+    serving = threading.Thread(target=run, args=serve_args, daemon=True,
+                               kwargs={"worker_id": "w0", "poll_s": 0.05, "make_summarizer": make_summarizer})
     training = threading.Thread(target=run, args=(launch.main, ["--config", path]), daemon=True)
     serving.start()
     training.start()
