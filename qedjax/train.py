@@ -163,7 +163,10 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
             loss = loss_sum / denom
             grad_norm = optax.global_norm(g)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            apply = getattr(optimizer, "apply", None)  # qedjax.optim's fused step, or any optax transformation
+            # qedjax.optim's fused step, on CPU meshes only: there it removes XLA:CPU's copies of the Adam
+            # state (5-7% of a step); compiled for a TPU it reads and writes more (4B SFT step, 2-4
+            # blocks, v5p: +8% bytes accessed, docs/BENCHMARKS.md), so elsewhere the optax path runs.
+            apply = getattr(optimizer, "apply", None) if mesh.devices.flat[0].platform == "cpu" else None
             if apply is not None:
                 new_params, opt_state = apply(g, state["opt_state"], params, finite)
             else:
