@@ -3,7 +3,8 @@ weight-decay mask (no decay on norm scales and embeddings unless configured).
 
 `make_optimizer` returns optax's chain (its `init` and `update`, and so its state and checkpoints)
 plus `apply`, the same step written per parameter with the skip of a non-finite step folded in. The
-train step calls `apply`: with optax's `update`, XLA fuses the moment update into both the new
+train step calls `apply` on CPU meshes (elsewhere optax's `update`: compiled for a TPU, `apply` moved
+8% more bytes, docs/BENCHMARKS.md). With optax's `update`, XLA fuses the moment update into both the new
 moment and the parameter update, so the parameter update reads the old moments after the new ones
 have overwritten them in the donated buffers, and XLA copies all of Adam's state first; on CPU
 these copies and the extra passes over the state cost about a tenth of a small step (issue 22).

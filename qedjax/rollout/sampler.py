@@ -248,9 +248,13 @@ class Sampler:
         """New parameter values (a pure dict as from nnx.to_pure_dict, any layout). They are copied
         (a trainer may donate its buffers to the next step while this sampler still uses them), the
         weight matrices in the compute dtype (`engine_dtype`)."""
-        dtype = jnp.dtype(self.config.dtype)
-        params = jax.tree.map(lambda a: a.astype(engine_dtype(a.dtype, a.ndim, dtype)) if
-                              engine_dtype(a.dtype, a.ndim, dtype) != a.dtype else jnp.copy(a), params)
+        compute = jnp.dtype(self.config.dtype)
+
+        def engine_copy(a):
+            dtype = engine_dtype(a.dtype, a.ndim, compute)
+            return a.astype(dtype) if dtype != a.dtype else jnp.copy(a)
+
+        params = jax.tree.map(engine_copy, params)
         if self._param_shardings is not None:
             params = jax.device_put(params, self._param_shardings)
         self.params = params
