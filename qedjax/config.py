@@ -69,7 +69,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
-    attention_block: int = 512  # query/key block of blockwise attention, used above this length (0: never)
+    attention_block: int = 512  # query/key block of the blockwise (flash) attention; 0: dense attention only
 
     def __post_init__(self):
         if self.attention_block < 0:

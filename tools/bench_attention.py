@@ -1,4 +1,4 @@
-"""Dense vs blockwise attention inside the qedjax model: forward and forward+backward time at 1 x T.
+"""Dense vs blockwise attention inside the qedjax model: forward and forward+backward time at B x T.
 
 The model is a random `bench-100m` (80M parameters, fp32) built once per attention block size;
 `--blocks 0` is the dense path (the whole T x T score matrix, masked), any other value routes
@@ -41,12 +41,13 @@ def timed(fn, *args, repeats: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="bench-100m")
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--blocks", type=int, nargs="+", default=[0, 1024, 512])
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 32768, (1, args.seq)), jnp.int32)
-    print(f"# {args.preset}, 1 x {args.seq}, fp32, jax {jax.__version__} on {jax.devices()[0].platform}, "
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 32768, (args.batch, args.seq)), jnp.int32)
+    print(f"# {args.preset}, {args.batch} x {args.seq}, fp32, jax {jax.__version__} on {jax.devices()[0].platform}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     for block in args.blocks:
         cfg = Qwen3Config.preset(args.preset, attention_block=block)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qedjax.models.attention import dense_attention, flash_attention
 from qedjax.sharding import constrain
 
 # Hugging Face config.json values. Qwen3-4B-Thinking-2507 (the paper's base model) differs from
@@ -91,7 +92,7 @@ class Qwen3Config:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: bool = False  # recompute each block in the backward pass (long sequences)
-    attention_block: int = 512  # queries longer than this use blockwise attention (0: never)
+    attention_block: int = 512  # block of flash_attention (0: always the dense path), see Attention
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -208,78 +209,6 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
-NEG = float(jnp.finfo(jnp.float32).min)
-
-
-def dense_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots):
-    """Softmax attention with the whole [T, S] score matrix.
-
-    q: [B, T, K, G, H]; k, v: [B, S, K, H]; q_seg, q_slots: [B, T]; kv_seg: [B, S]; kv_slots: [S].
-    A query sees the keys of its own segment at slots up to its own. Returns [B, T, K, G, H].
-    """
-    h = q.shape[-1]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
-    mask = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_slots[None, None, :] <= q_slots[:, :, None])
-    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, NEG), axis=-1).astype(q.dtype)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-
-
-def blockwise_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block: int):
-    """The same attention computed block by block with a running softmax (flash-attention style).
-
-    Memory is O(block^2) per step instead of O(T x S): queries go in blocks (`lax.map`), keys in
-    blocks (`lax.scan`) that update a running max, denominator and output; both loops are
-    rematerialised, so the backward pass keeps only per-block running statistics. A key block that
-    no query of the block may see (a future block under the causal mask, or another segment) is
-    skipped with `lax.cond`, which roughly halves the work of causal attention. Skipping gives the
-    same result as computing it: the running sums would gain nothing, or, before the first visible
-    key, gain terms that the first visible block multiplies by exp(NEG - max) = 0.
-    """
-    b, t, kh, g, h = q.shape
-    s = k.shape[1]
-    pt, ps = -t % block, -s % block
-    q = jnp.pad(q, ((0, 0), (0, pt), (0, 0), (0, 0), (0, 0)))
-    q_seg = jnp.pad(q_seg, ((0, 0), (0, pt)), constant_values=-1)
-    q_slots = jnp.pad(q_slots, ((0, 0), (0, pt)))
-    k = jnp.pad(k, ((0, 0), (0, ps), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, ps), (0, 0), (0, 0)))
-    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, ps)), constant_values=-2)  # padding keys match no query
-    kv_slots = jnp.pad(kv_slots, (0, ps))
-    nq, nk = (t + pt) // block, (s + ps) // block
-    blocks_of = lambda x, n: jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)  # noqa: E731
-    kv_blocks = (blocks_of(k, nk), blocks_of(v, nk), blocks_of(kv_seg, nk), kv_slots.reshape(nk, block))
-
-    def one_query_block(args):
-        qb, qs, qsl = args  # [B, C, K, G, H], [B, C], [B, C]
-
-        def step(carry, kv):
-            kb, vb, ks, ksl = kv
-            mask = (qs[:, :, None] == ks[:, None, :]) & (ksl[None, None, :] <= qsl[:, :, None])
-
-            def attend(carry):
-                o, l, m = carry  # [B, K, G, C, H], [B, K, G, C], [B, K, G, C]
-                sc = jnp.einsum("BTKGH,BSKH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * (h ** -0.5)
-                sc = jnp.where(mask[:, None, None], sc, NEG)
-                m_new = jnp.maximum(m, sc.max(axis=-1))
-                p = jnp.exp(sc - m_new[..., None])
-                corr = jnp.exp(m - m_new)
-                o = o * corr[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb,
-                                                     preferred_element_type=jnp.float32)
-                return o, l * corr + p.sum(axis=-1), m_new
-
-            return jax.lax.cond(mask.any(), attend, lambda carry: carry, carry), None
-
-        init = (jnp.zeros((b, kh, g, block, h), jnp.float32), jnp.zeros((b, kh, g, block), jnp.float32),
-                jnp.full((b, kh, g, block), NEG, jnp.float32))
-        (o, l, _), _ = jax.lax.scan(jax.checkpoint(step), init, kv_blocks)
-        l = jnp.where(l == 0, 1.0, l)  # padding queries that see no key at all (sliced off below)
-        return jnp.moveaxis(o / l[..., None], 3, 1).astype(qb.dtype)  # [B, C, K, G, H]
-
-    out = jax.lax.map(jax.checkpoint(one_query_block), (blocks_of(q, nq), blocks_of(q_seg, nq),
-                                                        blocks_of(q_slots, nq)))
-    return jnp.moveaxis(out, 0, 1).reshape(b, t + pt, kh, g, h)[:, :t]
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -362,8 +291,11 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, h)  # [B, T, K, G, H]
         q_slots = jnp.broadcast_to(q_slots, (b, t))
         args = (q, k_all.astype(dt), v_all.astype(dt), q_segments, kv_segments, q_slots, kv_slots)
-        if cfg.attention_block and t > cfg.attention_block:
-            out = blockwise_attention(*args, block=cfg.attention_block)
+        # Without a cache (training, scoring) always the blockwise path, for its backward pass: at
+        # T <= block it is one block, as fast as the dense path on CPU (issue 22). With a cache,
+        # decoding and short prefills take the dense path, long prefills the blockwise one.
+        if cfg.attention_block and (t > cfg.attention_block or kv is None):
+            out = flash_attention(*args, block=cfg.attention_block)
         else:
             out = dense_attention(*args)
         out = out.reshape(b * t, n, h)  # [M, N, H]

@@ -1,0 +1,185 @@
+"""Masked softmax attention for Qwen3: a dense path and a blockwise one with its own backward pass.
+
+Both take q: [B, T, K, G, H] (G = query heads per key head), k, v: [B, S, K, H], segment ids and slots,
+and return [B, T, K, G, H]. A query sees the keys of its own segment at slots up to its own.
+
+`flash_attention` is the training path. It computes attention block by block with a running softmax
+and has a hand-written VJP (the FlashAttention recipe: keep the output and each row's log-sum-exp,
+recompute the probabilities of one block pair at a time in the backward pass). Letting JAX
+differentiate the loops instead replays the running softmax twice more and, on XLA:CPU, transposes
+every score gradient (issue 22's profile: 13% of the 1 x 2048 step).
+
+Layout: inside the loops a query block is [B, K, C x G, H] (row = position x G + head), so every
+matmul is a batched GEMM over (B, K) with no transposes. A block pair is skipped when no query sees
+any key of it (future blocks, other segments), and computed without the mask when every query sees
+every key; only the blocks on the diagonal or a segment boundary pay for the mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def _mask(q_seg, q_slots, kv_seg, kv_slots):
+    """[B, T] / [B, T] / [B, S] / [S] -> bool [B, T, S]."""
+    return (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_slots[None, None, :] <= q_slots[:, :, None])
+
+
+def dense_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots):
+    """Softmax attention with the whole [T, S] score matrix (decoding and short prefills)."""
+    h = q.shape[-1]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+    mask = _mask(q_seg, q_slots, kv_seg, kv_slots)
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, NEG), axis=-1).astype(q.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+
+
+def _pair_kind(mask):
+    """0: no query sees a key of the pair (skip); 1: every query sees every key; 2: mixed."""
+    return jnp.where(mask.any(), jnp.where(mask.all(), 1, 2), 0)
+
+
+def _rows_mask(mask, g):
+    """[B, C, Ck] -> [B, 1, C x G, Ck]: the mask of a query block's rows (row = position x G + head)."""
+    b, c, ck = mask.shape
+    return jnp.broadcast_to(mask[:, :, None, :], (b, c, g, ck)).reshape(b, 1, c * g, ck)
+
+
+def _scores(qb, kb):
+    """[B, K, R, H] x [B, K, Ck, H] -> fp32 [B, K, R, Ck], scaled."""
+    return jnp.einsum("BKRH,BKSH->BKRS", qb, kb, preferred_element_type=jnp.float32) * (qb.shape[-1] ** -0.5)
+
+
+def _forward(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
+    """Blocked inputs -> (out [nq, B, K, R, H] in q's dtype, lse fp32 [nq, B, K, R])."""
+
+    def one_query_block(args):
+        qb, qsg, qsl = args  # [B, K, R, H], [B, C], [B, C]
+        b, kh, r, h = qb.shape
+
+        def step(carry, kv):
+            kb, vb, ksg, ksl = kv
+            mask = _mask(qsg, qsl, ksg, ksl)
+
+            def attend(carry, masked):
+                o, l, m = carry  # [B, K, R, H], [B, K, R], [B, K, R]
+                sc = _scores(qb, kb)
+                if masked:
+                    sc = jnp.where(_rows_mask(mask, g), sc, NEG)
+                m_new = jnp.maximum(m, sc.max(axis=-1))
+                p = jnp.exp(sc - m_new[..., None])
+                corr = jnp.exp(m - m_new)
+                o = o * corr[..., None] + jnp.einsum("BKRS,BKSH->BKRH", p.astype(vb.dtype), vb,
+                                                     preferred_element_type=jnp.float32)
+                return o, l * corr + p.sum(axis=-1), m_new
+
+            branches = [lambda c: c, functools.partial(attend, masked=False), functools.partial(attend, masked=True)]
+            return jax.lax.switch(_pair_kind(mask), branches, carry), None
+
+        init = (jnp.zeros((b, kh, r, h), jnp.float32), jnp.zeros((b, kh, r), jnp.float32),
+                jnp.full((b, kh, r), NEG, jnp.float32))
+        (o, l, m), _ = jax.lax.scan(step, init, (ks, vs, kv_seg, kv_slots))
+        seen = l > 0  # padding queries see no key at all (sliced off by the caller)
+        out = o / jnp.where(seen, l, 1.0)[..., None]
+        return out.astype(qb.dtype), jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+
+    return jax.lax.map(one_query_block, (qs, q_seg, q_slots))
+
+
+def _backward(g, res, d_out):
+    """The FlashAttention backward over every (query block, key block) pair, query blocks outermost.
+
+    dQ of a query block is accumulated in its inner loop; dK and dV (G times smaller than dQ under
+    grouped-query attention) are the fp32 carries updated block by block. They are kept transposed,
+    [nk, B, K, H, Ck]: a product that contracts the rows of both operands ("BKRS,BKRH->BKSH") ran at a
+    third of the matmul peak on XLA:CPU, its transpose ("BKRH,BKRS->BKHS") at full speed; the whole
+    pair's backward went from 25 to 12 ms at [1, 2, 2560, 512] (bench-100m at 1 x 2048).
+    """
+    qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots, out, lse = res
+    delta = jnp.einsum("IBKRH,IBKRH->IBKR", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    scale = qs.shape[-1] ** -0.5
+
+    def query_block(dkv, args):
+        qb, dob, qsg, qsl, lse_b, delta_b = args
+
+        def key_block(carry, j):
+            kb, vb = ks[j], vs[j]
+            mask = _mask(qsg, qsl, kv_seg[j], kv_slots[j])
+
+            def attend(carry, masked):
+                dq, dk, dv = carry
+                p = jnp.exp(_scores(qb, kb) - lse_b[..., None])  # [B, K, R, Ck]
+                if masked:
+                    p = jnp.where(_rows_mask(mask, g), p, 0.0)
+                dv_j = jnp.einsum("BKRH,BKRS->BKHS", dob, p.astype(dob.dtype), preferred_element_type=jnp.float32)
+                dp = jnp.einsum("BKRH,BKSH->BKRS", dob, vb, preferred_element_type=jnp.float32)
+                ds = (p * (dp - delta_b[..., None]) * scale).astype(qb.dtype)
+                dk_j = jnp.einsum("BKRH,BKRS->BKHS", qb, ds, preferred_element_type=jnp.float32)
+                dq = dq + jnp.einsum("BKRS,BKSH->BKRH", ds, kb, preferred_element_type=jnp.float32)
+                return dq, dk.at[j].add(dk_j), dv.at[j].add(dv_j)
+
+            branches = [lambda c: c, functools.partial(attend, masked=False), functools.partial(attend, masked=True)]
+            return jax.lax.switch(_pair_kind(mask), branches, carry), None
+
+        (dq, dk, dv), _ = jax.lax.scan(key_block, (jnp.zeros(qb.shape, jnp.float32), *dkv),
+                                       jnp.arange(ks.shape[0]))
+        return (dk, dv), dq.astype(qb.dtype)
+
+    zeros = jnp.zeros(ks.shape[:3] + ks.shape[4:] + ks.shape[3:4], jnp.float32)  # [nk, B, K, H, Ck]
+    (dk, dv), dq = jax.lax.scan(query_block, (zeros, zeros), (qs, d_out, q_seg, q_slots, lse, delta))
+    return dq, jnp.swapaxes(dk, -1, -2).astype(ks.dtype), jnp.swapaxes(dv, -1, -2).astype(vs.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked_attention(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
+    return _forward(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots)[0]
+
+
+def _blocked_fwd(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
+    out, lse = _forward(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots)
+    return out, (qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots, out, lse)
+
+
+def _blocked_bwd(g, res, d_out):
+    dq, dk, dv = _backward(g, res, d_out)
+    return dq, dk, dv, None, None, None, None
+
+
+_blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block: int):
+    """Blockwise attention with O(block^2) memory per step and a hand-written backward pass.
+
+    Args:
+      q: [B, T, K, G, H]; k, v: [B, S, K, H]; q_seg, q_slots: int [B, T]; kv_seg: int [B, S];
+        kv_slots: int [S].
+      block: queries and keys go in blocks of min(block, T) and min(block, S).
+    Returns:
+      [B, T, K, G, H] in q's dtype.
+    """
+    b, t, kh, g, h = q.shape
+    s = k.shape[1]
+    cq, ck = min(block, t), min(block, s)
+    pt, ps = -t % cq, -s % ck
+    nq, nk = (t + pt) // cq, (s + ps) // ck
+    q = jnp.pad(q, ((0, 0), (0, pt), (0, 0), (0, 0), (0, 0)))
+    q_seg = jnp.pad(q_seg, ((0, 0), (0, pt)), constant_values=-1)  # padding queries match no key
+    q_slots = jnp.pad(q_slots, ((0, 0), (0, pt)))
+    k = jnp.pad(k, ((0, 0), (0, ps), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, ps), (0, 0), (0, 0)))
+    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, ps)), constant_values=-2)  # padding keys match no query
+    kv_slots = jnp.pad(kv_slots, (0, ps))
+    # [B, nq x C, K, G, H] -> [nq, B, K, C x G, H]; [B, nk x C, K, H] -> [nk, B, K, C, H]
+    qs = q.reshape(b, nq, cq, kh, g, h).transpose(1, 0, 3, 2, 4, 5).reshape(nq, b, kh, cq * g, h)
+    kv_blocks = lambda x: x.reshape(b, nk, ck, kh, h).transpose(1, 0, 3, 2, 4)  # noqa: E731
+    seg_blocks = lambda x, n, c: x.reshape(b, n, c).transpose(1, 0, 2)  # noqa: E731
+    out = _blocked_attention(g, qs, kv_blocks(k), kv_blocks(v), seg_blocks(q_seg, nq, cq),
+                             seg_blocks(q_slots, nq, cq), seg_blocks(kv_seg, nk, ck), kv_slots.reshape(nk, ck))
+    out = out.reshape(nq, b, kh, cq, g, h).transpose(1, 0, 3, 2, 4, 5).reshape(b, nq * cq, kh, g, h)
+    return out[:, :t]
