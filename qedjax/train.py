@@ -27,27 +27,67 @@ Batch = Mapping[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
 
+@jax.custom_vjp
+def logp_and_entropy(logits: jax.Array, targets: jax.Array):
+    """fp32 logits [M, V], int targets [M] -> (log-probability of each target [M], entropy [M]).
+
+    One exponential over [M, V] in each direction: the forward shares it between the log-sum-exp
+    and the entropy, and the backward pass is written out (autodiff of logsumexp + softmax took two
+    in the forward and more in the backward; issue 22's GRPO profile). With p = softmax(z):
+    d logp / dz = onehot(y) - p, d entropy / dz = -p (z - E_p[z]).
+    """
+    return _logp_entropy_fwd(logits, targets)[0]
+
+
+def _logp_entropy_fwd(logits, targets):
+    top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    e = jnp.exp(logits - top)
+    total = e.sum(axis=-1)
+    lse = top[:, 0] + jnp.log(total)
+    mean = jnp.sum(e * logits, axis=-1) / total  # E_p[z]
+    target = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return (target - lse, lse - mean), (logits, targets, lse, mean)
+
+
+def _logp_entropy_bwd(res, cotangents):
+    logits, targets, lse, mean = res
+    g_logp, g_ent = (c[:, None] for c in cotangents)
+    p = jnp.exp(logits - lse[:, None])
+    hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
+    return jnp.where(hit, g_logp, 0.0) - p * (g_logp + g_ent * (logits - mean[:, None])), None
+
+
+logp_and_entropy.defvjp(_logp_entropy_fwd, _logp_entropy_bwd)
+
+
+# fp32 logits up to this size (all rows of the batch, 1 GiB) stay alive between the forward and the
+# backward pass; larger ones are recomputed chunk by chunk. Saving them skips one of the vocabulary
+# projection's four GEMMs (issue 22); the recipe's 4B rows (50k tokens x 151,936) are 30 GB.
+SAVE_LOGITS_BYTES = 1 << 30
+
+
 def token_logprobs(model, tokens, targets, *, positions=None, segment_ids=None, temperature: float = 1.0,
-                   chunk: int = 1024):
+                   chunk: int = 1024, save_logits_bytes: int = SAVE_LOGITS_BYTES):
     """Log-probability of each target token and the entropy of each predictive distribution.
 
     Logits are divided by `temperature` first, so the result describes the distribution a sampler
-    at that temperature draws from. The vocabulary projection runs in sequence chunks under
-    rematerialisation: [B, T, V] fp32 logits never exist at once (V = 151,936 for Qwen3).
-    Returns (logp [B, T], entropy [B, T]) in fp32.
+    at that temperature draws from. Above `save_logits_bytes` of [B, T, V] fp32 logits, the
+    vocabulary projection runs in sequence chunks of `chunk` under rematerialisation, so that the
+    logits never exist at once (V = 151,936 for Qwen3); below it, in one piece, kept for the
+    backward pass. Returns (logp [B, T], entropy [B, T]) in fp32.
     """
     hidden = model.hidden(tokens, positions, segment_ids)  # [B, T, D]
     b, t, d = hidden.shape
 
-    @jax.checkpoint
     def piece(h, y):  # h: [B, C, D], y: [B, C]
         rows = h.shape[:2]
         logits = model.logits(h.reshape(-1, d)) / temperature  # [M, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target = jnp.take_along_axis(logits, y.reshape(-1, 1), axis=-1)[:, 0]
-        probs = jax.nn.softmax(logits, axis=-1)
-        return (target - lse).reshape(rows), (lse - jnp.sum(probs * logits, axis=-1)).reshape(rows)
+        logp, entropy = logp_and_entropy(logits, y.reshape(-1))
+        return logp.reshape(rows), entropy.reshape(rows)
 
+    if b * t * model.config.vocab_size * 4 <= save_logits_bytes:
+        return piece(hidden, targets)  # the backward pass reuses the logits instead of recomputing them
+    piece = jax.checkpoint(piece)
     if t <= chunk:
         return piece(hidden, targets)
     pad = -t % chunk
