@@ -84,7 +84,7 @@ def _forward(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
         init = (jnp.zeros((b, kh, r, h), jnp.float32), jnp.zeros((b, kh, r), jnp.float32),
                 jnp.full((b, kh, r), NEG, jnp.float32))
         (o, l, m), _ = jax.lax.scan(step, init, (ks, vs, kv_seg, kv_slots))
-        seen = l > 0  # padding queries see no key at all (sliced off by the caller)
+        seen = l > 0  # l = 0 only in a block of padding queries skipped everywhere (sliced off by the caller)
         out = o / jnp.where(seen, l, 1.0)[..., None]
         return out.astype(qb.dtype), jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
 
