@@ -92,7 +92,7 @@ class Qwen3Config:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: bool = False  # recompute each block in the backward pass (long sequences)
-    attention_block: int = 512  # block of flash_attention (0: always the dense path), see Attention
+    attention_block: int = 512  # rows longer than this take flash_attention in blocks of it (0: never)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -291,10 +291,9 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, h)  # [B, T, K, G, H]
         q_slots = jnp.broadcast_to(q_slots, (b, t))
         args = (q, k_all.astype(dt), v_all.astype(dt), q_segments, kv_segments, q_slots, kv_slots)
-        # Without a cache (training, scoring) always the blockwise path, for its backward pass: at
-        # T <= block it is one block, as fast as the dense path on CPU (issue 22). With a cache,
-        # decoding and short prefills take the dense path, long prefills the blockwise one.
-        if cfg.attention_block and (t > cfg.attention_block or kv is None):
+        # Rows longer than a block take the blockwise path (with its own backward pass), shorter ones
+        # the dense one: as fast on CPU, and 7% fewer bytes accessed per block on a TPU (issue 22).
+        if cfg.attention_block and t > cfg.attention_block:
             out = flash_attention(*args, block=cfg.attention_block)
         else:
             out = dense_attention(*args)
