@@ -380,7 +380,8 @@ def make_ref_logprobs(graphdef, params, g: GRPOConfig, mesh, rules):
 
         def one(micro):
             logp, _ = train.token_logprobs(model, micro["tokens"], micro["targets"], positions=micro["positions"],
-                                           segment_ids=micro["segment_ids"], temperature=g.sampling.temperature)
+                                           segment_ids=micro["segment_ids"], temperature=g.sampling.temperature,
+                                           with_entropy=False)
             return logp
 
         return jax.lax.map(one, batch)

@@ -26,7 +26,7 @@ from qedjax.sharding import TRAIN_RULES
 def sft_loss(model, batch):
     """Summed cross-entropy of one micro-batch; metrics are sums too."""
     logp, _ = train.token_logprobs(model, batch["tokens"], batch["targets"], positions=batch["positions"],
-                                   segment_ids=batch["segment_ids"])
+                                   segment_ids=batch["segment_ids"], with_entropy=False)
     mask = batch["loss_mask"].astype(jnp.float32)
     return -jnp.sum(logp * mask), {"target_tokens": jnp.sum(mask),
                                    "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}

@@ -67,14 +67,15 @@ SAVE_LOGITS_BYTES = 1 << 30
 
 
 def token_logprobs(model, tokens, targets, *, positions=None, segment_ids=None, temperature: float = 1.0,
-                   chunk: int = 1024, save_logits_bytes: int = SAVE_LOGITS_BYTES):
+                   chunk: int = 1024, save_logits_bytes: int = SAVE_LOGITS_BYTES, with_entropy: bool = True):
     """Log-probability of each target token and the entropy of each predictive distribution.
 
     Logits are divided by `temperature` first, so the result describes the distribution a sampler
     at that temperature draws from. Above `save_logits_bytes` of [B, T, V] fp32 logits, the
     vocabulary projection runs in sequence chunks of `chunk` under rematerialisation, so that the
     logits never exist at once (V = 151,936 for Qwen3); below it, in one piece, kept for the
-    backward pass. Returns (logp [B, T], entropy [B, T]) in fp32.
+    backward pass. Returns (logp [B, T], entropy [B, T]) in fp32; the entropy is zeros when
+    `with_entropy` is False (the SFT loss, which differentiates the log-probs alone).
     """
     hidden = model.hidden(tokens, positions, segment_ids)  # [B, T, D]
     b, t, d = hidden.shape
@@ -82,7 +83,11 @@ def token_logprobs(model, tokens, targets, *, positions=None, segment_ids=None, 
     def piece(h, y):  # h: [B, C, D], y: [B, C]
         rows = h.shape[:2]
         logits = model.logits(h.reshape(-1, d)) / temperature  # [M, V]
-        logp, entropy = logp_and_entropy(logits, y.reshape(-1))
+        if with_entropy:
+            logp, entropy = logp_and_entropy(logits, y.reshape(-1))
+        else:  # the written-out backward pass would compute the entropy's gradient for nothing
+            logp = jnp.take_along_axis(logits, y.reshape(-1, 1), axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+            entropy = jnp.zeros_like(logp)
         return logp.reshape(rows), entropy.reshape(rows)
 
     if b * t * model.config.vocab_size * 4 <= save_logits_bytes:

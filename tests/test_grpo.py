@@ -1,6 +1,7 @@
 """GRPO's pure functions against hand-computed examples, and the GRPO step on several meshes."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -207,4 +208,17 @@ def test_token_logprobs_chunked_and_recomputed_equals_one_piece():
     np.testing.assert_allclose(logp_chunk, logp_piece, atol=1e-5)
     np.testing.assert_allclose(ent_chunk, ent_piece, atol=1e-5)
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g_chunk)), jax.tree.leaves(nnx.to_pure_dict(g_piece))):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # Without the entropy (the SFT loss): the same log-probs, zero entropies, and the gradient of the
+    # log-probs alone, against the fused function's gradient with the entropy's weight at zero.
+    def logp_only(m, **kw):
+        return jnp.sum(train.token_logprobs(m, tokens[:, :-1], tokens[:, 1:], temperature=0.7, **kw)[0])
+
+    (logp_plain, ent_plain) = train.token_logprobs(model, tokens[:, :-1], tokens[:, 1:], temperature=0.7,
+                                                   with_entropy=False)
+    np.testing.assert_allclose(logp_plain, logp_piece, atol=1e-5)
+    assert not np.any(np.asarray(ent_plain))
+    g_plain = nnx.jit(nnx.grad(functools.partial(logp_only, with_entropy=False)))(model)
+    g_fused = nnx.jit(nnx.grad(logp_only))(model)
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g_plain)), jax.tree.leaves(nnx.to_pure_dict(g_fused))):
         np.testing.assert_allclose(a, b, atol=1e-5)
