@@ -3,16 +3,19 @@
 Both take q: [B, T, K, G, H] (G = query heads per key head), k, v: [B, S, K, H], segment ids and slots,
 and return [B, T, K, G, H]. A query sees the keys of its own segment at slots up to its own.
 
-`flash_attention` is the training path. It computes attention block by block with a running softmax
-and has a hand-written VJP (the FlashAttention recipe: keep the output and each row's log-sum-exp,
-recompute the probabilities of one block pair at a time in the backward pass). Letting JAX
-differentiate the loops instead replays the running softmax twice more and, on XLA:CPU, transposes
-every score gradient (issue 22's profile: 13% of the 1 x 2048 step).
+`flash_attention` is the path of rows longer than one block (training at length, long prefills). It
+computes attention block by block with a running softmax and has a hand-written VJP (the
+FlashAttention recipe: keep the output and each row's log-sum-exp, recompute the probabilities of one
+block pair at a time in the backward pass). Letting JAX differentiate the loops instead replays the
+running softmax twice more and, on XLA:CPU, transposes every score gradient (issue 22's profile: 13%
+of the 1 x 2048 step).
 
 Layout: inside the loops a query block is [B, K, C x G, H] (row = position x G + head), so every
 matmul is a batched GEMM over (B, K) with no transposes. A block pair is skipped when no query sees
 any key of it (future blocks, other segments), and computed without the mask when every query sees
-every key; only the blocks on the diagonal or a segment boundary pay for the mask.
+every key; only the blocks on the diagonal or a segment boundary pay for the mask. Skipping gives the
+same result as computing: the running sums would gain nothing, or, before a row's first visible key,
+gain terms that its first visible block multiplies by exp(NEG - max) = 0.
 """
 
 from __future__ import annotations
