@@ -2,7 +2,7 @@
 
 The model is a random `bench-100m` (80M parameters, fp32) built once per attention block size;
 `--blocks 0` is the dense path (the whole T x T score matrix, masked), any other value routes
-queries longer than it through `blockwise_attention` with that block size. Each figure is the
+queries longer than it through `flash_attention` with that block size. Each figure is the
 median of `--repeats` jitted calls after a compile and a warm-up call. Comparing two checkouts
 (before and after a change): run the script from each with PYTHONPATH pointing at it.
 
