@@ -207,24 +207,22 @@ def programs(cfg, mesh, stages, prompt_tokens: int | None = None, layers: int | 
         # (frozen, or another model, taken to be the policy's size as the release's 4B instruct model
         # is; sharded as in training, SUMMARIZER_RULES).
         own = in_process and g.rc.enabled and g.rc.summarizer != "policy"
-        copy = shard_bytes(_engine_params(model_cfg, mesh)) if in_process else 0
-        summarizer_copy = shard_bytes(_engine_params(model_cfg, mesh, SUMMARIZER_RULES)) if own else 0
-        held = {"policy engine's params": copy} if in_process else {}
-        if own:
-            held["summariser engine's params (fsdp-sharded)"] = summarizer_copy
-        step = Program(f"grpo step [{g.micro_batches} x {rows} x {seq}]", fn, (state, batch), held)
+        policy = {"policy engine's params": shard_bytes(_engine_params(model_cfg, mesh))} if in_process else {}
+        summarizer = ({"summariser engine's params (fsdp-sharded)":
+                       shard_bytes(_engine_params(model_cfg, mesh, SUMMARIZER_RULES))} if own else {})
+        step = Program(f"grpo step [{g.micro_batches} x {rows} x {seq}]", fn, (state, batch),
+                       {**policy, **summarizer})
         out.append(step)
         if in_process:
             train_state = {"train state": shard_bytes(_train_state(model_cfg, g.optim, g.steps, mesh, TRAIN_RULES)[3])}
-            held = {**train_state, "summariser engine's params (fsdp-sharded)": summarizer_copy} if own else train_state
             rollout = _sampler_program("rollout", model_cfg, mesh, g.sequences_per_step, cfg.engine.max_batch,
-                                       prompt, g.sampling, held, layers)
+                                       prompt, g.sampling, {**train_state, **summarizer}, layers)
             out.append(rollout)
-            if g.rc.enabled:
+            if g.rc.enabled:  # the summariser's program; the policy's copy is held beside it when it is another engine
                 summary = dataclasses.replace(g.sampling, max_new_tokens=g.rc.summary_max_new_tokens)
-                held = {**train_state, "policy engine's params": copy} if own else dict(train_state)
                 out.append(_sampler_program("rc summary", model_cfg, mesh, g.problems_per_step, cfg.engine.max_batch,
-                                            prompt + g.sampling.max_new_tokens, summary, held, layers,
+                                            prompt + g.sampling.max_new_tokens, summary,
+                                            {**train_state, **(policy if own else {})}, layers,
                                             SUMMARIZER_RULES if own else None))
             if g.mode == "async":  # rollouts run in a thread while the trainer trains
                 step.alongside = "rollout"

@@ -42,9 +42,12 @@ def dense_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots):
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
 
 
-def _pair_kind(mask):
-    """0: no query sees a key of the pair (skip); 1: every query sees every key; 2: mixed."""
-    return jnp.where(mask.any(), jnp.where(mask.all(), 1, 2), 0)
+def _by_pair_kind(mask, attend, carry):
+    """Runs `attend(carry, masked)` as the block pair needs: not at all when no query sees a key of
+    it, with masked=False when every query sees every key, with masked=True otherwise."""
+    kind = jnp.where(mask.any(), jnp.where(mask.all(), 1, 2), 0)
+    branches = [lambda c: c, functools.partial(attend, masked=False), functools.partial(attend, masked=True)]
+    return jax.lax.switch(kind, branches, carry)
 
 
 def _rows_mask(mask, g):
@@ -81,8 +84,7 @@ def _forward(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
                                                      preferred_element_type=jnp.float32)
                 return o, l * corr + p.sum(axis=-1), m_new
 
-            branches = [lambda c: c, functools.partial(attend, masked=False), functools.partial(attend, masked=True)]
-            return jax.lax.switch(_pair_kind(mask), branches, carry), None
+            return _by_pair_kind(mask, attend, carry), None
 
         init = (jnp.zeros((b, kh, r, h), jnp.float32), jnp.zeros((b, kh, r), jnp.float32),
                 jnp.full((b, kh, r), NEG, jnp.float32))
@@ -126,8 +128,7 @@ def _backward(g, res, d_out):
                 dq = dq + jnp.einsum("BKRS,BKSH->BKRH", ds, kb, preferred_element_type=jnp.float32)
                 return dq, dk.at[j].add(dk_j), dv.at[j].add(dv_j)
 
-            branches = [lambda c: c, functools.partial(attend, masked=False), functools.partial(attend, masked=True)]
-            return jax.lax.switch(_pair_kind(mask), branches, carry), None
+            return _by_pair_kind(mask, attend, carry), None
 
         (dq, dk, dv), _ = jax.lax.scan(key_block, (jnp.zeros(qb.shape, jnp.float32), *dkv),
                                        jnp.arange(ks.shape[0]))
