@@ -69,10 +69,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
-    attention_block: int = 512  # query/key block of the blockwise (flash) attention; 0: dense attention only
+    # query/key block of the blockwise (flash) attention; 0: dense attention only; unset: the
+    # backend's own (qwen3.attention_block_for: 256 on CPU, 512 on TPU and GPU)
+    attention_block: int | None = None
 
     def __post_init__(self):
-        if self.attention_block < 0:
+        if self.attention_block is not None and self.attention_block < 0:
             raise ValueError(f"model.attention_block must be >= 0, got {self.attention_block}")
         if self.hf_path is None and self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r} is not a preset ({sorted(PRESETS)}); "

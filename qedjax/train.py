@@ -229,13 +229,20 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def model_config(model_cfg):
-    """The Qwen3Config a ModelConfig describes (a HF checkpoint's config.json, or a preset)."""
-    from qedjax import convert
-    from qedjax.models.qwen3 import Qwen3Config
+def model_config(model_cfg, platform: str | None = None):
+    """The Qwen3Config a ModelConfig describes (a HF checkpoint's config.json, or a preset).
 
+    `platform` ("cpu", "tpu", "gpu"; default: JAX's default backend) is where the model will run: it
+    picks the attention block when the config leaves it unset.
+    """
+    from qedjax import convert
+    from qedjax.models.qwen3 import Qwen3Config, attention_block_for
+
+    block = model_cfg.attention_block
+    if block is None:
+        block = attention_block_for(platform or jax.default_backend())
     dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
-                  attention_block=model_cfg.attention_block)
+                  attention_block=block)
     if model_cfg.hf_path:
         return convert.read_config(model_cfg.hf_path, **dtypes)
     return Qwen3Config.preset(model_cfg.preset, **dtypes)
@@ -249,7 +256,7 @@ def abstract_params(model_cfg, mesh: Mesh, rules, *, layers: int | None = None):
     from qedjax import convert
     from qedjax.sharding import state_shardings
 
-    config = model_config(model_cfg)
+    config = model_config(model_cfg, mesh.devices.flat[0].platform)
     if layers is not None:
         config = dataclasses.replace(config, num_hidden_layers=layers)
     graphdef, abstract = convert.abstract_model(config)
@@ -270,7 +277,7 @@ def init_params(model_cfg, mesh: Mesh, rules, *, seed: int = 0, vocab_size: int 
     from qedjax.models.qwen3 import Qwen3
     from qedjax.sharding import init_sharded, state_shardings
 
-    config = model_config(model_cfg)
+    config = model_config(model_cfg, mesh.devices.flat[0].platform)
     if model_cfg.hf_path:
         _, abstract = convert.abstract_model(config)
         config, graphdef, params = convert.load_params(

@@ -10,7 +10,8 @@ from flax import nnx
 
 from hf_utils import hf_config, hf_logits, save_random_hf
 from qedjax import convert
-from qedjax.models.qwen3 import PRESETS, KVCache, Qwen3, Qwen3Config, positions_from_segments
+from qedjax.models.qwen3 import (PRESETS, KVCache, Qwen3, Qwen3Config, attention_block_for,
+                                 positions_from_segments, rms_norm)
 
 # Jitted calls: op-by-op execution of the model is many times slower than compiling it.
 run = nnx.jit(lambda model, *args, **kwargs: model(*args, **kwargs))
@@ -162,3 +163,45 @@ def test_blockwise_attention_equals_dense():
     prefill_dense, _ = run(dense, tokens[:, :30], cache=KVCache.init(dense_cfg, 2, 40))
     prefill_block, _ = run(blocked, tokens[:, :30], cache=KVCache.init(block_cfg, 2, 40))
     np.testing.assert_allclose(np.asarray(prefill_block), np.asarray(prefill_dense), atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 24), (1, 37, 3, 8), (3, 37, 24)])
+def test_rms_norm_values_and_gradients(shape):
+    """rms_norm flattens a batch of one row to rows (an XLA:CPU workaround); every path matches the
+    float64 formula in values and in the gradients of x and the scale."""
+    rng = np.random.RandomState(0)
+    x, g = rng.randn(*shape).astype(np.float32), rng.randn(*shape).astype(np.float32)
+    scale = (1 + 0.1 * rng.randn(shape[-1])).astype(np.float32)
+    eps = 1e-6
+    x64, g64, s64 = x.astype(np.float64), g.astype(np.float64), scale.astype(np.float64)
+    inv = 1 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps)
+    normed = x64 * inv
+    # d/dx of scale * x * inv: inv * (scale g - normed * mean(scale g normed))
+    sg = g64 * s64
+    dx = inv * (sg - normed * np.mean(sg * normed, axis=-1, keepdims=True))
+    dscale = (g64 * normed).reshape(-1, shape[-1]).sum(0)
+
+    out = jax.jit(rms_norm, static_argnums=2)(x, scale, eps)
+    np.testing.assert_allclose(np.asarray(out), s64 * normed, rtol=1e-5, atol=1e-6)
+    grad = jax.jit(jax.grad(lambda x, s: jnp.sum(rms_norm(x, s, eps) * g), argnums=(0, 1)))
+    gx, gs = grad(x, scale)
+    np.testing.assert_allclose(np.asarray(gx), dx, rtol=1e-4, atol=1e-5)
+    # a sum of 37 (or 111) terms of size ~1: fp32 rounding stays far below 1e-4 of it
+    np.testing.assert_allclose(np.asarray(gs), dscale, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_block_follows_the_platform():
+    """An unset model.attention_block takes the block of the platform the model runs on (the mesh's,
+    so a TPU compile on a CPU host gets the TPU's); a set one is kept."""
+    from qedjax import sharding, train
+    from qedjax.config import ModelConfig
+
+    assert (attention_block_for("cpu"), attention_block_for("tpu"), attention_block_for("gpu")) == (256, 512, 512)
+    unset = ModelConfig(preset="tiny")
+    assert unset.attention_block is None
+    assert train.model_config(unset, "cpu").attention_block == 256
+    assert train.model_config(unset, "tpu").attention_block == 512
+    assert train.model_config(ModelConfig(preset="tiny", attention_block=0), "tpu").attention_block == 0
+    config, _, _ = train.abstract_params(unset, sharding.make_mesh("", devices=jax.devices()[:1]),
+                                         sharding.TRAIN_RULES)
+    assert config.attention_block == attention_block_for(jax.devices()[0].platform)

@@ -133,12 +133,15 @@ def qedjax_trainer(model_dir: str, batch, grpo: bool = False):
 
     from qedjax import convert, sft, train
     from qedjax import grpo as grpo_lib
+    from qedjax.config import ModelConfig
     from qedjax.optim import OptimConfig, make_optimizer
     from qedjax.sharding import TRAIN_RULES, make_mesh, state_shardings
 
     mesh = make_mesh("", devices=jax.devices()[:1])
-    _, abstract = convert.abstract_model(convert.read_config(model_dir))
-    _, graphdef, params = convert.load_params(model_dir, dtype="float32",
+    # the model as the SFT stage builds it from `model.hf_path` (the attention block is the backend's)
+    config = train.model_config(ModelConfig(hf_path=model_dir), mesh.devices.flat[0].platform)
+    _, abstract = convert.abstract_model(config)
+    _, graphdef, params = convert.load_params(model_dir, dtype="float32", config=config,
                                               shardings=state_shardings(abstract, mesh, TRAIN_RULES))
     optimizer = make_optimizer(OptimConfig(lr=LR, schedule="constant", warmup_ratio=0.0,
                                            weight_decay=WEIGHT_DECAY, clip_norm=CLIP), 1000)
