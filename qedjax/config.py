@@ -69,8 +69,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
-    # query/key block of the blockwise (flash) attention; 0: dense attention only; unset: the
-    # backend's own (qwen3.attention_block_for: 256 on CPU, 512 on TPU and GPU)
+    # largest query/key block of the blockwise (flash) attention, which rows longer than it take;
+    # 0: dense attention only; unset: the backend's own (qwen3.attention_defaults: on CPU blocks of
+    # up to 256 above 128 tokens, on TPU and GPU blocks of 512 above 512 tokens)
     attention_block: int | None = None
 
     def __post_init__(self):

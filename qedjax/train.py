@@ -236,13 +236,13 @@ def model_config(model_cfg, platform: str | None = None):
     picks the attention block when the config leaves it unset.
     """
     from qedjax import convert
-    from qedjax.models.qwen3 import Qwen3Config, attention_block_for
+    from qedjax.models.qwen3 import Qwen3Config, attention_defaults
 
-    block = model_cfg.attention_block
-    if block is None:
-        block = attention_block_for(platform or jax.default_backend())
-    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
-                  attention_block=block)
+    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
+    if model_cfg.attention_block is None:
+        dtypes.update(attention_defaults(platform or jax.default_backend()))
+    else:
+        dtypes["attention_block"] = model_cfg.attention_block
     if model_cfg.hf_path:
         return convert.read_config(model_cfg.hf_path, **dtypes)
     return Qwen3Config.preset(model_cfg.preset, **dtypes)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from hf_utils import hf_config, hf_logits, save_random_hf
 from qedjax import convert
-from qedjax.models.qwen3 import (PRESETS, KVCache, Qwen3, Qwen3Config, attention_block_for,
+from qedjax.models.qwen3 import (PRESETS, KVCache, Qwen3, Qwen3Config, attention_defaults, flash_block,
                                  positions_from_segments, rms_norm)
 
 # Jitted calls: op-by-op execution of the model is many times slower than compiling it.
@@ -160,6 +160,15 @@ def test_blockwise_attention_equals_dense():
     g_block = nnx.jit(nnx.grad(loss))(blocked)
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g_dense)), jax.tree.leaves(nnx.to_pure_dict(g_block))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+    # CPU-style blocking: a row shorter than the block but over the dense limit, in two blocks of 24
+    balanced_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=32, attention_dense_max=8)
+    assert flash_block(37, 32, 8) == 24
+    balanced = Qwen3(balanced_cfg, rngs=nnx.Rngs(7))
+    np.testing.assert_allclose(np.asarray(run(balanced, tokens, segment_ids=segments)),
+                               np.asarray(run(dense, tokens, segment_ids=segments)), atol=2e-5)
+    g_balanced = nnx.jit(nnx.grad(loss))(balanced)
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g_dense)), jax.tree.leaves(nnx.to_pure_dict(g_balanced))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
     prefill_dense, _ = run(dense, tokens[:, :30], cache=KVCache.init(dense_cfg, 2, 40))
     prefill_block, _ = run(blocked, tokens[:, :30], cache=KVCache.init(block_cfg, 2, 40))
     np.testing.assert_allclose(np.asarray(prefill_block), np.asarray(prefill_dense), atol=2e-5)
@@ -191,17 +200,33 @@ def test_rms_norm_values_and_gradients(shape):
 
 
 def test_attention_block_follows_the_platform():
-    """An unset model.attention_block takes the block of the platform the model runs on (the mesh's,
-    so a TPU compile on a CPU host gets the TPU's); a set one is kept."""
+    """An unset model.attention_block takes the blocking of the platform the model runs on (the
+    mesh's, so a TPU compile on a CPU host gets the TPU's); a set one is kept, dense up to a block."""
     from qedjax import sharding, train
     from qedjax.config import ModelConfig
 
-    assert (attention_block_for("cpu"), attention_block_for("tpu"), attention_block_for("gpu")) == (256, 512, 512)
+    cpu, tpu = attention_defaults("cpu"), attention_defaults("tpu")
+    assert cpu == dict(attention_block=256, attention_dense_max=128)
+    assert tpu == attention_defaults("gpu") == dict(attention_block=512, attention_dense_max=512)
     unset = ModelConfig(preset="tiny")
     assert unset.attention_block is None
-    assert train.model_config(unset, "cpu").attention_block == 256
-    assert train.model_config(unset, "tpu").attention_block == 512
-    assert train.model_config(ModelConfig(preset="tiny", attention_block=0), "tpu").attention_block == 0
+    for platform, want in (("cpu", cpu), ("tpu", tpu)):
+        config = train.model_config(unset, platform)
+        assert (config.attention_block, config.attention_dense_max) == tuple(want.values())
+    config = train.model_config(ModelConfig(preset="tiny", attention_block=64), "cpu")
+    assert (config.attention_block, config.attention_dense_max) == (64, None)
     config, _, _ = train.abstract_params(unset, sharding.make_mesh("", devices=jax.devices()[:1]),
                                          sharding.TRAIN_RULES)
-    assert config.attention_block == attention_block_for(jax.devices()[0].platform)
+    assert config.attention_block == attention_defaults(jax.devices()[0].platform)["attention_block"]
+
+
+def test_flash_block():
+    """Rows over the dense limit go in at least two equal blocks, none larger than the block."""
+    assert flash_block(128, 256, 128) == 0 and flash_block(129, 256, 128) == 72
+    assert flash_block(256, 256, 128) == 128
+    assert flash_block(320, 256, 128) == 160  # not 256 + 64 padded to 512
+    assert flash_block(2048, 256, 128) == 256 and flash_block(2050, 256, 128) == 232
+    assert flash_block(512, 512) == 0 and flash_block(513, 512) == 264
+    # the TPU programs of docs/FIT.md: rows that are multiples of 512 keep blocks of 512
+    assert all(flash_block(t, 512, 512) == 512 for t in (1024, 1536, 49152, 50176, 52224))
+    assert flash_block(37, 8) == 8 and flash_block(37, 0) == 0

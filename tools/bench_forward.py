@@ -87,7 +87,7 @@ def bench_forward(args) -> list[dict]:
     from flax import nnx
 
     from qedjax import convert
-    from qedjax.models.qwen3 import Qwen3Config, attention_block_for
+    from qedjax.models.qwen3 import Qwen3Config, attention_defaults
 
     sys.path.insert(0, ROOT)
     from tests.hf_utils import random_hf_model
@@ -97,8 +97,8 @@ def bench_forward(args) -> list[dict]:
     hf = random_hf_model(cfg).eval()
     with tempfile.TemporaryDirectory(prefix="bench-forward-") as d:
         hf.save_pretrained(d)
-        # the attention block the stack's own configs take on this backend (train.model_config)
-        config = convert.read_config(d, attention_block=attention_block_for(jax.default_backend()))
+        # the attention blocking the stack's own configs take on this backend (train.model_config)
+        config = convert.read_config(d, **attention_defaults(jax.default_backend()))
         model = convert.load_hf(d, dtype="float32", config=config)
     graphdef, state = nnx.split(model)
     n_params = sum(x.size for x in jax.tree.leaves(state))

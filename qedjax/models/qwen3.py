@@ -69,14 +69,34 @@ PRESETS: dict[str, dict[str, Any]] = {
 DTYPES = ("float32", "bfloat16")
 
 
-def attention_block_for(platform: str) -> int:
-    """The flash-attention block a backend takes when the config leaves it open (issue 22).
+def attention_defaults(platform: str) -> dict[str, int]:
+    """The attention blocking a backend takes when the config leaves it open (issue 22).
 
-    XLA:CPU: 256. A layer of bench-100m at 1 x 2048 ran its attention forward and backward in 165 ms
-    with blocks of 256, against 197 (512), 203 (128) and 264 (1024); torch's sdpa took 152 ms.
-    Elsewhere: 512, the block the TPU fit checks (docs/FIT.md) were compiled with; not timed on GPU.
+    XLA:CPU: blocks of up to 256, flash attention above 128 tokens. Per layer of bench-100m (forward
+    and backward, ms; torch's sdpa in brackets): 1 x 2048 in blocks of 128/256/512/1024: 203/165/197/264
+    (152); 4 x 256 dense 32, two blocks of 128 17.5 (16.7); 8 x 320 dense 94, two of 160 70 (54);
+    2 x 128 dense 2.5, two of 64 4.2 (2.4).
+    Elsewhere: blocks of 512 and dense attention up to 512 tokens, the programs the TPU fit checks
+    (docs/FIT.md) compiled; a single flash block cost 8% more TPU bytes than dense at 512 tokens.
+    Not timed on GPU.
     """
-    return 256 if platform == "cpu" else 512
+    if platform == "cpu":
+        return dict(attention_block=256, attention_dense_max=128)
+    return dict(attention_block=512, attention_dense_max=512)
+
+
+def flash_block(t: int, block: int, dense_max: int | None = None) -> int:
+    """The block flash_attention takes for rows of t tokens, or 0 for the dense path.
+
+    Rows longer than `dense_max` (default: `block`) go in n = max(2, ceil(t / block)) equal blocks,
+    rounded up to a multiple of 8: 320 tokens take two blocks of 160, not two of 256 (one of them
+    mostly padding).
+    """
+    if not block or t <= (block if dense_max is None else dense_max):
+        return 0
+    n = max(2, -(-t // block))
+    per_block = -(-t // n)
+    return min(block, -(-per_block // 8) * 8)
 # Keys a config.json may leave out, with transformers' Qwen3Config defaults.
 _HF_DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "max_position_embeddings": 32768,
                 "bos_token_id": None, "eos_token_id": None}
@@ -102,7 +122,8 @@ class Qwen3Config:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: bool = False  # recompute each block in the backward pass (long sequences)
-    attention_block: int = 512  # rows longer than this take flash_attention in blocks of it (0: never)
+    attention_block: int = 512  # flash_attention's largest block (0: dense attention only)
+    attention_dense_max: int | None = None  # rows up to this many tokens attend densely (None: attention_block)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -116,6 +137,8 @@ class Qwen3Config:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.attention_block < 0:
             raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
+        if self.attention_dense_max is not None and self.attention_dense_max < 0:
+            raise ValueError(f"attention_dense_max must be >= 0, got {self.attention_dense_max}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"Qwen3Config.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -153,7 +176,8 @@ class Qwen3Config:
             fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
         if isinstance(fields.get("eos_token_id"), list):
             fields["eos_token_id"] = fields["eos_token_id"][0]
-        names = {f.name for f in dataclasses.fields(cls)} - {"param_dtype", "dtype", "remat", "attention_block"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"param_dtype", "dtype", "remat", "attention_block",
+                                                       "attention_dense_max"}
         missing = sorted(n for n in names if n not in fields)
         if missing:
             raise ValueError(f"{source}: missing keys {missing}")
@@ -308,10 +332,11 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, h)  # [B, T, K, G, H]
         q_slots = jnp.broadcast_to(q_slots, (b, t))
         args = (q, k_all.astype(dt), v_all.astype(dt), q_segments, kv_segments, q_slots, kv_slots)
-        # Rows longer than a block take the blockwise path (with its own backward pass), shorter ones
-        # the dense one: as fast on CPU, where one flash block cost 8% more bytes per block on a TPU.
-        if cfg.attention_block and t > cfg.attention_block:
-            out = flash_attention(*args, block=cfg.attention_block)
+        # Long rows take the blockwise path (with its own backward pass), short ones the dense one
+        # (attention_defaults says where the line is on each backend, and why).
+        block = flash_block(t, cfg.attention_block, cfg.attention_dense_max)
+        if block:
+            out = flash_attention(*args, block=block)
         else:
             out = dense_attention(*args)
         out = out.reshape(b * t, n, h)  # [M, N, H]
