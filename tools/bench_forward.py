@@ -86,8 +86,9 @@ def bench_forward(args) -> list[dict]:
     import torch
     from flax import nnx
 
-    from qedjax import convert
-    from qedjax.models.qwen3 import Qwen3Config, attention_defaults
+    from qedjax import convert, train
+    from qedjax.config import ModelConfig
+    from qedjax.models.qwen3 import Qwen3Config
 
     sys.path.insert(0, ROOT)
     from tests.hf_utils import random_hf_model
@@ -97,9 +98,8 @@ def bench_forward(args) -> list[dict]:
     hf = random_hf_model(cfg).eval()
     with tempfile.TemporaryDirectory(prefix="bench-forward-") as d:
         hf.save_pretrained(d)
-        # the attention blocking the stack's own configs take on this backend (train.model_config)
-        config = convert.read_config(d, **attention_defaults(jax.default_backend()))
-        model = convert.load_hf(d, dtype="float32", config=config)
+        # the model as the stages build it from `model.hf_path` (the attention blocking is the backend's)
+        model = convert.load_hf(d, dtype="float32", config=train.model_config(ModelConfig(hf_path=d)))
     graphdef, state = nnx.split(model)
     n_params = sum(x.size for x in jax.tree.leaves(state))
     print(f"# {args.preset}: {n_params / 1e6:.1f}M params, fp32; torch {torch.__version__} "
