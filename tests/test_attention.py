@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qedjax.models.attention import dense_attention, flash_attention
+from qedjax.models.attention import _key_blocks_in_reach, dense_attention, flash_attention
 
 B, T, K, G, H = 2, 37, 2, 3, 16
 
@@ -44,9 +44,11 @@ def test_values_and_gradients_equal_dense(block):
 
 
 def test_cache_longer_than_queries():
-    """A prefill into a cache: 20 queries at slots 10..29 of 40 slots, the last 10 empty."""
-    q, k, v, _ = _inputs(1, s=40)
-    q = q[:, :20]
+    """A prefill into a cache: 20 queries at slots 10..29 of 40 slots, the last 10 empty; values and
+    gradients. In blocks of 8 the query blocks reach 3, 4 and 4 of the 5 key blocks, so the loops'
+    bound is exercised away from the diagonal."""
+    q, k, v, w = _inputs(1, s=40)
+    q, w = q[:, :20], w[:, :20]
     kv_seg = jnp.asarray(np.r_[np.ones(30), np.zeros(10)][None].repeat(B, 0), jnp.int32)
     q_seg = jnp.ones((B, 20), jnp.int32)
     q_slots = jnp.broadcast_to(10 + jnp.arange(20, dtype=jnp.int32), (B, 20))
@@ -54,6 +56,22 @@ def test_cache_longer_than_queries():
     args = (q_seg, kv_seg, q_slots, kv_slots)
     np.testing.assert_allclose(flash_attention(q, k, v, *args, block=8), dense_attention(q, k, v, *args),
                                atol=1e-5)
+    grads = [jax.grad(lambda q, k, v, fn=fn, kw=kw: jnp.sum(fn(q, k, v, *args, **kw) * w), argnums=(0, 1, 2))(q, k, v)
+             for fn, kw in ((flash_attention, {"block": 8}), (dense_attention, {}))]
+    for name, a, b in zip("qkv", *grads):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_loops_visit_only_key_blocks_in_reach():
+    """Causal rows in blocks of 4: query block i visits key blocks 0..i, not all of them; a prefill
+    at slots 10..29 over 40 slots (blocks of 8) visits 3, 4 and 4 blocks (the last query block's
+    padding slots are 0 and change nothing)."""
+    slots = jnp.arange(16, dtype=jnp.int32)
+    blocks = slots.reshape(4, 4)
+    assert [int(_key_blocks_in_reach(jnp.broadcast_to(blocks[i], (2, 4)), blocks)) for i in range(4)] == [1, 2, 3, 4]
+    q_slots = jnp.pad(10 + jnp.arange(20, dtype=jnp.int32), (0, 4)).reshape(3, 8)
+    kv_blocks = jnp.arange(40, dtype=jnp.int32).reshape(5, 8)
+    assert [int(_key_blocks_in_reach(q_slots[i][None], kv_blocks)) for i in range(3)] == [3, 4, 4]
 
 
 def test_bfloat16_stays_close_to_fp32():

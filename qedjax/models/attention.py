@@ -11,11 +11,20 @@ running softmax twice more and, on XLA:CPU, transposes every score gradient (iss
 of the 1 x 2048 step).
 
 Layout: inside the loops a query block is [B, K, C x G, H] (row = position x G + head), so every
-matmul is a batched GEMM over (B, K) with no transposes. A block pair is skipped when no query sees
-any key of it (future blocks, other segments), and computed without the mask when every query sees
-every key; only the blocks on the diagonal or a segment boundary pay for the mask. Skipping gives the
-same result as computing: the running sums would gain nothing, or, before a row's first visible key,
-gain terms that its first visible block multiplies by exp(NEG - max) = 0.
+matmul is a batched GEMM over (B, K) with no transposes. A query block's key loop stops after the
+last key block that holds a slot at or before the block's latest query slot (causal rows: block i
+visits i + 1 blocks, not all of them). Inside it, a block pair is skipped when no query sees any key
+of it (other segments), and computed without the mask when every query sees every key; only the
+blocks on the diagonal or a segment boundary pay for the mask. Skipping gives the same result as
+computing: the running sums would gain nothing, or, before a row's first visible key, gain terms
+that its first visible block multiplies by exp(NEG - max) = 0.
+
+Each pair's branch returns its own contribution (the forward: its numerator against its own row
+maximum; the backward: its dQ, dK and dV), merged into the running sums outside the branch. A skip
+branch that handed the carries back unchanged made XLA:CPU copy every carry into and out of the
+conditional at every pair (dK and dV are the whole [nk, ...] arrays): 25 of 265 ms per layer at
+1 x 2048 in bench-100m. Both changes together: 255 -> 214 ms per layer, forward and backward
+(issue 22, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -42,12 +51,20 @@ def dense_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots):
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
 
 
-def _by_pair_kind(mask, attend, carry):
-    """Runs `attend(carry, masked)` as the block pair needs: not at all when no query sees a key of
-    it, with masked=False when every query sees every key, with masked=True otherwise."""
+def _by_pair_kind(mask, attend, skip):
+    """`skip()` when no query sees a key of the block pair, `attend(masked=False)` when every query
+    sees every key, `attend(masked=True)` otherwise."""
     kind = jnp.where(mask.any(), jnp.where(mask.all(), 1, 2), 0)
-    branches = [lambda c: c, functools.partial(attend, masked=False), functools.partial(attend, masked=True)]
-    return jax.lax.switch(kind, branches, carry)
+    return jax.lax.switch(kind, [skip, functools.partial(attend, masked=False), functools.partial(attend, masked=True)])
+
+
+def _key_blocks_in_reach(q_slots, kv_slots):
+    """How many leading key blocks the loops visit for a query block: up to the last one holding a
+    slot at or before the block's latest query slot. Later blocks hold no visible key (a key is seen
+    only from slots at or after its own), so causal training rows visit (i + 1) of n blocks at query
+    block i instead of all n. q_slots: [B, C]; kv_slots: [nk, Ck]."""
+    reach = kv_slots.min(axis=-1) <= q_slots.max()
+    return jnp.max(jnp.where(reach, jnp.arange(1, kv_slots.shape[0] + 1), 0))
 
 
 def _rows_mask(mask, g):
@@ -68,27 +85,34 @@ def _forward(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
         qb, qsg, qsl = args  # [B, K, R, H], [B, C], [B, C]
         b, kh, r, h = qb.shape
 
-        def step(carry, kv):
-            kb, vb, ksg, ksl = kv
-            mask = _mask(qsg, qsl, ksg, ksl)
+        def step(j, carry):
+            kb, vb = ks[j], vs[j]
+            mask = _mask(qsg, qsl, kv_seg[j], kv_slots[j])
 
-            def attend(carry, masked):
-                o, l, m = carry  # [B, K, R, H], [B, K, R], [B, K, R]
+            def attend(masked):  # this pair's softmax numerator against its own row maximum
                 sc = _scores(qb, kb)
                 if masked:
                     sc = jnp.where(_rows_mask(mask, g), sc, NEG)
-                m_new = jnp.maximum(m, sc.max(axis=-1))
-                p = jnp.exp(sc - m_new[..., None])
-                corr = jnp.exp(m - m_new)
-                o = o * corr[..., None] + jnp.einsum("BKRS,BKSH->BKRH", p.astype(vb.dtype), vb,
-                                                     preferred_element_type=jnp.float32)
-                return o, l * corr + p.sum(axis=-1), m_new
+                m_j = sc.max(axis=-1)
+                p = jnp.exp(sc - m_j[..., None])
+                pv = jnp.einsum("BKRS,BKSH->BKRH", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+                return pv, p.sum(axis=-1), m_j
 
-            return _by_pair_kind(mask, attend, carry), None
+            def skip():
+                return (jnp.zeros((b, kh, r, h), jnp.float32), jnp.zeros((b, kh, r), jnp.float32),
+                        jnp.full((b, kh, r), NEG, jnp.float32))
+
+            # The running sums are merged outside the switch: a branch that hands the carry back
+            # unchanged made XLA copy it into and out of the conditional at every pair.
+            pv, l_j, m_j = _by_pair_kind(mask, attend, skip)
+            o, l, m = carry  # [B, K, R, H], [B, K, R], [B, K, R]
+            m_new = jnp.maximum(m, m_j)
+            corr, corr_j = jnp.exp(m - m_new), jnp.exp(m_j - m_new)
+            return o * corr[..., None] + pv * corr_j[..., None], l * corr + l_j * corr_j, m_new
 
         init = (jnp.zeros((b, kh, r, h), jnp.float32), jnp.zeros((b, kh, r), jnp.float32),
                 jnp.full((b, kh, r), NEG, jnp.float32))
-        (o, l, m), _ = jax.lax.scan(step, init, (ks, vs, kv_seg, kv_slots))
+        o, l, m = jax.lax.fori_loop(0, _key_blocks_in_reach(qsl, kv_slots), step, init)
         seen = l > 0  # l = 0 only in a block of padding queries skipped everywhere (sliced off by the caller)
         out = o / jnp.where(seen, l, 1.0)[..., None]
         return out.astype(qb.dtype), jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
@@ -108,16 +132,16 @@ def _backward(g, res, d_out):
     qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots, out, lse = res
     delta = jnp.einsum("IBKRH,IBKRH->IBKR", d_out.astype(jnp.float32), out.astype(jnp.float32))
     scale = qs.shape[-1] ** -0.5
+    dk_shape = ks.shape[1:3] + ks.shape[4:] + ks.shape[3:4]  # [B, K, H, Ck]
 
     def query_block(dkv, args):
         qb, dob, qsg, qsl, lse_b, delta_b = args
 
-        def key_block(carry, j):
+        def key_block(j, carry):
             kb, vb = ks[j], vs[j]
             mask = _mask(qsg, qsl, kv_seg[j], kv_slots[j])
 
-            def attend(carry, masked):
-                dq, dk, dv = carry
+            def attend(masked):
                 p = jnp.exp(_scores(qb, kb) - lse_b[..., None])  # [B, K, R, Ck]
                 if masked:
                     p = jnp.where(_rows_mask(mask, g), p, 0.0)
@@ -125,13 +149,19 @@ def _backward(g, res, d_out):
                 dp = jnp.einsum("BKRH,BKSH->BKRS", dob, vb, preferred_element_type=jnp.float32)
                 ds = (p * (dp - delta_b[..., None]) * scale).astype(qb.dtype)
                 dk_j = jnp.einsum("BKRH,BKRS->BKHS", qb, ds, preferred_element_type=jnp.float32)
-                dq = dq + jnp.einsum("BKRS,BKSH->BKRH", ds, kb, preferred_element_type=jnp.float32)
-                return dq, dk.at[j].add(dk_j), dv.at[j].add(dv_j)
+                dq_j = jnp.einsum("BKRS,BKSH->BKRH", ds, kb, preferred_element_type=jnp.float32)
+                return dq_j, dk_j, dv_j
 
-            return _by_pair_kind(mask, attend, carry), None
+            def skip():
+                return jnp.zeros(qb.shape, jnp.float32), jnp.zeros(dk_shape, jnp.float32), jnp.zeros(dk_shape, jnp.float32)
 
-        (dq, dk, dv), _ = jax.lax.scan(key_block, (jnp.zeros(qb.shape, jnp.float32), *dkv),
-                                       jnp.arange(ks.shape[0]))
+            # Accumulated outside the switch, as in the forward pass (no copies of the carries).
+            dq_j, dk_j, dv_j = _by_pair_kind(mask, attend, skip)
+            dq, dk, dv = carry
+            return dq + dq_j, dk.at[j].add(dk_j), dv.at[j].add(dv_j)
+
+        dq, dk, dv = jax.lax.fori_loop(0, _key_blocks_in_reach(qsl, kv_slots), key_block,
+                                       (jnp.zeros(qb.shape, jnp.float32), *dkv))
         return (dk, dv), dq.astype(qb.dtype)
 
     zeros = jnp.zeros(ks.shape[:3] + ks.shape[4:] + ks.shape[3:4], jnp.float32)  # [nk, B, K, H, Ck]
