@@ -23,7 +23,7 @@ Each pair's branch returns its own contribution (the forward: its numerator agai
 maximum; the backward: its dQ, dK and dV), merged into the running sums outside the branch. A skip
 branch that handed the carries back unchanged made XLA:CPU copy every carry into and out of the
 conditional at every pair (dK and dV are the whole [nk, ...] arrays): 25 of 265 ms per layer at
-1 x 2048 in bench-100m. Both changes together: 255 -> 214 ms per layer, forward and backward
+1 x 2048 in bench-100m (Intel host). Both changes together: 255 -> 214 ms per layer, forward and backward
 (issue 22, BENCHMARKS.md).
 """
 
