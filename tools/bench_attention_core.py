@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import os
 import statistics
-import sys
 import time
 
 from benchlib import ROOT, pin_threads, print_footer, print_header  # tools/, the script's own folder
@@ -28,9 +27,10 @@ KV_HEADS, GROUPS, HEAD_DIM = 2, 5, 64  # bench-100m
 
 
 def load_attention(checkout: str, name: str):
+    """The attention module of a checkout, by path (the installed `qedjax` may be another checkout's)."""
     path = os.path.join(checkout, "qedjax", "models", "attention.py")
     if not os.path.exists(path):
-        raise SystemExit(f"--before {checkout}: no qedjax/models/attention.py there")
+        raise SystemExit(f"{checkout}: no qedjax/models/attention.py there")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -110,4 +110,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
