@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import ROOT, pin_threads, print_footer, print_header  # tools/, the script's own folder
+from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header  # tools/, the script's own folder
 
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
 
@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed steps per framework and shape")
     p.add_argument("--torch-optim", default="fused", choices=("default", "foreach", "fused"),
                    help="torch.optim.AdamW implementation (fused is the fastest on CPU)")
+    add_malloc_flag(p)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="cores for both frameworks (default: all this process may use)")
     p.add_argument("--skip-step", action="store_true", help="skip the throughput benchmark")
@@ -165,6 +166,7 @@ def qedjax_trainer(model_dir: str, batch, grpo: bool = False):
         holder["state"], metrics = compiled(holder["state"], device_batch)
         return float(jax.block_until_ready(metrics)["loss"])
 
+    step.compiled = compiled  # for tools/profile_step.py
     return step, flops, compile_s
 
 
@@ -355,7 +357,7 @@ def main(argv=None):
     if args.memory_child:
         memory_child(args)
         return
-    print_header()
+    print_header(host_memory(args.system_malloc))
     if not args.skip_step:
         before = measure_peak()
         print("# matmul GFLOP/s before: " + ", ".join(f"{k} {v:.0f}" for k, v in before.items()), flush=True)

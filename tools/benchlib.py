@@ -31,10 +31,27 @@ def cpu_name() -> str:
         return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
 
 
-def print_header():
+def print_header(note: str = ""):
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {cpu_name()}, {len(os.sched_getaffinity(0))} cores pinned "
           f"of {os.cpu_count()}  load average {os.getloadavg()[0]:.1f}\n# command: python "
-          f"{os.path.relpath(sys.argv[0], ROOT)} {' '.join(sys.argv[1:])}", flush=True)
+          f"{os.path.relpath(sys.argv[0], ROOT)} {' '.join(sys.argv[1:])}" + (f"\n# {note}" if note else ""),
+          flush=True)
+
+
+def add_malloc_flag(parser):
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (default: qedjax/hostmem.py's policy, as the launcher)")
+
+
+def host_memory(system_malloc: bool) -> str:
+    """The launcher's host memory policy for this process (both frameworks share it); call it before
+    JAX starts its backend. Returns a line for the header."""
+    if system_malloc:
+        os.environ["QEDJAX_MALLOC"] = "system"
+    from qedjax import hostmem
+
+    kept = hostmem.keep_freed_memory()
+    return "host memory: " + ("freed memory kept (qedjax/hostmem.py)" if kept else "glibc malloc defaults")
 
 
 def print_footer():
