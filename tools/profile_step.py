@@ -11,10 +11,11 @@ to the instructions of the compiled HLO, which say what each one is:
 - copy/transpose: copies, transposes and fusions whose root is one (data moved, nothing computed);
 - scatter/gather, reduction (input fusions and reduces), elementwise (loop fusions), other.
 
-Loops (`while`) and conditionals are containers: their bodies' thunks have events of their own (one
-per run, so a matmul in a loop counts its FLOPs once per run), and the containers are left out of
-the sums. Thunks of one step can run on two threads at once, so the summed
-thunk time can exceed the step's wall time. Every figure is the median over the traced steps.
+Thunks with no data between them run at once on the two threads (the two products of the logits'
+backward pass, for one): each one's time is then its share of a busy machine, a matmul's rate is a
+lower bound, and the summed time exceeds the step's wall time. Loops (`while`) and conditionals are
+containers: their bodies' thunks have events of their own (one per run, so a matmul in a loop counts
+its FLOPs once per run), and the containers are left out of the sums. Every figure is the median over the traced steps.
 
     python tools/profile_step.py --batch 4 --seq 256
     python tools/profile_step.py --batch 8 --seq 320 --grpo --top 30
@@ -115,21 +116,39 @@ def classify(name: str, instrs: dict[str, dict], by_comp: dict[str, list[dict]])
     return "other", 0.0
 
 
-def thunk_times(trace_dir: str) -> tuple[dict[str, float], dict[str, int]]:
-    """Thunk name -> summed seconds, and how many times it ran, over one trace (every XLA:CPU thread)."""
+def thunk_times(trace_dir: str, asynchronous=frozenset()) -> tuple[dict[str, float], dict[str, int]]:
+    """Thunk name -> summed seconds, and how many times it ran, over one trace (every XLA:CPU thread).
+
+    The thunks named in `asynchronous` (plain dots, outside YNNPACK) return from their event at once
+    and finish later: their time runs to their "end: NAME" marker, on whichever thread finished them.
+    Other thunks' end markers can come long after the work (when the executor gets to them): their
+    time is their event's.
+    """
     import jax
 
     (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    times, calls = collections.Counter(), collections.Counter()
+    starts, ends = collections.defaultdict(list), collections.defaultdict(list)
     for plane in jax.profiler.ProfileData.from_file(path).planes:
         for line in plane.lines:
             if not line.name.startswith("tf_XLA"):
                 continue
             for e in line.events:
-                if e.name.startswith(("ThreadpoolListener", "ThunkExecutor", "SlinkyThreadPool", "end: ")):
-                    continue
-                times[e.name] += e.duration_ns / 1e9
-                calls[e.name] += 1
+                if e.name.startswith("end: "):
+                    ends[e.name[5:]].append(e.start_ns)
+                elif not e.name.startswith(("ThreadpoolListener", "ThunkExecutor", "SlinkyThreadPool")):
+                    starts[e.name].append((e.start_ns, e.start_ns + e.duration_ns))
+    times, calls = collections.Counter(), collections.Counter()
+    for name, runs in starts.items():
+        marks = sorted(ends.get(name, ())) if name in asynchronous else []
+        i = 0
+        for start, stop in sorted(runs):
+            while i < len(marks) and marks[i] < start:
+                i += 1
+            if i < len(marks):  # this run's end marker: the first one at or after its start
+                stop = max(stop, marks[i])
+                i += 1
+            times[name] += (stop - start) / 1e9
+            calls[name] += 1
     return times, calls
 
 
@@ -171,6 +190,7 @@ def main(argv=None) -> None:
     by_comp = collections.defaultdict(list)
     for ins in instrs.values():
         by_comp[ins["comp"]].append(ins)
+    asynchronous = frozenset(n for n, ins in instrs.items() if ins["opcode"] == "dot")
     peak = measure_peak()["jax"]
     step(), step()
 
@@ -182,7 +202,7 @@ def main(argv=None) -> None:
             step()
             walls.append(time.perf_counter() - start)
             jax.profiler.stop_trace()
-            times, calls = thunk_times(d)
+            times, calls = thunk_times(d, asynchronous)
             per_step.append(times)
             runs.append(calls)
 
