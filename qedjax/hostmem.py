@@ -11,7 +11,8 @@ rate of the same matmuls later in the step (tools/profile_step.py, docs/BENCHMAR
 arena grown with sbrk and never to give its top back: a step then reuses the pages of the step
 before. The process's resident size stays at its peak, which a training process reaches on its
 first step anyway. It must run before JAX starts its backend (the worker threads bind to an arena on
-their first allocation); set afterwards it changes nothing for them (measured).
+their first allocation); set afterwards it changes nothing for them (measured), so it is then
+not applied at all (a test process that calls the launcher after other tests ran JAX, for one).
 
 Applied only where it was measured, a process that will run on the CPU: JAX_PLATFORMS names cpu
 first, or, with JAX_PLATFORMS unset, the machine has no GPU or TPU device files. QEDJAX_MALLOC=system
@@ -49,9 +50,20 @@ def wanted(environ=os.environ, device_files=ACCELERATOR_FILES) -> bool:
     return cpu_only(environ, device_files)
 
 
+def _backend_started() -> bool:
+    """Whether JAX has started a backend in this process (a private hook; unknown counts as started)."""
+    try:
+        from jax._src import xla_bridge
+    except ImportError:
+        return True
+    return bool(getattr(xla_bridge, "backends_are_initialized", lambda: True)())
+
+
 def keep_freed_memory(environ=os.environ) -> bool:
-    """Apply the policy if `wanted`; True when glibc took all three settings."""
-    if not wanted(environ):
+    """Apply the policy if `wanted` and no JAX backend has started yet; True when glibc took all
+    three settings. Once the backend runs, its threads are bound to their arenas and the settings
+    would only pin this process's memory without sparing XLA its faults, so nothing is done."""
+    if not wanted(environ) or _backend_started():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))

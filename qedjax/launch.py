@@ -117,7 +117,10 @@ def with_toy_data(cfg, run_dir: str):
 
 def main(argv=None) -> int:
     # before anything starts JAX's backend: its worker threads take their malloc arena on first use
-    kept = hostmem.keep_freed_memory()
+    try:
+        kept = hostmem.keep_freed_memory()
+    except ValueError as e:  # QEDJAX_MALLOC set to something else
+        raise SystemExit(f"qedjax.launch: {e}") from None
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides) + ([f"run.mesh={args.mesh}"] if args.mesh else [])
     cfg = load_config(args.config, overrides)

@@ -63,3 +63,18 @@ def test_decision():
     assert hostmem.wanted({"QEDJAX_MALLOC": "keep", "JAX_PLATFORMS": "tpu"}, gpu)
     with pytest.raises(ValueError, match="QEDJAX_MALLOC"):
         hostmem.wanted({"QEDJAX_MALLOC": "tcmalloc"}, none)
+
+
+def test_nothing_is_done_once_a_backend_has_started():
+    import jax
+
+    jax.devices()  # this test process's backend is up (as in any test that ran JAX before)
+    assert not hostmem.keep_freed_memory({"QEDJAX_MALLOC": "keep"})
+
+
+def test_launcher_names_a_bad_setting(monkeypatch):
+    from qedjax import launch
+
+    monkeypatch.setenv("QEDJAX_MALLOC", "jemalloc")
+    with pytest.raises(SystemExit, match="QEDJAX_MALLOC must be 'system' or 'keep'"):
+        launch.main(["--config", "configs/tiny.yaml"])
