@@ -34,7 +34,8 @@ import sys
 import tempfile
 import time
 
-from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header  # tools/, the script's own folder
+# tools/, the script's own folder
+from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header
 
 CONTAINERS = {"while", "conditional", "call"}
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*)$")
@@ -239,8 +240,8 @@ def main(argv=None) -> None:
         if c == "container":
             continue
         rate = f" {f * calls[n] / op_s[n] / 1e9:5.0f} GFLOP/s" if f and op_s[n] else ""
-        print(f"{op_s[n] * 1e3:8.1f} {calls[n]:5.0f}x {c:>14}{rate:>14}  {n:<34} {instrs.get(n, {}).get('shape', '')[:28]:<28} "
-              f"{label(instrs.get(n))}")
+        shape = instrs.get(n, {}).get("shape", "")[:28]
+        print(f"{op_s[n] * 1e3:8.1f} {calls[n]:5.0f}x {c:>14}{rate:>14}  {n:<34} {shape:<28} {label(instrs.get(n))}")
     print_footer()
 
 
