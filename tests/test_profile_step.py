@@ -1,6 +1,5 @@
 """tools/profile_step.py against XLA:CPU's real output: its HLO parser and its reading of a trace."""
 
-import collections
 import os
 import sys
 import tempfile
@@ -22,10 +21,7 @@ def _compiled():
 
 def _parsed(compiled):
     instrs = profile_step.parse_hlo(compiled.as_text())
-    by_comp = collections.defaultdict(list)
-    for ins in instrs.values():
-        by_comp[ins["comp"]].append(ins)
-    return instrs, by_comp
+    return instrs, profile_step.by_computation(instrs)
 
 
 def test_parser_counts_the_matmul_flops_of_the_compiled_program():
@@ -54,9 +50,7 @@ def test_headers_with_index_comments_start_a_computation():
     ])
     instrs = profile_step.parse_hlo(text)
     assert instrs["d"]["comp"] == "fused_a" and instrs["q0"]["comp"] == "fused_b"
-    by_comp = collections.defaultdict(list)
-    for ins in instrs.values():
-        by_comp[ins["comp"]].append(ins)
+    by_comp = profile_step.by_computation(instrs)
     assert profile_step.classify("f", instrs, by_comp) == ("matmul", 2 * 4 * 2 * 8)
     assert profile_step.classify("g", instrs, by_comp) == ("elementwise", 0.0)
 

@@ -40,7 +40,8 @@ import sys
 import tempfile
 import time
 
-from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header  # tools/, the script's own folder
+# tools/, the script's own folder
+from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header
 
 # transformers maps safetensors lazily: a weight costs time and memory only when first read, so
 # "transformers+read" also reads every weight once, which is when a first forward would pay for it.

@@ -45,7 +45,8 @@ import sys
 import tempfile
 import time
 
-from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header  # tools/, the script's own folder
+# tools/, the script's own folder
+from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header
 
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
 

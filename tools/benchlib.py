@@ -46,11 +46,9 @@ def add_malloc_flag(parser):
 def host_memory(system_malloc: bool) -> str:
     """The launcher's host memory policy for this process (both frameworks share it); call it before
     JAX starts its backend. Returns a line for the header."""
-    if system_malloc:
-        os.environ["QEDJAX_MALLOC"] = "system"
     from qedjax import hostmem
 
-    kept = hostmem.keep_freed_memory()
+    kept = not system_malloc and hostmem.keep_freed_memory()
     return "host memory: " + ("freed memory kept (qedjax/hostmem.py)" if kept else "glibc malloc defaults")
 
 

@@ -15,7 +15,8 @@ Thunks with no data between them run at once on the two threads (the two product
 backward pass, for one): each one's time is then its share of a busy machine, a matmul's rate is a
 lower bound, and the summed time exceeds the step's wall time. Loops (`while`) and conditionals are
 containers: their bodies' thunks have events of their own (one per run, so a matmul in a loop counts
-its FLOPs once per run), and the containers are left out of the sums. Every figure is the median over the traced steps.
+its FLOPs once per run), and the containers are left out of the sums. Every figure is the median
+over the traced steps.
 
     python tools/profile_step.py --batch 4 --seq 256
     python tools/profile_step.py --batch 8 --seq 320 --grpo --top 30
@@ -76,6 +77,14 @@ def parse_hlo(text: str) -> dict[str, dict]:
             shape, opcode, tail = _split_shape(m.group(2))
             instrs[m.group(1)] = dict(comp=comp, shape=shape, opcode=opcode, line=tail)
     return instrs
+
+
+def by_computation(instrs: dict[str, dict]) -> dict[str, list[dict]]:
+    """Computation name -> its instructions in order (a fusion's body, for `classify`)."""
+    comps = collections.defaultdict(list)
+    for ins in instrs.values():
+        comps[ins["comp"]].append(ins)
+    return comps
 
 
 def dot_flops(ins: dict, instrs: dict[str, dict]) -> float:
@@ -188,9 +197,7 @@ def main(argv=None) -> None:
         random_hf_model(cfg).save_pretrained(d)
         step, hlo_flops, _ = qedjax_trainer(d, batch, grpo=args.grpo)
     instrs = parse_hlo(step.compiled.as_text())
-    by_comp = collections.defaultdict(list)
-    for ins in instrs.values():
-        by_comp[ins["comp"]].append(ins)
+    by_comp = by_computation(instrs)
     asynchronous = frozenset(n for n, ins in instrs.items() if ins["opcode"] == "dot")
     peak = measure_peak()["jax"]
     step(), step()
