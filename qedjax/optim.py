@@ -87,14 +87,17 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> Optimizer:
     chain = adamw if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
 
     def apply(grads, opt_state, params, ok):
-        # The same operations, in the same order, as optax's clip_by_global_norm, scale_by_adam,
-        # add_decayed_weights, scale_by_learning_rate and apply_updates.
+        # The operations of optax's clip_by_global_norm, scale_by_adam, add_decayed_weights,
+        # scale_by_learning_rate and apply_updates, in their order. One difference: clipping scales
+        # each gradient by the scalar clip_norm / norm (as torch's clip_grad_norm_ does), where optax
+        # divides every element by the norm and then multiplies: equal up to rounding, and XLA does
+        # not repeat a division in each consumer, so optax's form writes the clipped gradients out
+        # and reads them back (an extra pass over them; 115 -> 92 ms per update for bench-100m).
         clip_state, (adam, masked, sched) = (None, opt_state) if cfg.clip_norm is None else opt_state
         if cfg.clip_norm is not None:
             g_norm = optax.tree.norm(grads)
-            keep = g_norm < cfg.clip_norm
-            grads = jax.tree.map(lambda t: jax.lax.select(keep, t, (t / g_norm.astype(t.dtype)) * cfg.clip_norm),
-                                 grads)
+            scale = jnp.where(g_norm < cfg.clip_norm, 1.0, cfg.clip_norm / g_norm)
+            grads = jax.tree.map(lambda t: t * scale.astype(t.dtype), grads)
         count = optax.safe_int32_increment(adam.count)
         bc1, bc2 = 1 - cfg.b1**count, 1 - cfg.b2**count
         step_size = -lr(sched.count)

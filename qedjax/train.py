@@ -238,9 +238,11 @@ def model_config(model_cfg, platform: str | None = None):
     from qedjax import convert
     from qedjax.models.qwen3 import Qwen3Config, attention_defaults
 
-    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat)
+    platform = platform or jax.default_backend()
+    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
+                  wgrad_copy=platform == "cpu")
     if model_cfg.attention_block is None:
-        dtypes.update(attention_defaults(platform or jax.default_backend()))
+        dtypes.update(attention_defaults(platform))
     else:
         dtypes["attention_block"] = model_cfg.attention_block
     if model_cfg.hf_path:

@@ -23,6 +23,7 @@ index in the row, or in the KV cache). A KV cache is a value: passed in, updated
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -67,6 +68,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 DTYPES = ("float32", "bfloat16")
+# Qwen3Config's fields that say how the model runs, not what it is (no config.json carries them)
+RUN_FIELDS = frozenset({"param_dtype", "dtype", "remat", "attention_block", "attention_dense_max", "wgrad_copy"})
 
 
 def attention_defaults(platform: str) -> dict[str, int]:
@@ -126,6 +129,7 @@ class Qwen3Config:
     remat: bool = False  # recompute each block in the backward pass (long sequences)
     attention_block: int = 512  # flash_attention's largest block (0: dense attention only)
     attention_dense_max: int | None = None  # rows up to this many tokens attend densely (None: attention_block)
+    wgrad_copy: bool = False  # weight gradients from a transposed copy of the activations (XLA:CPU: project)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -178,8 +182,7 @@ class Qwen3Config:
             fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
         if isinstance(fields.get("eos_token_id"), list):
             fields["eos_token_id"] = fields["eos_token_id"][0]
-        names = {f.name for f in dataclasses.fields(cls)} - {"param_dtype", "dtype", "remat", "attention_block",
-                                                       "attention_dense_max"}
+        names = {f.name for f in dataclasses.fields(cls)} - RUN_FIELDS
         missing = sorted(n for n in names if n not in fields)
         if missing:
             raise ValueError(f"{source}: missing keys {missing}")
@@ -288,6 +291,41 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype
     return nnx.Param(value, sharding_names=names, eager_sharding=False)
 
 
+@jax.custom_vjp
+def _project_wgrad_copy(x: jax.Array, w: jax.Array) -> jax.Array:
+    return x @ w
+
+
+def _project_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _project_bwd(res, dy):
+    x, w = res
+    x_t = jax.lax.optimization_barrier(x.T)  # [K, M], written out: the product below is a plain GEMM
+    return dy @ w.T, x_t @ dy
+
+
+_project_wgrad_copy.defvjp(_project_fwd, _project_bwd)
+
+
+def project(spec: str, rows: jax.Array, w: jax.Array, wgrad_copy: bool) -> jax.Array:
+    """jnp.einsum(spec, rows, w) for a projection: rows [M, K...] contract their trailing axes with
+    w's leading ones, giving [M, N...].
+
+    With `wgrad_copy` (XLA:CPU) the weight gradient d w = rows^T dy is computed from a transposed
+    copy of the rows: XLA:CPU gives a product contracting the rows of both operands to Eigen, and
+    the same product from a [K, M] copy to YNNPACK, faster at bench-100m's shapes (docs/BENCHMARKS.md,
+    issue 22's sixth pass). Elsewhere the compilers take either layout and the copy is only cost.
+    """
+    if not wgrad_copy:
+        return jnp.einsum(spec, rows, w)
+    c = rows.ndim - 1
+    x2 = rows.reshape(rows.shape[0], -1)
+    w2 = w.reshape(math.prod(w.shape[:c]), -1)
+    return _project_wgrad_copy(x2, w2).reshape(rows.shape[0], *w.shape[c:])
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, size: int, eps: float, dtype: str, rngs: nnx.Rngs, axis_name: str = "norm"):
         self.scale = _param(rngs, (size,), (axis_name,), dtype, init="ones")
@@ -318,9 +356,9 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, self.cfg.dtype
         b, t, d = x.shape
         rows = x.reshape(b * t, d)  # [M, D]
-        q = jnp.einsum("MD,DNH->MNH", rows, self.q_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
-        k = jnp.einsum("MD,DKH->MKH", rows, self.k_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
-        v = jnp.einsum("MD,DKH->MKH", rows, self.v_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
+        q = project("MD,DNH->MNH", rows, self.q_proj[...].astype(dt), cfg.wgrad_copy).reshape(b, t, -1, cfg.head_dim)
+        k = project("MD,DKH->MKH", rows, self.k_proj[...].astype(dt), cfg.wgrad_copy).reshape(b, t, -1, cfg.head_dim)
+        v = project("MD,DKH->MKH", rows, self.v_proj[...].astype(dt), cfg.wgrad_copy).reshape(b, t, -1, cfg.head_dim)
         q = rope(self.q_norm(q), positions, cfg.rope_theta)
         k = rope(self.k_norm(k), positions, cfg.rope_theta)
         if kv is None:
@@ -343,7 +381,7 @@ class Attention(nnx.Module):
         else:
             out = dense_attention(*args)
         out = out.reshape(b * t, n, h)  # [M, N, H]
-        return jnp.einsum("MNH,NHD->MD", out, self.o_proj[...].astype(dt)).reshape(b, t, d), new_kv
+        return project("MNH,NHD->MD", out, self.o_proj[...].astype(dt), cfg.wgrad_copy).reshape(b, t, d), new_kv
 
 
 class MLP(nnx.Module):
@@ -352,16 +390,16 @@ class MLP(nnx.Module):
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
-        self.dtype = cfg.dtype
+        self.dtype, self.wgrad_copy = cfg.dtype, cfg.wgrad_copy
 
     def __call__(self, x):
         dt = self.dtype
         b, t, d = x.shape
         rows = x.reshape(b * t, d)  # [M, D]
-        gate = jnp.einsum("MD,DF->MF", rows, self.gate_proj[...].astype(dt))
-        up = jnp.einsum("MD,DF->MF", rows, self.up_proj[...].astype(dt))
+        gate = project("MD,DF->MF", rows, self.gate_proj[...].astype(dt), self.wgrad_copy)
+        up = project("MD,DF->MF", rows, self.up_proj[...].astype(dt), self.wgrad_copy)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "mlp"))
-        return jnp.einsum("MF,FD->MD", h, self.down_proj[...].astype(dt)).reshape(b, t, d)
+        return project("MF,FD->MD", h, self.down_proj[...].astype(dt), self.wgrad_copy).reshape(b, t, d)
 
 
 class Block(nnx.Module):
