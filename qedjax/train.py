@@ -233,7 +233,8 @@ def model_config(model_cfg, platform: str | None = None):
     """The Qwen3Config a ModelConfig describes (a HF checkpoint's config.json, or a preset).
 
     `platform` ("cpu", "tpu", "gpu"; default: JAX's default backend) is where the model will run: it
-    picks the attention block when the config leaves it unset.
+    picks the attention block when the config leaves it unset, and on CPU the projections' weight
+    gradients from a transposed copy (`qwen3.project`).
     """
     from qedjax import convert
     from qedjax.models.qwen3 import Qwen3Config, attention_defaults

@@ -129,7 +129,7 @@ class Qwen3Config:
     remat: bool = False  # recompute each block in the backward pass (long sequences)
     attention_block: int = 512  # flash_attention's largest block (0: dense attention only)
     attention_dense_max: int | None = None  # rows up to this many tokens attend densely (None: attention_block)
-    wgrad_copy: bool = False  # weight gradients from a transposed copy of the activations (XLA:CPU: project)
+    wgrad_copy: bool = False  # weight gradients from a transposed copy of the rows (XLA:CPU; see project)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -313,10 +313,12 @@ def project(spec: str, rows: jax.Array, w: jax.Array, wgrad_copy: bool) -> jax.A
     """jnp.einsum(spec, rows, w) for a projection: rows [M, K...] contract their trailing axes with
     w's leading ones, giving [M, N...].
 
-    With `wgrad_copy` (XLA:CPU) the weight gradient d w = rows^T dy is computed from a transposed
-    copy of the rows: XLA:CPU gives a product contracting the rows of both operands to Eigen, and
-    the same product from a [K, M] copy to YNNPACK, faster at bench-100m's shapes (docs/BENCHMARKS.md,
-    issue 22's sixth pass). Elsewhere the compilers take either layout and the copy is only cost.
+    With `wgrad_copy` (on XLA:CPU) the weight gradient d w = rows^T dy is a product of a written-out
+    [K, M] copy of the rows. XLA:CPU hands the plain form, contracting the rows of both operands, to
+    Eigen, whose dots run as asynchronous thunks beside the YNNPACK products on the same cores; the
+    copied form goes to YNNPACK with the rest. Alone neither form is ahead (tools/bench_matmul.py);
+    in the bench-100m SFT step the copy is 1.5-6.6% faster (tools/ab_step.py, docs/BENCHMARKS.md).
+    Other compilers take either layout, so elsewhere the copy would only cost.
     """
     if not wgrad_copy:
         return jnp.einsum(spec, rows, w)
