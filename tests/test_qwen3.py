@@ -241,6 +241,8 @@ def test_project_wgrad_copy(spec, rows, w):
         np.testing.assert_array_equal(out, jnp.einsum(spec, x, wt))
         np.testing.assert_array_equal(dx, want[0])
         np.testing.assert_array_equal(dw, want[1])
+    with pytest.raises(ValueError, match="do not contract"):
+        project(spec, x, jnp.zeros((2,) + wt.shape), True)
 
 
 def test_flash_block():

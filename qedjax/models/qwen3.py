@@ -323,6 +323,8 @@ def project(spec: str, rows: jax.Array, w: jax.Array, wgrad_copy: bool) -> jax.A
     if not wgrad_copy:
         return jnp.einsum(spec, rows, w)
     c = rows.ndim - 1
+    if rows.shape[1:] != w.shape[:c]:
+        raise ValueError(f"project({spec!r}): rows {rows.shape} and weight {w.shape} do not contract as a projection")
     x2 = rows.reshape(rows.shape[0], -1)
     w2 = w.reshape(math.prod(w.shape[:c]), -1)
     return _project_wgrad_copy(x2, w2).reshape(rows.shape[0], *w.shape[c:])
