@@ -7,7 +7,7 @@ For each shape, one bench-100m SFT step (as tools/bench_sft.py builds it) per va
 run field (`qwen3.RUN_FIELDS`: how the model runs, not what it is), the same weights and batch,
 timed in rounds whose order alternates, so that load and heap state fall on every build alike. A
 change that is a choice (a layout, a block size) is decided with this before it becomes a default.
-The losses of the builds must agree to 4 decimals.
+The losses of the builds' first two steps must agree to a relative 1e-4.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main(argv=None):
                     steps.append(qedjax_trainer(d, batch)[0])
             finally:
                 train.model_config = model_config
-        losses = [[step(), step()] for step in steps]  # compile-free warm-up, and parity
+        losses = [[step(), step()] for step in steps]  # warm-up (compiled already) and parity
         for v, pair in zip(values[1:], losses[1:]):
             if any(abs(x - y) > 1e-4 * abs(y) for x, y in zip(pair, losses[0])):
                 raise SystemExit(f"{b}x{t}: losses disagree: {args.field}={values[0]} {losses[0]}, ={v} {pair}")
@@ -96,7 +96,7 @@ def main(argv=None):
         med = [statistics.median(ts) for ts in times]
         cells = " | ".join(f"{m:>{len(args.field) + 14}.3f}" for m in med)
         print(f"{f'{b} x {t}':>10} | {cells} | " + " ".join(f"{med[0] / m:.3f}" for m in med[1:]), flush=True)
-        print(f"#   each step, s: " + "; ".join(f"{v}: {[round(x, 2) for x in ts]}" for v, ts in zip(values, times)),
+        print("#   each step, s: " + "; ".join(f"{v}: {[round(x, 2) for x in ts]}" for v, ts in zip(values, times)),
               flush=True)
     print_footer()
 
