@@ -4,10 +4,11 @@
 
 For each number of rows M (batch x sequence), every product of a bench-100m layer's forward and
 backward pass and of the vocabulary projection, as the step writes it, timed alone in jax and in
-torch (median of --repeats calls, one process, order alternating). The weight gradients appear in two
-forms: the plain contraction over the rows of both operands, and the product from a transposed copy of
-the rows (the copy included in the time), which is what `qwen3.project` does on XLA:CPU. The
-library column reads the compiled program: YNNPACK ("ynn") or Eigen's dot ("eigen").
+torch (one process; the median of three rounds in alternating order, each the median of --repeats
+calls). The weight gradients appear in two forms: the plain contraction over the rows of both
+operands, and the product from a transposed copy of the rows (the copy included in the time), which
+is what `qwen3.project` does on XLA:CPU; torch computes both rows' product its own way. The library
+column reads the compiled program: YNNPACK ("ynn") or Eigen's dot ("eigen").
 """
 
 from __future__ import annotations
