@@ -13,14 +13,12 @@ The losses of the builds' first two steps must agree to a relative 1e-4.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 import statistics
 import sys
 import tempfile
 import time
 
-from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header
+from benchlib import ROOT, add_host_flags, print_footer, setup_host
 
 
 def parse_value(text: str):
@@ -44,8 +42,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[2, 4, 1])
     p.add_argument("--seq", type=int, nargs="+", default=[128, 256, 2048])
     p.add_argument("--rounds", type=int, default=8, help="timed steps per build and shape")
-    add_malloc_flag(p)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    add_host_flags(p)
     args = p.parse_args(argv)
 
     sys.path.insert(0, ROOT)
@@ -58,30 +55,20 @@ def main(argv=None):
         raise SystemExit("--values needs at least two values to compare")
     if len(args.batch) != len(args.seq):
         raise SystemExit("--batch and --seq pair up: give as many of each")
-    pin_threads(args.threads, torch_threads=False)
-    print_header(host_memory(args.system_malloc))
+    setup_host(args, torch_threads=False)
 
     from bench_sft import qedjax_trainer, sft_batch
-    from qedjax import train
     from qedjax.models.qwen3 import Qwen3Config
     from tests.hf_utils import random_hf_model
 
     cfg = Qwen3Config.preset(args.preset)
-    model_config = train.model_config
     print(f"{'B x T':>10} | " + " | ".join(f"{args.field}={v!s:>6} s/step" for v in values)
           + " | time of the first / of each other")
     for b, t in zip(args.batch, args.seq):
         batch = sft_batch(cfg.vocab_size, b, t)
-        steps = []
         with tempfile.TemporaryDirectory(prefix="ab-step-") as d:
             random_hf_model(cfg).save_pretrained(d)
-            try:
-                for v in values:
-                    train.model_config = lambda m, platform=None, v=v: dataclasses.replace(  # noqa: E731
-                        model_config(m, platform), **{args.field: v})
-                    steps.append(qedjax_trainer(d, batch)[0])
-            finally:
-                train.model_config = model_config
+            steps = [qedjax_trainer(d, batch, overrides={args.field: v})[0] for v in values]
         losses = [[step(), step()] for step in steps]  # warm-up (compiled already) and parity
         for v, pair in zip(values[1:], losses[1:]):
             if any(abs(x - y) > 1e-4 * abs(y) for x, y in zip(pair, losses[0])):

@@ -14,12 +14,11 @@ column reads the compiled program: YNNPACK ("ynn") or Eigen's dot ("eigen").
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header
+from benchlib import ROOT, add_host_flags, print_footer, setup_host
 
 
 def products(d: int, f: int, v: int) -> list[tuple[str, str, str, tuple, tuple]]:
@@ -56,11 +55,9 @@ def main(argv=None):
     p.add_argument("--preset", default="bench-100m")
     p.add_argument("--rows", type=int, nargs="+", default=[256, 1024, 2048], help="M = batch x sequence")
     p.add_argument("--repeats", type=int, default=7)
-    add_malloc_flag(p)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    add_host_flags(p)
     args = p.parse_args(argv)
-    pin_threads(args.threads)
-    print_header(host_memory(args.system_malloc))
+    setup_host(args)
 
     import jax
     import jax.numpy as jnp

@@ -129,8 +129,12 @@ def grpo_batch(batch, seed: int = 1):
                 advantage=rng.choice([-1.0, 1.0], b).astype(np.float32))
 
 
-def qedjax_trainer(model_dir: str, batch, grpo: bool = False):
-    """(step() -> loss, flops per step): the SFT (or GRPO) stage's jitted step on a one-device mesh."""
+def qedjax_trainer(model_dir: str, batch, grpo: bool = False, overrides: dict | None = None):
+    """(step() -> loss, flops per step): the SFT (or GRPO) stage's jitted step on a one-device mesh.
+
+    `overrides`: Qwen3Config run fields to set over the stage's own (tools/ab_step.py)."""
+    import dataclasses
+
     import jax
 
     from qedjax import convert, sft, train
@@ -142,6 +146,7 @@ def qedjax_trainer(model_dir: str, batch, grpo: bool = False):
     mesh = make_mesh("", devices=jax.devices()[:1])
     # the model as the SFT stage builds it from `model.hf_path` (the attention block is the backend's)
     config = train.model_config(ModelConfig(hf_path=model_dir), mesh.devices.flat[0].platform)
+    config = dataclasses.replace(config, **(overrides or {}))
     _, abstract = convert.abstract_model(config)
     _, graphdef, params = convert.load_params(model_dir, dtype="float32", config=config,
                                               shardings=state_shardings(abstract, mesh, TRAIN_RULES))

@@ -36,7 +36,7 @@ import tempfile
 import time
 
 # tools/, the script's own folder
-from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header
+from benchlib import ROOT, add_host_flags, print_footer, setup_host
 
 CONTAINERS = {"while", "conditional", "call"}
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*)$")
@@ -175,11 +175,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5, help="traced steps (figures are medians over them)")
     p.add_argument("--grpo", action="store_true", help="profile the GRPO loss step instead of the SFT one")
     p.add_argument("--top", type=int, default=20, help="the most expensive thunks to list")
-    add_malloc_flag(p)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    add_host_flags(p)
     args = p.parse_args(argv)
-    pin_threads(args.threads)
-    print_header(host_memory(args.system_malloc))
+    setup_host(args)
 
     import jax
 
