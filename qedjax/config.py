@@ -19,7 +19,8 @@ from qedjax.data import DataConfig
 from qedjax.eval.run import EvalConfig
 from qedjax.export import ExportConfig
 from qedjax.judge import JudgeConfig
-from qedjax.models.qwen3 import DTYPES, PRESETS
+from qedjax.models import cpu_gemm
+from qedjax.models.qwen3 import DTYPES, GEMMS, PRESETS
 from qedjax.optim import OptimConfig
 from qedjax.pipeline import TARGETS, EngineConfig
 from qedjax.rollout.groups import GRPOConfig
@@ -73,10 +74,19 @@ class ModelConfig:
     # 0: dense attention only; unset: the backend's own (qwen3.attention_defaults: on CPU blocks of
     # up to 256 above 128 tokens, on TPU and GPU blocks of 512 above 512 tokens)
     attention_block: int | None = None
+    # how the projections and the attention blocks multiply (qwen3.project): "xla"; on XLA:CPU also
+    # "xla-copy" (weight gradients from a transposed copy of the rows) or "mkl" (MKL's sgemm as a
+    # custom call, qedjax/models/cpu_gemm.py); unset: the backend's own ("xla" on TPU and GPU; on CPU
+    # "mkl" where MKL is installed and the mesh has one device, else "xla-copy")
+    gemm: str | None = None
 
     def __post_init__(self):
         if self.attention_block is not None and self.attention_block < 0:
             raise ValueError(f"model.attention_block must be >= 0, got {self.attention_block}")
+        if self.gemm is not None and self.gemm not in GEMMS:
+            raise ValueError(f"model.gemm must be one of {GEMMS} or unset, got {self.gemm!r}")
+        if self.gemm == "mkl" and (reason := cpu_gemm.available()) is not None:
+            raise ValueError(f"model.gemm is 'mkl' but {reason}")
         if self.hf_path is None and self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r} is not a preset ({sorted(PRESETS)}); "
                              f"set model.hf_path to load a checkpoint instead")

@@ -229,19 +229,33 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def model_config(model_cfg, platform: str | None = None):
+def default_gemm(platform: str, devices: int = 1) -> str:
+    """Qwen3Config.gemm where the config leaves it unset: XLA's own products on TPU and GPU; on CPU
+    MKL's sgemm where this host can run it (`cpu_gemm.available()`) and the mesh has one device (the
+    custom call has no sharding rule, so on a larger mesh every device would compute all of it), else
+    XLA with the weight gradients' transposed copy (`qwen3.project`)."""
+    from qedjax.models import cpu_gemm
+
+    if platform != "cpu":
+        return "xla"
+    return "mkl" if devices == 1 and cpu_gemm.available() is None else "xla-copy"
+
+
+def model_config(model_cfg, platform: str | None = None, devices: int = 1):
     """The Qwen3Config a ModelConfig describes (a HF checkpoint's config.json, or a preset).
 
-    `platform` ("cpu", "tpu", "gpu"; default: JAX's default backend) is where the model will run: it
-    picks the attention block when the config leaves it unset, and on CPU the projections' weight
-    gradients from a transposed copy (`qwen3.project`).
+    `platform` ("cpu", "tpu", "gpu"; default: JAX's default backend) and `devices` (the mesh's size)
+    are where the model will run: they pick the attention block and the products (`default_gemm`)
+    when the config leaves them unset.
     """
     from qedjax import convert
     from qedjax.models.qwen3 import Qwen3Config, attention_defaults
 
     platform = platform or jax.default_backend()
-    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
-                  wgrad_copy=platform == "cpu")
+    gemm = model_cfg.gemm or default_gemm(platform, devices)
+    if gemm != "xla" and platform != "cpu":
+        raise ValueError(f"model.gemm {gemm!r} is for XLA:CPU; this model runs on {platform} (use 'xla' or unset)")
+    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat, gemm=gemm)
     if model_cfg.attention_block is None:
         dtypes.update(attention_defaults(platform))
     else:
@@ -259,7 +273,7 @@ def abstract_params(model_cfg, mesh: Mesh, rules, *, layers: int | None = None):
     from qedjax import convert
     from qedjax.sharding import state_shardings
 
-    config = model_config(model_cfg, mesh.devices.flat[0].platform)
+    config = model_config(model_cfg, mesh.devices.flat[0].platform, mesh.size)
     if layers is not None:
         config = dataclasses.replace(config, num_hidden_layers=layers)
     graphdef, abstract = convert.abstract_model(config)
@@ -280,7 +294,7 @@ def init_params(model_cfg, mesh: Mesh, rules, *, seed: int = 0, vocab_size: int 
     from qedjax.models.qwen3 import Qwen3
     from qedjax.sharding import init_sharded, state_shardings
 
-    config = model_config(model_cfg, mesh.devices.flat[0].platform)
+    config = model_config(model_cfg, mesh.devices.flat[0].platform, mesh.size)
     if model_cfg.hf_path:
         _, abstract = convert.abstract_model(config)
         config, graphdef, params = convert.load_params(

@@ -10,6 +10,7 @@ from flax import nnx
 
 from hf_utils import hf_config, hf_logits, save_random_hf
 from qedjax import convert
+from qedjax.models import cpu_gemm
 from qedjax.models.qwen3 import (PRESETS, KVCache, Qwen3, Qwen3Config, attention_defaults, flash_block,
                                  positions_from_segments, project, rms_norm)
 
@@ -202,7 +203,8 @@ def test_rms_norm_values_and_gradients(shape):
 def test_attention_block_follows_the_platform():
     """An unset model.attention_block takes the blocking of the platform the model runs on (the
     mesh's, so a TPU compile on a CPU host gets the TPU's); a set one is kept, dense up to a block.
-    The weight gradients' transposed copy is XLA:CPU's only."""
+    The products likewise: XLA's own on TPU, MKL's or the transposed copy (train.default_gemm) on
+    a one-device CPU mesh, the copy on a larger CPU mesh; a CPU-only setting on TPU is an error."""
     from qedjax import sharding, train
     from qedjax.config import ModelConfig
 
@@ -214,7 +216,14 @@ def test_attention_block_follows_the_platform():
     for platform, want in (("cpu", cpu), ("tpu", tpu)):
         config = train.model_config(unset, platform)
         assert (config.attention_block, config.attention_dense_max) == tuple(want.values())
-        assert config.wgrad_copy == (platform == "cpu")
+        assert config.gemm == train.default_gemm(platform)
+    assert train.default_gemm("tpu") == "xla" and train.default_gemm("cpu", devices=8) == "xla-copy"
+    assert train.default_gemm("cpu") == ("mkl" if cpu_gemm.available() is None else "xla-copy")
+    assert train.model_config(ModelConfig(preset="tiny", gemm="xla-copy"), "cpu").gemm == "xla-copy"
+    with pytest.raises(ValueError, match="model.gemm 'xla-copy' is for XLA:CPU; this model runs on tpu"):
+        train.model_config(ModelConfig(preset="tiny", gemm="xla-copy"), "tpu")
+    with pytest.raises(ValueError, match="model.gemm must be one of"):
+        ModelConfig(preset="tiny", gemm="blas")
     config = train.model_config(ModelConfig(preset="tiny", attention_block=64), "cpu")
     assert (config.attention_block, config.attention_dense_max) == (64, None)
     config, _, _ = train.abstract_params(unset, sharding.make_mesh("", devices=jax.devices()[:1]),
@@ -224,25 +233,26 @@ def test_attention_block_follows_the_platform():
 
 @pytest.mark.parametrize("spec,rows,w", [("MD,DF->MF", (6, 5), (5, 7)), ("MD,DNH->MNH", (6, 5), (5, 3, 4)),
                                          ("MNH,NHD->MD", (6, 3, 4), (3, 4, 5))])
-def test_project_wgrad_copy(spec, rows, w):
-    """The projection with the weight gradient from a transposed copy gives einsum's values and
-    gradients. Small integers keep every product and sum exact in fp32, so the two must be equal
-    whatever order each reduces in."""
+def test_project_gemms(spec, rows, w):
+    """The projection gives einsum's values and gradients by each of its products: the einsum, the
+    weight gradient from a transposed copy, MKL's sgemm (where this host has it). Small integers keep
+    every product and sum exact in fp32, so all must be equal whatever order each reduces in."""
     rng = np.random.RandomState(0)
     x, wt, dy = (jnp.asarray(rng.randint(-3, 4, s), jnp.float32) for s in (rows, w, rows[:1] + w[len(rows) - 1:]))
 
-    def vjp(copy):
-        out, pull = jax.vjp(lambda a, b: project(spec, a, b, copy), x, wt)
+    def vjp(gemm):
+        out, pull = jax.vjp(lambda a, b: project(spec, a, b, gemm), x, wt)
         return (out, *pull(dy))
 
     want = jax.jit(lambda: jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, wt)[1](dy))()
-    for copy in (False, True):
-        out, dx, dw = jax.jit(vjp, static_argnums=0)(copy)
+    gemms = ["xla", "xla-copy"] + (["mkl"] if cpu_gemm.available() is None else [])
+    for gemm in gemms:
+        out, dx, dw = jax.jit(vjp, static_argnums=0)(gemm)
         np.testing.assert_array_equal(out, jnp.einsum(spec, x, wt))
         np.testing.assert_array_equal(dx, want[0])
         np.testing.assert_array_equal(dw, want[1])
     with pytest.raises(ValueError, match="do not contract"):
-        project(spec, x, jnp.zeros((2,) + wt.shape), True)
+        project(spec, x, jnp.zeros((2,) + wt.shape), "xla-copy")
 
 
 def test_flash_block():

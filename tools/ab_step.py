@@ -1,6 +1,6 @@
 """A/B of the SFT step: builds that differ in one of the model's run settings, alternated in one process.
 
-    python tools/ab_step.py --field wgrad_copy --values false true --batch 2 4 1 --seq 128 256 2048
+    python tools/ab_step.py --field gemm --values xla-copy mkl --batch 2 4 1 --seq 128 256 2048
     python tools/ab_step.py --field attention_block --values 256 512 --batch 1 --seq 2048
 
 For each shape, one bench-100m SFT step (as tools/bench_sft.py builds it) per value of a Qwen3Config
@@ -22,7 +22,7 @@ from benchlib import ROOT, add_host_flags, print_footer, setup_host
 
 
 def parse_value(text: str):
-    """'true'/'false' -> bool, digits -> int, 'none' -> None."""
+    """'true'/'false' -> bool, digits -> int, 'none' -> None, other words as they are."""
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -31,13 +31,13 @@ def parse_value(text: str):
     try:
         return int(text)
     except ValueError:
-        raise SystemExit(f"--values: {text!r} is not true, false, none or an integer") from None
+        return text
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="bench-100m")
-    p.add_argument("--field", required=True, help="a Qwen3Config run field, e.g. wgrad_copy or attention_block")
+    p.add_argument("--field", required=True, help="a Qwen3Config run field, e.g. gemm or attention_block")
     p.add_argument("--values", nargs="+", required=True, help="two or more values of it")
     p.add_argument("--batch", type=int, nargs="+", default=[2, 4, 1])
     p.add_argument("--seq", type=int, nargs="+", default=[128, 256, 2048])

@@ -10,6 +10,7 @@ and its gradients are compared with this checkout's. Calls alternate between the
 rotating every round; each figure is the median of `--repeats` calls after two warm-up rounds.
 
     python tools/bench_attention_core.py --batch 1 --seq 2048
+    python tools/bench_attention_core.py --batch 1 --seq 2048 --gemm xla mkl
     git worktree add /tmp/before f1f6abf && python tools/bench_attention_core.py --before /tmp/before
 """
 
@@ -42,6 +43,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--block", type=int, default=256, help="flash_attention's block; 0 for the dense path")
+    p.add_argument("--gemm", nargs="+", default=["xla"],
+                   help="Qwen3Config.gemm values to run this checkout's attention with (xla, mkl: MKL's "
+                        "sgemm for the blocks' products), each a variant")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--before", default=None, help="another checkout whose attention runs beside this one")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -61,21 +65,28 @@ def main(argv=None) -> None:
     seg = jnp.ones((b, t), jnp.int32)
     slots = jnp.arange(t, dtype=jnp.int32)
 
-    def jax_grad(module):
+    def jax_grad(module, **kw):
         def loss(q, k, v):
             args_ = (q, k, v, seg, seg, jnp.broadcast_to(slots, (b, t)), slots)
-            out = module.flash_attention(*args_, block=args.block) if args.block else module.dense_attention(*args_)
+            out = module.flash_attention(*args_, block=args.block, **kw) if args.block else module.dense_attention(*args_)
             return jnp.sum(out * ct)
 
         fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         inputs = tuple(jnp.asarray(x) for x in (q, k, v))
         return lambda: jax.block_until_ready(fn(*inputs))
 
-    variants = {"qedjax": jax_grad(load_attention(ROOT, "attention_here"))}
+    here = load_attention(ROOT, "attention_here")
+    variants = {("qedjax" if len(args.gemm) == 1 else f"gemm={gemm}"): jax_grad(here, gemm=gemm) for gemm in args.gemm}
+    first = next(iter(variants))
+    if len(variants) > 1:
+        for name in list(variants)[1:]:
+            diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                       for x, y in zip(variants[first](), variants[name]()))
+            print(f"# max |gradient difference| of {name} against {first}: {diff:.2e}", flush=True)
     if args.before:
         variants["before"] = jax_grad(load_attention(args.before, "attention_before"))
         diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-                   for x, y in zip(variants["qedjax"](), variants["before"]()))
+                   for x, y in zip(variants[first](), variants["before"]()))
         print(f"# max |gradient difference| against {args.before}: {diff:.2e}", flush=True)
 
     heads = KV_HEADS * GROUPS

@@ -6,8 +6,8 @@ steps, each of `--steps` steps runs under its own `jax.profiler` trace. XLA:CPU 
 thunk (a fusion, a matmul, a copy, a loop) on the thread that ran it; the events are matched by name
 to the instructions of the compiled HLO, which say what each one is:
 
-- matmul: a dot, or a fusion holding one (YNNPACK's `ynn_fusion`s); its FLOPs are counted from the
-  dot's shapes, so the table gives each matmul's rate against the step's own 3072^3 matmul rate;
+- matmul: a dot, a fusion holding one (YNNPACK's `ynn_fusion`s) or an MKL product (the `qedjax_gemm`
+  custom call of qedjax/models/cpu_gemm.py); its FLOPs are counted from the shapes, so the table gives each matmul's rate against the step's own 3072^3 matmul rate;
 - copy/transpose: copies, transposes and fusions whose root is one (data moved, nothing computed);
 - scatter/gather, reduction (input fusions and reduces), elementwise (loop fusions), other.
 
@@ -99,6 +99,16 @@ def dot_flops(ins: dict, instrs: dict[str, dict]) -> float:
     return 2.0 * math.prod(_dims(ins["shape"])) * k
 
 
+def gemm_flops(ins: dict, instrs: dict[str, dict]) -> float:
+    """2 m n k of a qedjax_gemm custom call (qedjax.models.cpu_gemm): out [m, n]; its first operand
+    holds m k elements, transposed or not."""
+    lhs = re.match(r"\s*(?:[a-z]\w*\[[\d,]*\]\S*\s+)?%([\w.\-]+)", ins["line"])
+    out = _dims(ins["shape"])
+    if not lhs or lhs.group(1) not in instrs or len(out) != 2 or not out[0]:
+        return 0.0
+    return 2.0 * out[1] * math.prod(_dims(instrs[lhs.group(1)]["shape"]))
+
+
 def classify(name: str, instrs: dict[str, dict], by_comp: dict[str, list[dict]]) -> tuple[str, float]:
     """(category, matmul FLOPs) of a thunk."""
     ins = instrs.get(name)
@@ -109,6 +119,8 @@ def classify(name: str, instrs: dict[str, dict], by_comp: dict[str, list[dict]])
         return "container", 0.0
     if op == "dot":
         return "matmul", dot_flops(ins, instrs)
+    if op == "custom-call" and 'custom_call_target="qedjax_gemm"' in line:
+        return "matmul", gemm_flops(ins, instrs)
     called = re.search(r"calls=%([\w.\-]+)", line)
     body = by_comp.get(called.group(1), []) if called else []
     flops = sum(dot_flops(b, instrs) for b in body if b["opcode"] == "dot")

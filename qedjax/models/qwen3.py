@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qedjax.models import cpu_gemm
 from qedjax.models.attention import dense_attention, flash_attention
 from qedjax.sharding import constrain
 
@@ -69,7 +70,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 DTYPES = ("float32", "bfloat16")
 # Qwen3Config's fields that say how the model runs, not what it is (no config.json carries them)
-RUN_FIELDS = frozenset({"param_dtype", "dtype", "remat", "attention_block", "attention_dense_max", "wgrad_copy"})
+RUN_FIELDS = frozenset({"param_dtype", "dtype", "remat", "attention_block", "attention_dense_max", "gemm"})
+# How the projections' matrix products run (Qwen3Config.gemm; see `project`)
+GEMMS = ("xla", "xla-copy", "mkl")
 
 
 def attention_defaults(platform: str) -> dict[str, int]:
@@ -129,7 +132,7 @@ class Qwen3Config:
     remat: bool = False  # recompute each block in the backward pass (long sequences)
     attention_block: int = 512  # flash_attention's largest block (0: dense attention only)
     attention_dense_max: int | None = None  # rows up to this many tokens attend densely (None: attention_block)
-    wgrad_copy: bool = False  # weight gradients from a transposed copy of the rows (XLA:CPU; see project)
+    gemm: str = "xla"  # how the projections multiply: one of GEMMS (see project)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -145,6 +148,8 @@ class Qwen3Config:
             raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
         if self.attention_dense_max is not None and self.attention_dense_max < 0:
             raise ValueError(f"attention_dense_max must be >= 0, got {self.attention_dense_max}")
+        if self.gemm not in GEMMS:
+            raise ValueError(f"Qwen3Config.gemm must be one of {GEMMS}, got {self.gemm!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"Qwen3Config.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -309,25 +314,31 @@ def _project_bwd(res, dy):
 _project_wgrad_copy.defvjp(_project_fwd, _project_bwd)
 
 
-def project(spec: str, rows: jax.Array, w: jax.Array, wgrad_copy: bool) -> jax.Array:
+def project(spec: str, rows: jax.Array, w: jax.Array, gemm: str = "xla") -> jax.Array:
     """jnp.einsum(spec, rows, w) for a projection: rows [M, K...] contract their trailing axes with
-    w's leading ones, giving [M, N...].
+    w's leading ones, giving [M, N...]. `gemm` (Qwen3Config.gemm) says how the product runs:
 
-    With `wgrad_copy` (on XLA:CPU) the weight gradient d w = rows^T dy is a product of a written-out
-    [K, M] copy of the rows. XLA:CPU hands the plain form, contracting the rows of both operands, to
-    Eigen, whose dots run as asynchronous thunks beside the YNNPACK products on the same cores; the
-    copied form goes to YNNPACK with the rest. Alone neither form is ahead (tools/bench_matmul.py);
-    in the bench-100m SFT step the copy is 1.5-6.6% faster (tools/ab_step.py, docs/BENCHMARKS.md).
-    Other compilers take either layout, so elsewhere the copy would only cost.
+    - "xla": the einsum, as the compiler sees fit (TPU, GPU).
+    - "xla-copy" (XLA:CPU without MKL): the weight gradient d w = rows^T dy is a product of a
+      written-out [K, M] copy of the rows. XLA:CPU hands the plain form, contracting the rows of both
+      operands, to Eigen, whose dots run as asynchronous thunks beside the YNNPACK products on the
+      same cores; the copied form goes to YNNPACK with the rest. Alone neither form is ahead
+      (tools/bench_matmul.py); in the bench-100m SFT step the copy is 1.5-6.6% faster.
+    - "mkl" (XLA:CPU with MKL): forward and both gradients by MKL's sgemm (`cpu_gemm`), which
+      transposes operands in place. fp32 only; other dtypes fall back to "xla-copy".
     """
-    if not wgrad_copy:
+    if gemm == "xla":
         return jnp.einsum(spec, rows, w)
     c = rows.ndim - 1
     if rows.shape[1:] != w.shape[:c]:
         raise ValueError(f"project({spec!r}): rows {rows.shape} and weight {w.shape} do not contract as a projection")
     x2 = rows.reshape(rows.shape[0], -1)
     w2 = w.reshape(math.prod(w.shape[:c]), -1)
-    return _project_wgrad_copy(x2, w2).reshape(rows.shape[0], *w.shape[c:])
+    if gemm == "mkl" and x2.dtype == w2.dtype == jnp.float32:
+        out = cpu_gemm.matmul(x2, w2)
+    else:
+        out = _project_wgrad_copy(x2, w2)
+    return out.reshape(rows.shape[0], *w.shape[c:])
 
 
 class RMSNorm(nnx.Module):
@@ -360,9 +371,9 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, self.cfg.dtype
         b, t, d = x.shape
         rows = x.reshape(b * t, d)  # [M, D]
-        q = project("MD,DNH->MNH", rows, self.q_proj[...].astype(dt), cfg.wgrad_copy).reshape(b, t, -1, cfg.head_dim)
-        k = project("MD,DKH->MKH", rows, self.k_proj[...].astype(dt), cfg.wgrad_copy).reshape(b, t, -1, cfg.head_dim)
-        v = project("MD,DKH->MKH", rows, self.v_proj[...].astype(dt), cfg.wgrad_copy).reshape(b, t, -1, cfg.head_dim)
+        q = project("MD,DNH->MNH", rows, self.q_proj[...].astype(dt), cfg.gemm).reshape(b, t, -1, cfg.head_dim)
+        k = project("MD,DKH->MKH", rows, self.k_proj[...].astype(dt), cfg.gemm).reshape(b, t, -1, cfg.head_dim)
+        v = project("MD,DKH->MKH", rows, self.v_proj[...].astype(dt), cfg.gemm).reshape(b, t, -1, cfg.head_dim)
         q = rope(self.q_norm(q), positions, cfg.rope_theta)
         k = rope(self.k_norm(k), positions, cfg.rope_theta)
         if kv is None:
@@ -381,11 +392,11 @@ class Attention(nnx.Module):
         # (attention_defaults says where the line is on each backend, and why).
         block = flash_block(t, cfg.attention_block, cfg.attention_dense_max)
         if block:
-            out = flash_attention(*args, block=block)
+            out = flash_attention(*args, block=block, gemm=cfg.gemm)
         else:
             out = dense_attention(*args)
         out = out.reshape(b * t, n, h)  # [M, N, H]
-        return project("MNH,NHD->MD", out, self.o_proj[...].astype(dt), cfg.wgrad_copy).reshape(b, t, d), new_kv
+        return project("MNH,NHD->MD", out, self.o_proj[...].astype(dt), cfg.gemm).reshape(b, t, d), new_kv
 
 
 class MLP(nnx.Module):
@@ -394,16 +405,16 @@ class MLP(nnx.Module):
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
-        self.dtype, self.wgrad_copy = cfg.dtype, cfg.wgrad_copy
+        self.dtype, self.gemm = cfg.dtype, cfg.gemm
 
     def __call__(self, x):
         dt = self.dtype
         b, t, d = x.shape
         rows = x.reshape(b * t, d)  # [M, D]
-        gate = project("MD,DF->MF", rows, self.gate_proj[...].astype(dt), self.wgrad_copy)
-        up = project("MD,DF->MF", rows, self.up_proj[...].astype(dt), self.wgrad_copy)
+        gate = project("MD,DF->MF", rows, self.gate_proj[...].astype(dt), self.gemm)
+        up = project("MD,DF->MF", rows, self.up_proj[...].astype(dt), self.gemm)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "mlp"))
-        return project("MF,FD->MD", h, self.down_proj[...].astype(dt), self.wgrad_copy).reshape(b, t, d)
+        return project("MF,FD->MD", h, self.down_proj[...].astype(dt), self.gemm).reshape(b, t, d)
 
 
 class Block(nnx.Module):
@@ -480,6 +491,13 @@ class Qwen3(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> fp32 logits [..., V]."""
         dt = self.config.dtype
+        if self.config.gemm == "mkl" and dt == "float32":
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            if self.config.tie_word_embeddings:
+                out = cpu_gemm.matmul(rows, self.embed_tokens[...].astype(dt), transpose_w=True)
+            else:
+                out = cpu_gemm.matmul(rows, self.lm_head[...].astype(dt))
+            return out.reshape(*hidden.shape[:-1], out.shape[-1])
         if self.config.tie_word_embeddings:
             return jnp.einsum("...D,VD->...V", hidden, self.embed_tokens[...].astype(dt),
                               preferred_element_type=jnp.float32)

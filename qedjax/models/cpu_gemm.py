@@ -1,0 +1,168 @@
+"""fp32 matrix products on the CPU through MKL's sgemm, as an XLA custom call (issue 22).
+
+On an Intel host XLA:CPU's own GEMM libraries (YNNPACK, Eigen) reach 0.70-0.90x of MKL's speed on
+every product of the train step (tools/bench_matmul.py), and those products are most of the step.
+This module gives XLA MKL's: a small FFI handler (csrc/cpu_gemm.cc) that passes a 2-D fp32 product,
+either operand optionally transposed, to `cblas_sgemm` from the `mkl` wheel (the `cpu-blas` extra,
+which the Makefile installs on x86-64 Linux). The handler is compiled on first use with the host's
+C++ compiler against the FFI headers jaxlib ships (about 2 s; cached under ~/.cache/qedjax).
+
+`matmul(x, w, transpose_w)` is differentiable (its gradients are the same custom call with other
+transposes, so the weight gradient needs no transposed copy of the rows). `available()` says whether
+the custom call can run here and, if not, why; `qwen3.project` uses it where `Qwen3Config.gemm` is
+"mkl", and `train.model_config` picks that on CPU when it is available.
+
+MKL threads with Intel OpenMP across the cores this process may use, its threads sleeping as soon as a
+product ends (KMP_BLOCKTIME=0, unless set). A custom call runs wherever XLA schedules it, so two
+independent products may run at once, each with its own thread team.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+TARGET = "qedjax_gemm"
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_gemm.cc"
+_MKL_NAMES = ("libmkl_rt.so.2", "libmkl_rt.so")
+
+
+def _mkl_path() -> Path | None:
+    """libmkl_rt from the `mkl` wheel, which installs into the environment's lib/ (None if not there)."""
+    for name in _MKL_NAMES:
+        candidate = Path(sys.prefix) / "lib" / name
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QEDJAX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                          os.path.expanduser("~/.cache"), "qedjax")
+    return Path(root)
+
+
+def _build() -> Path:
+    """The compiled handler library, built once per source and jaxlib version (atomic, so concurrent
+    processes may race to build it)."""
+    import jaxlib
+
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_gemm-{key}.so"
+    if out.exists():
+        return out
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) to build the MKL custom call")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        built = Path(tmp) / out.name
+        cmd = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}",
+               str(_SOURCE), "-o", str(built)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the MKL custom call failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+        os.replace(built, out)
+    return out
+
+
+def _why_not(platform: str, mkl_path: Path | None) -> str | None:
+    """Why the custom call cannot run on this platform with this MKL, or None."""
+    if platform != "linux":
+        return f"the MKL custom call is built for Linux only (this is {platform})"
+    if mkl_path is None:
+        return (f"MKL is not installed ({' or '.join(_MKL_NAMES)} not in {Path(sys.prefix) / 'lib'}; "
+                "pip install -e '.[cpu-blas]' on x86-64 Linux)")
+    return None
+
+
+@functools.cache
+def _load() -> str | None:
+    """Loads MKL and the handler and registers the custom call, once per process; None on success,
+    else the reason the custom call cannot run here."""
+    mkl_path = _mkl_path()
+    reason = _why_not(sys.platform, mkl_path)
+    if reason is not None:
+        return reason
+    # Intel OpenMP's threads spin for 200 ms after each parallel region by default, taking the cores
+    # from XLA's own threads between products: 2 x 128 ran 8% slower than without MKL, 1.4% faster
+    # with no spinning (read when OpenMP starts, so before the first product; a value set wins).
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
+    try:
+        mkl = ctypes.CDLL(str(mkl_path))
+        sgemm = ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p)
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, AttributeError, RuntimeError) as e:
+        # MKL is installed, so XLA's slower products are a surprise: say so once, not only when asked
+        warnings.warn(f"qedjax: MKL's products are off, XLA's run instead: {e}", stacklevel=2)
+        return f"the MKL custom call cannot be loaded: {e}"
+    lib.qedjax_set_sgemm(sgemm)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QedjaxGemm), platform="cpu")
+    return None
+
+
+def available() -> str | None:
+    """None when `matmul` can run on this host, else why not."""
+    return _load()
+
+
+def _out_shape(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> tuple[int, ...]:
+    if a.dtype != jnp.float32 or b.dtype != jnp.float32 or a.ndim != b.ndim or a.ndim not in (2, 3):
+        raise ValueError(f"cpu_gemm takes float32 operands, both 2-D or both 3-D, got "
+                         f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
+    m, k = (a.shape[-1], a.shape[-2]) if trans_a else a.shape[-2:]
+    kb, n = (b.shape[-1], b.shape[-2]) if trans_b else b.shape[-2:]
+    if k != kb or a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"cpu_gemm: {list(a.shape)} (trans_a={trans_a}) and {list(b.shape)} "
+                         f"(trans_b={trans_b}) do not multiply")
+    return (*a.shape[:-2], m, n)
+
+
+def gemm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """op(a) @ op(b) by MKL's sgemm, fp32: 2-D operands, or 3-D with a common leading batch dimension.
+    Not differentiable (for code with its own backward pass, like flash attention's); see `matmul`."""
+    reason = available()
+    if reason is not None:
+        raise RuntimeError(reason)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(_out_shape(a, b, trans_a, trans_b), jnp.float32))
+    return call(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x, w, transpose_w):
+    return gemm(x, w, False, transpose_w)
+
+
+def _matmul_fwd(x, w, transpose_w):
+    return gemm(x, w, False, transpose_w), (x, w)
+
+
+def _matmul_bwd(transpose_w, res, dy):
+    x, w = res
+    dx = gemm(dy, w, False, not transpose_w)  # dy w^T, or dy w when w was used transposed
+    dw = gemm(dy, x, True, False) if transpose_w else gemm(x, dy, True, False)
+    return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
+    """x [M, K] @ w [K, N] (or @ w.T for w [N, K] with `transpose_w`), fp32, by MKL's sgemm.
+    Differentiable: both gradients are products of the same kind, transposing in place."""
+    if x.ndim != 2 or w.ndim != 2:
+        raise ValueError(f"cpu_gemm.matmul takes 2-D operands, got {list(x.shape)} and {list(w.shape)}")
+    _out_shape(x, w, False, transpose_w)
+    return _matmul(x, w, transpose_w)

@@ -1,0 +1,114 @@
+"""MKL's sgemm as an XLA:CPU custom call (qedjax/models/cpu_gemm.py): its products, its gradients, its
+place in the compiled model, and what happens where it cannot run.
+
+Operands are small integers, so every product and sum is exact in fp32 and MKL's results must equal
+numpy's whatever order either reduces in."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qedjax.models import cpu_gemm
+
+needs_mkl = pytest.mark.skipif(cpu_gemm.available() is not None, reason=str(cpu_gemm.available()))
+
+
+def _ints(rng, shape):
+    return rng.randint(-3, 4, shape).astype(np.float32)
+
+
+@needs_mkl
+@pytest.mark.parametrize("batch", [(), (3,)])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_equals_numpy(batch, trans_a, trans_b):
+    rng = np.random.RandomState(0)
+    m, k, n = 5, 7, 4
+    a = _ints(rng, batch + ((k, m) if trans_a else (m, k)))
+    b = _ints(rng, batch + ((n, k) if trans_b else (k, n)))
+    want = (np.swapaxes(a, -1, -2) if trans_a else a) @ (np.swapaxes(b, -1, -2) if trans_b else b)
+    got = jax.jit(cpu_gemm.gemm, static_argnums=(2, 3))(a, b, trans_a, trans_b)
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_mkl
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_matmul_gradients_equal_numpy(transpose_w):
+    """Both gradients, each a product with other transposes, for w used as is and transposed."""
+    rng = np.random.RandomState(1)
+    x, dy = _ints(rng, (6, 5)), _ints(rng, (6, 4))
+    w = _ints(rng, (4, 5) if transpose_w else (5, 4))
+    out, pull = jax.vjp(lambda x, w: cpu_gemm.matmul(x, w, transpose_w), x, w)
+    dx, dw = pull(dy)
+    w_used = w.T if transpose_w else w
+    np.testing.assert_array_equal(out, x @ w_used)
+    np.testing.assert_array_equal(dx, dy @ w_used.T)
+    np.testing.assert_array_equal(dw, (x.T @ dy).T if transpose_w else x.T @ dy)
+
+
+@needs_mkl
+def test_bad_operands_name_their_shapes():
+    f32 = jnp.zeros((2, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"float32 operands.*bfloat16\[2, 3\]"):
+        cpu_gemm.gemm(f32, f32.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"\[2, 3\] \(trans_a=False\) and \[2, 3\] \(trans_b=False\) do not multiply"):
+        cpu_gemm.gemm(f32, f32)
+    with pytest.raises(ValueError, match="2-D operands"):
+        cpu_gemm.matmul(jnp.zeros((1, 2, 3)), jnp.zeros((1, 3, 2)))
+
+
+@needs_mkl
+def test_the_mkl_model_calls_it():
+    """gemm="mkl" puts the custom call into the compiled forward and backward (projections, the
+    vocabulary, the attention blocks); "xla" leaves it out. A silent fallback would fail here."""
+    from flax import nnx
+
+    from qedjax.models.qwen3 import Qwen3, Qwen3Config
+
+    tokens = jnp.arange(40, dtype=jnp.int32).reshape(2, 20) % 97
+    for gemm, calls in (("xla", 0), ("mkl", 1)):
+        cfg = Qwen3Config.preset("tiny", gemm=gemm, attention_block=8, attention_dense_max=8)
+        graphdef, params = nnx.split(Qwen3(cfg, rngs=nnx.Rngs(0)))
+
+        def loss(params):
+            return nnx.merge(graphdef, params)(tokens).mean()
+
+        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        found = hlo.count(f'custom_call_target="{cpu_gemm.TARGET}"')
+        # 7 projections per block x 3 products, the tied vocabulary x 3, attention's 6 per block pair
+        assert (found >= 2 * 7 * 3 + 3 + 6) if calls else found == 0, (gemm, found)
+
+
+def test_where_it_cannot_run():
+    """Off Linux or without MKL it says why (and how to install it), and model.gemm: mkl fails at
+    config time with that reason."""
+    assert "Linux only" in cpu_gemm._why_not("darwin", None)
+    assert "pip install -e '.[cpu-blas]'" in cpu_gemm._why_not("linux", None)
+    assert cpu_gemm._why_not("linux", cpu_gemm.Path("/lib/libmkl_rt.so.2")) is None
+
+
+def test_unavailable_mkl_is_a_config_error(monkeypatch):
+    from qedjax.config import ModelConfig
+
+    monkeypatch.setattr(cpu_gemm, "available", lambda: "MKL is not installed (test)")
+    with pytest.raises(ValueError, match=r"model.gemm is 'mkl' but MKL is not installed \(test\)"):
+        ModelConfig(preset="tiny", gemm="mkl")
+    from qedjax import train
+
+    assert train.default_gemm("cpu") == "xla-copy"  # unset: XLA's products, no error
+
+
+def test_build_caches_and_reports_compiler_errors(tmp_path, monkeypatch):
+    """The handler is built once per source and jaxlib into the cache; a compiler that fails is an
+    error naming the command."""
+    monkeypatch.setenv("QEDJAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "false")  # exits 1 without writing anything
+    with pytest.raises(RuntimeError, match="building the MKL custom call failed \\(false -O2"):
+        cpu_gemm._build()
+    assert not list((tmp_path / "cache").glob("*.so"))
+    if not (cpu_gemm.shutil.which("g++") or cpu_gemm.shutil.which("c++")):
+        pytest.skip("no C++ compiler here")
+    monkeypatch.delenv("CXX")
+    built = cpu_gemm._build()
+    assert built.parent == tmp_path / "cache" and built.stat().st_size > 0
+    assert cpu_gemm._build() == built and built.stat().st_mtime_ns == cpu_gemm._build().stat().st_mtime_ns
