@@ -3,6 +3,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,6 +25,14 @@ def test_matmul_flops_and_shapes():
         for axes, shape in ((lhs, bench_matmul.shapes(a, 4)), (rhs, bench_matmul.shapes(b, 4))):
             for axis, n in zip(axes, shape):
                 assert dims.setdefault(axis, n) == n, spec
+        # the MKL column's transposes give the einsum's product
+        ta, tb = bench_matmul.gemm_transposes(spec)
+        x, y = np.ones(bench_matmul.shapes(a, 4)), np.ones(bench_matmul.shapes(b, 4))
+        assert ((x.T if ta else x) @ (y.T if tb else y)).shape == np.einsum(spec, x, y).shape, spec
+    assert bench_matmul.gemm_transposes("mv,md->vd") == (True, False)
+    assert bench_matmul.gemm_transposes("md,vd->mv") == (False, True)
+    with pytest.raises(ValueError, match="not a product"):
+        bench_matmul.gemm_transposes("md,df->fm")
 
 
 def test_ab_step_values_and_field():

@@ -1,20 +1,23 @@
 """fp32 matrix products on the CPU through MKL's sgemm, as an XLA custom call (issue 22).
 
-On an Intel host XLA:CPU's own GEMM libraries (YNNPACK, Eigen) reach 0.70-0.90x of MKL's speed on
-every product of the train step (tools/bench_matmul.py), and those products are most of the step.
-This module gives XLA MKL's: a small FFI handler (csrc/cpu_gemm.cc) that passes a 2-D fp32 product,
-either operand optionally transposed, to `cblas_sgemm` from the `mkl` wheel (the `cpu-blas` extra,
-which the Makefile installs on x86-64 Linux). The handler is compiled on first use with the host's
-C++ compiler against the FFI headers jaxlib ships (about 2 s; cached under ~/.cache/qedjax).
+On an Intel host XLA:CPU's own GEMM libraries (YNNPACK, Eigen) reach 0.65-0.90x of MKL's speed on
+the train step's products (tools/bench_matmul.py), and those products are most of the step. This
+module gives XLA MKL's: a small FFI handler (csrc/cpu_gemm.cc) that passes an fp32 product, either
+operand optionally transposed in place, 2-D or batched over a leading axis, to `cblas_sgemm` from
+the `mkl` wheel (the `cpu-blas` extra, which the Makefile installs on x86-64 Linux). The handler is
+compiled on first use with the host's C++ compiler against the FFI headers jaxlib ships (about 2 s;
+cached under $QEDJAX_CACHE or ~/.cache/qedjax, keyed by the source and jaxlib's version).
 
-`matmul(x, w, transpose_w)` is differentiable (its gradients are the same custom call with other
-transposes, so the weight gradient needs no transposed copy of the rows). `available()` says whether
-the custom call can run here and, if not, why; `qwen3.project` uses it where `Qwen3Config.gemm` is
-"mkl", and `train.model_config` picks that on CPU when it is available.
+`gemm(a, b, trans_a, trans_b)` is the product (flash attention's blocks, whose backward pass is
+written out); `matmul(x, w, transpose_w)` is differentiable, its gradients the same custom call with
+other transposes (so a weight gradient needs no transposed copy of the rows). `available()` says
+whether the custom call can run here and, if not, why. `Qwen3Config.gemm == "mkl"` routes the
+projections, the vocabulary projection and the attention blocks here; `train.default_gemm` picks it
+on a one-device CPU mesh when it is available.
 
-MKL threads with Intel OpenMP across the cores this process may use, its threads sleeping as soon as a
-product ends (KMP_BLOCKTIME=0, unless set). A custom call runs wherever XLA schedules it, so two
-independent products may run at once, each with its own thread team.
+MKL threads with Intel OpenMP across the cores this process may use; its threads sleep as soon as a
+product ends (KMP_BLOCKTIME=0, unless set), and the handler runs one product at a time (XLA may
+schedule two independent ones at once, and two thread teams on the same cores only contend).
 """
 
 from __future__ import annotations
