@@ -229,35 +229,39 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def default_gemm(platform: str, devices: int = 1) -> str:
-    """Qwen3Config.gemm where the config leaves it unset: XLA's own products on TPU and GPU; on CPU
-    MKL's sgemm where this host can run it (`cpu_gemm.available()`) and the mesh has one device (the
-    custom call has no sharding rule, so on a larger mesh every device would compute all of it), else
-    XLA with the weight gradients' transposed copy (`qwen3.project`)."""
+def default_gemm(platform: str, devices: int = 1, cpu_vendor: str | None = None) -> str:
+    """Qwen3Config.gemm where the config leaves it unset: XLA's own products on TPU and GPU. On an
+    Intel CPU, MKL's sgemm (`cpu_gemm`) where this host can run it and the mesh has one device (the
+    custom call has no sharding rule, so on a larger mesh every device would compute all of it).
+    Elsewhere on CPU, XLA with the weight gradients' transposed copy (`qwen3.project`): on the AMD
+    hosts measured, XLA's products were faster than MKL's (docs/BENCHMARKS.md)."""
     from qedjax.models import cpu_gemm
 
     if platform != "cpu":
         return "xla"
-    return "mkl" if devices == 1 and cpu_gemm.available() is None else "xla-copy"
+    mkl = devices == 1 and cpu_vendor == "GenuineIntel" and cpu_gemm.available() is None
+    return "mkl" if mkl else "xla-copy"
 
 
 def model_config(model_cfg, platform: str | None = None, devices: int = 1):
     """The Qwen3Config a ModelConfig describes (a HF checkpoint's config.json, or a preset).
 
     `platform` ("cpu", "tpu", "gpu"; default: JAX's default backend) and `devices` (the mesh's size)
-    are where the model will run: they pick the attention block and the products (`default_gemm`)
-    when the config leaves them unset.
+    are where the model will run: with this host's CPU vendor they pick the attention block
+    (`qwen3.attention_defaults`) and the products (`default_gemm`) when the config leaves them unset.
     """
     from qedjax import convert
+    from qedjax.models import cpu_gemm
     from qedjax.models.qwen3 import Qwen3Config, attention_defaults
 
     platform = platform or jax.default_backend()
-    gemm = model_cfg.gemm or default_gemm(platform, devices)
+    vendor = cpu_gemm.cpu_vendor() if platform == "cpu" else None
+    gemm = model_cfg.gemm or default_gemm(platform, devices, vendor)
     if gemm != "xla" and platform != "cpu":
         raise ValueError(f"model.gemm {gemm!r} is for XLA:CPU; this model runs on {platform} (use 'xla' or unset)")
     dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat, gemm=gemm)
     if model_cfg.attention_block is None:
-        dtypes.update(attention_defaults(platform))
+        dtypes.update(attention_defaults(platform, vendor))
     else:
         dtypes["attention_block"] = model_cfg.attention_block
     if model_cfg.hf_path:

@@ -4,6 +4,8 @@ place in the compiled model, and what happens where it cannot run.
 Operands are small integers, so every product and sum is exact in fp32 and MKL's results must equal
 numpy's whatever order either reduces in."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +81,19 @@ def test_the_mkl_model_calls_it():
         assert (found >= 2 * 7 * 3 + 3 + 6) if calls else found == 0, (gemm, found)
 
 
+def test_cpu_vendor_reads_proc_cpuinfo():
+    """The vendor that picks the CPU defaults (train.default_gemm, qwen3.attention_defaults)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        assert cpu_gemm.cpu_vendor() is None
+        return
+    with open("/proc/cpuinfo") as f:
+        text = f.read()
+    if "vendor_id" not in text:  # not x86
+        assert cpu_gemm.cpu_vendor() is None
+    else:
+        assert cpu_gemm.cpu_vendor() and f"vendor_id\t: {cpu_gemm.cpu_vendor()}\n" in text
+
+
 def test_where_it_cannot_run():
     """Off Linux or without MKL it says why (and how to install it), and model.gemm: mkl fails at
     config time with that reason."""
@@ -95,7 +110,7 @@ def test_unavailable_mkl_is_a_config_error(monkeypatch):
         ModelConfig(preset="tiny", gemm="mkl")
     from qedjax import train
 
-    assert train.default_gemm("cpu") == "xla-copy"  # unset: XLA's products, no error
+    assert train.default_gemm("cpu", 1, "GenuineIntel") == "xla-copy"  # unset: XLA's products, no error
 
 
 def test_build_caches_and_reports_compiler_errors(tmp_path, monkeypatch):

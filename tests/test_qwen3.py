@@ -202,23 +202,29 @@ def test_rms_norm_values_and_gradients(shape):
 
 def test_attention_block_follows_the_platform():
     """An unset model.attention_block takes the blocking of the platform the model runs on (the
-    mesh's, so a TPU compile on a CPU host gets the TPU's); a set one is kept, dense up to a block.
-    The products likewise: XLA's own on TPU, MKL's or the transposed copy (train.default_gemm) on
-    a one-device CPU mesh, the copy on a larger CPU mesh; a CPU-only setting on TPU is an error."""
+    mesh's, so a TPU compile on a CPU host gets the TPU's) and, on CPU, of the CPU's vendor; a set one
+    is kept, dense up to a block. The products likewise (train.default_gemm): XLA's own on TPU; MKL's
+    on a one-device mesh of an Intel CPU that can run it; else the transposed copy. A CPU-only setting
+    on TPU is an error."""
     from qedjax import sharding, train
     from qedjax.config import ModelConfig
 
-    cpu, tpu = attention_defaults("cpu"), attention_defaults("tpu")
-    assert cpu == dict(attention_block=256, attention_dense_max=128)
-    assert tpu == attention_defaults("gpu") == dict(attention_block=512, attention_dense_max=512)
+    intel, amd, tpu = (attention_defaults("cpu", "GenuineIntel"), attention_defaults("cpu", "AuthenticAMD"),
+                       attention_defaults("tpu"))
+    assert intel == dict(attention_block=512, attention_dense_max=128)
+    assert amd == attention_defaults("cpu") == dict(attention_block=256, attention_dense_max=128)
+    assert tpu == attention_defaults("gpu", "GenuineIntel") == dict(attention_block=512, attention_dense_max=512)
+    here = cpu_gemm.cpu_vendor()
     unset = ModelConfig(preset="tiny")
     assert unset.attention_block is None
-    for platform, want in (("cpu", cpu), ("tpu", tpu)):
+    for platform, want in (("cpu", attention_defaults("cpu", here)), ("tpu", tpu)):
         config = train.model_config(unset, platform)
         assert (config.attention_block, config.attention_dense_max) == tuple(want.values())
-        assert config.gemm == train.default_gemm(platform)
-    assert train.default_gemm("tpu") == "xla" and train.default_gemm("cpu", devices=8) == "xla-copy"
-    assert train.default_gemm("cpu") == ("mkl" if cpu_gemm.available() is None else "xla-copy")
+        assert config.gemm == train.default_gemm(platform, 1, here)
+    assert train.default_gemm("tpu", 1, "GenuineIntel") == "xla"
+    assert train.default_gemm("cpu", 8, "GenuineIntel") == "xla-copy"
+    assert train.default_gemm("cpu", 1, "AuthenticAMD") == "xla-copy"
+    assert train.default_gemm("cpu", 1, "GenuineIntel") == ("mkl" if cpu_gemm.available() is None else "xla-copy")
     assert train.model_config(ModelConfig(preset="tiny", gemm="xla-copy"), "cpu").gemm == "xla-copy"
     with pytest.raises(ValueError, match="model.gemm 'xla-copy' is for XLA:CPU; this model runs on tpu"):
         train.model_config(ModelConfig(preset="tiny", gemm="xla-copy"), "tpu")
@@ -228,7 +234,9 @@ def test_attention_block_follows_the_platform():
     assert (config.attention_block, config.attention_dense_max) == (64, None)
     config, _, _ = train.abstract_params(unset, sharding.make_mesh("", devices=jax.devices()[:1]),
                                          sharding.TRAIN_RULES)
-    assert config.attention_block == attention_defaults(jax.devices()[0].platform)["attention_block"]
+    platform = jax.devices()[0].platform
+    assert config.attention_block == attention_defaults(platform, here)["attention_block"]
+    assert config.gemm == train.default_gemm(platform, 1, here)
 
 
 @pytest.mark.parametrize("spec,rows,w", [("MD,DF->MF", (6, 5), (5, 7)), ("MD,DNH->MNH", (6, 5), (5, 3, 4)),

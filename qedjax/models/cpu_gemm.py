@@ -81,6 +81,19 @@ def _build() -> Path:
     return out
 
 
+@functools.cache
+def cpu_vendor() -> str | None:
+    """This host's CPU vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD"), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _why_not(platform: str, mkl_path: Path | None) -> str | None:
     """Why the custom call cannot run on this platform with this MKL, or None."""
     if platform != "linux":

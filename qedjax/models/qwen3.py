@@ -75,19 +75,22 @@ RUN_FIELDS = frozenset({"param_dtype", "dtype", "remat", "attention_block", "att
 GEMMS = ("xla", "xla-copy", "mkl")
 
 
-def attention_defaults(platform: str) -> dict[str, int]:
+def attention_defaults(platform: str, cpu_vendor: str | None = None) -> dict[str, int]:
     """The attention blocking a backend takes when the config leaves it open (issue 22).
 
-    XLA:CPU: blocks of up to 256, flash attention above 128 tokens. Per layer of bench-100m (forward
-    and backward, ms; torch's sdpa in brackets): 1 x 2048 in blocks of 128/256/512/1024: 203/165/197/264
-    (152); 4 x 256 dense 32, two blocks of 128 17.5 (16.7); 8 x 320 dense 94, two of 160 70 (54);
-    2 x 128 dense 2.5, two of 64 4.2 (2.4).
+    XLA:CPU: flash attention above 128 tokens, in blocks of up to 256, or 512 on an Intel CPU
+    (`cpu_vendor` "GenuineIntel"). Per layer of bench-100m on an AMD host (forward and backward, ms;
+    torch's sdpa in brackets): 1 x 2048 in blocks of 128/256/512/1024: 203/165/197/264 (152); 4 x 256
+    dense 32, two blocks of 128 17.5 (16.7); 8 x 320 dense 94, two of 160 70 (54); 2 x 128 dense 2.5,
+    two of 64 4.2 (2.4). On three Intel hosts blocks of 512 made the 1 x 2048 step 7-8% faster (with
+    XLA's products and with MKL's; docs/BENCHMARKS.md). Rows up to 512 tokens get the same blocks
+    either way (two equal ones, `flash_block`).
     Elsewhere: blocks of 512 and dense attention up to 512 tokens, the programs the TPU fit checks
     (docs/FIT.md) compiled; a single flash block cost 8% more TPU bytes than dense at 512 tokens.
     Not timed on GPU.
     """
     if platform == "cpu":
-        return dict(attention_block=256, attention_dense_max=128)
+        return dict(attention_block=512 if cpu_vendor == "GenuineIntel" else 256, attention_dense_max=128)
     return dict(attention_block=512, attention_dense_max=512)
 
 
