@@ -15,12 +15,14 @@ import jax
 import yaml
 
 from qedjax.config_io import config_hash, to_dict
+from qedjax.models import cpu_gemm
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "datasets",
             "transformers", "tokenizers", "numpy", "torch", "vllm", "math-verify", "qedjax")
 # Environment variables that change numerics, compilation or placement; names with these words are
 # never recorded (API keys of judges and hubs live in the environment too).
-ENV_PREFIXES = ("XLA_", "JAX_", "LIBTPU", "TPU_", "NCCL_", "CUDA_VISIBLE_DEVICES", "VLLM_", "QEDJAX_")
+ENV_PREFIXES = ("XLA_", "JAX_", "LIBTPU", "TPU_", "NCCL_", "CUDA_VISIBLE_DEVICES", "VLLM_", "QEDJAX_", "MKL_",
+                "KMP_", "OMP_")
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 JAX_OPTIONS = ("jax_default_matmul_precision", "jax_enable_x64", "jax_threefry_partitionable",
                "jax_default_prng_impl")
@@ -69,6 +71,9 @@ def write_run_info(run_dir: str, cfg, mesh, argv=None) -> dict:
                     "count": jax.device_count(), "local_count": jax.local_device_count(),
                     "processes": jax.process_count()},
         "mesh": dict(mesh.shape),
+        # on CPU the defaults of model.gemm and model.attention_block follow these (train.model_config)
+        "cpu": ({"vendor": cpu_gemm.cpu_vendor(), "mkl": cpu_gemm.available() or "available"}
+                if jax.devices()[0].platform == "cpu" else None),
         "seed": cfg.run.seed,
         "argv": list(sys.argv if argv is None else argv),
         "env": recorded_env(),
