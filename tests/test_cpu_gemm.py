@@ -49,6 +49,14 @@ def test_matmul_gradients_equal_numpy(transpose_w):
 
 
 @needs_mkl
+def test_empty_products():
+    """An empty contraction gives zeros (the output buffer is not left as it was), an empty output
+    an empty array."""
+    np.testing.assert_array_equal(jax.jit(cpu_gemm.gemm)(jnp.ones((3, 0)), jnp.ones((0, 4))), np.zeros((3, 4)))
+    assert jax.jit(cpu_gemm.gemm)(jnp.ones((0, 3)), jnp.ones((3, 4))).shape == (0, 4)
+
+
+@needs_mkl
 def test_bad_operands_name_their_shapes():
     f32 = jnp.zeros((2, 3), jnp.float32)
     with pytest.raises(ValueError, match=r"float32 operands.*bfloat16\[2, 3\]"):

@@ -16,8 +16,9 @@ projections, the vocabulary projection and the attention blocks here; `train.def
 on a one-device CPU mesh when it is available.
 
 MKL threads with Intel OpenMP across the cores this process may use; its threads sleep as soon as a
-product ends (KMP_BLOCKTIME=0, unless set), and the handler runs one product at a time (XLA may
-schedule two independent ones at once, and two thread teams on the same cores only contend).
+product ends (KMP_BLOCKTIME=0, unless set). XLA may run two independent products at once, each with
+its own thread team; serializing them (a lock in the handler) measured the same at 1 x 2048 (5.88
+against 5.64 s, within the spread), and one MKL thread per product was 55% slower.
 """
 
 from __future__ import annotations
