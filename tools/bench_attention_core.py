@@ -77,17 +77,14 @@ def main(argv=None) -> None:
 
     here = load_attention(ROOT, "attention_here")
     variants = {("qedjax" if len(args.gemm) == 1 else f"gemm={gemm}"): jax_grad(here, gemm=gemm) for gemm in args.gemm}
-    first = next(iter(variants))
-    if len(variants) > 1:
-        for name in list(variants)[1:]:
-            diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-                       for x, y in zip(variants[first](), variants[name]()))
-            print(f"# max |gradient difference| of {name} against {first}: {diff:.2e}", flush=True)
     if args.before:
         variants["before"] = jax_grad(load_attention(args.before, "attention_before"))
+    first, *others = variants
+    for name in others:  # every variant's gradients against the first's
         diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-                   for x, y in zip(variants[first](), variants["before"]()))
-        print(f"# max |gradient difference| against {args.before}: {diff:.2e}", flush=True)
+                   for x, y in zip(variants[first](), variants[name]()))
+        against = args.before if name == "before" else name
+        print(f"# max |gradient difference| of {against} against {first}: {diff:.2e}", flush=True)
 
     heads = KV_HEADS * GROUPS
     tq = torch.tensor(q).reshape(b, t, heads, HEAD_DIM).transpose(1, 2).contiguous().requires_grad_()

@@ -78,7 +78,7 @@ def _rows_mask(mask, g):
 def _product(a, b, trans_a: bool, trans_b: bool, gemm: str):
     """op(a) @ op(b) over the leading [B, K], fp32: MKL's (`cpu_gemm.gemm`) where `gemm` is "mkl" and
     both are fp32, else XLA's."""
-    if gemm == "mkl" and a.dtype == b.dtype == jnp.float32:
+    if cpu_gemm.applies(gemm, a, b):
         out = cpu_gemm.gemm(a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]), trans_a, trans_b)
         return out.reshape(*a.shape[:2], *out.shape[1:])
     spec = f"BK{'km' if trans_a else 'mk'},BK{'nk' if trans_b else 'kn'}->BKmn"

@@ -135,6 +135,12 @@ def available() -> str | None:
     return _load()
 
 
+def applies(gemm: str, *operands: jax.Array) -> bool:
+    """Whether a product of these operands runs here under Qwen3Config.gemm: "mkl" and all fp32
+    (other dtypes stay with XLA)."""
+    return gemm == "mkl" and all(x.dtype == jnp.float32 for x in operands)
+
+
 def _out_shape(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> tuple[int, ...]:
     if a.dtype != jnp.float32 or b.dtype != jnp.float32 or a.ndim != b.ndim or a.ndim not in (2, 3):
         raise ValueError(f"cpu_gemm takes float32 operands, both 2-D or both 3-D, got "

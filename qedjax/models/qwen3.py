@@ -337,7 +337,7 @@ def project(spec: str, rows: jax.Array, w: jax.Array, gemm: str = "xla") -> jax.
         raise ValueError(f"project({spec!r}): rows {rows.shape} and weight {w.shape} do not contract as a projection")
     x2 = rows.reshape(rows.shape[0], -1)
     w2 = w.reshape(math.prod(w.shape[:c]), -1)
-    if gemm == "mkl" and x2.dtype == w2.dtype == jnp.float32:
+    if cpu_gemm.applies(gemm, x2, w2):
         out = cpu_gemm.matmul(x2, w2)
     else:
         out = _project_wgrad_copy(x2, w2)
@@ -493,18 +493,12 @@ class Qwen3(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> fp32 logits [..., V]."""
-        dt = self.config.dtype
-        if self.config.gemm == "mkl" and dt == "float32":
-            rows = hidden.reshape(-1, hidden.shape[-1])
-            if self.config.tie_word_embeddings:
-                out = cpu_gemm.matmul(rows, self.embed_tokens[...].astype(dt), transpose_w=True)
-            else:
-                out = cpu_gemm.matmul(rows, self.lm_head[...].astype(dt))
+        tied = self.config.tie_word_embeddings
+        w = (self.embed_tokens if tied else self.lm_head)[...].astype(self.config.dtype)  # [V, D] / [D, V]
+        if cpu_gemm.applies(self.config.gemm, hidden, w):
+            out = cpu_gemm.matmul(hidden.reshape(-1, hidden.shape[-1]), w, transpose_w=tied)
             return out.reshape(*hidden.shape[:-1], out.shape[-1])
-        if self.config.tie_word_embeddings:
-            return jnp.einsum("...D,VD->...V", hidden, self.embed_tokens[...].astype(dt),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...D,DV->...V", hidden, self.lm_head[...].astype(dt),
+        return jnp.einsum("...D,VD->...V" if tied else "...D,DV->...V", hidden, w,
                           preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
