@@ -46,6 +46,9 @@ def main(argv=None) -> None:
     p.add_argument("--gemm", nargs="+", default=["xla"],
                    help="Qwen3Config.gemm values to run this checkout's attention with (xla, mkl: MKL's "
                         "sgemm for the blocks' products), each a variant")
+    p.add_argument("--kernel", type=int, nargs=2, action="append", default=[], metavar=("BLOCK_Q", "BLOCK_K"),
+                   help="also run the C++ kernel (qedjax/models/cpu_attention.py) with these blocks "
+                        "(query positions, keys); repeatable")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--before", default=None, help="another checkout whose attention runs beside this one")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -77,6 +80,18 @@ def main(argv=None) -> None:
 
     here = load_attention(ROOT, "attention_here")
     variants = {("qedjax" if len(args.gemm) == 1 else f"gemm={gemm}"): jax_grad(here, gemm=gemm) for gemm in args.gemm}
+    if args.kernel:
+        from qedjax.models import cpu_attention
+
+        class Kernel:  # cpu_attention under flash_attention's signature
+            def __init__(self, bq, bk):
+                self.bq, self.bk = bq, bk
+
+            def flash_attention(self, *a, block):
+                return cpu_attention.flash_attention(*a, block_q=self.bq, block_k=self.bk)
+
+        for bq, bk in args.kernel:
+            variants[f"kernel {bq}/{bk}"] = jax_grad(Kernel(bq, bk))
     if args.before:
         variants["before"] = jax_grad(load_attention(args.before, "attention_before"))
     first, *others = variants

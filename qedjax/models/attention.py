@@ -34,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qedjax.models import cpu_gemm
+from qedjax.models import cpu_attention, cpu_gemm
 
 NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -75,22 +75,18 @@ def _rows_mask(mask, g):
     return jnp.broadcast_to(mask[:, :, None, :], (b, c, g, ck)).reshape(b, 1, c * g, ck)
 
 
-def _product(a, b, trans_a: bool, trans_b: bool, gemm: str):
-    """op(a) @ op(b) over the leading [B, K], fp32: MKL's (`cpu_gemm.gemm`) where `gemm` is "mkl" and
-    both are fp32, else XLA's."""
-    if cpu_gemm.applies(gemm, a, b):
-        out = cpu_gemm.gemm(a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]), trans_a, trans_b)
-        return out.reshape(*a.shape[:2], *out.shape[1:])
+def _product(a, b, trans_a: bool, trans_b: bool):
+    """op(a) @ op(b) over the leading [B, K], fp32."""
     spec = f"BK{'km' if trans_a else 'mk'},BK{'nk' if trans_b else 'kn'}->BKmn"
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _scores(qb, kb, gemm):
+def _scores(qb, kb):
     """[B, K, R, H] x [B, K, Ck, H] -> fp32 [B, K, R, Ck], scaled."""
-    return _product(qb, kb, False, True, gemm) * (qb.shape[-1] ** -0.5)
+    return _product(qb, kb, False, True) * (qb.shape[-1] ** -0.5)
 
 
-def _forward(g, gemm, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
+def _forward(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
     """Blocked inputs -> (out [nq, B, K, R, H] in q's dtype, lse fp32 [nq, B, K, R])."""
 
     def one_query_block(args):
@@ -102,12 +98,12 @@ def _forward(g, gemm, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
             mask = _mask(qsg, qsl, kv_seg[j], kv_slots[j])
 
             def attend(masked):  # this pair's softmax numerator against its own row maximum
-                sc = _scores(qb, kb, gemm)
+                sc = _scores(qb, kb)
                 if masked:
                     sc = jnp.where(_rows_mask(mask, g), sc, NEG)
                 m_j = sc.max(axis=-1)
                 p = jnp.exp(sc - m_j[..., None])
-                pv = _product(p.astype(vb.dtype), vb, False, False, gemm)  # [B, K, R, H]
+                pv = _product(p.astype(vb.dtype), vb, False, False)  # [B, K, R, H]
                 return pv, p.sum(axis=-1), m_j
 
             def skip():
@@ -132,7 +128,7 @@ def _forward(g, gemm, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
     return jax.lax.map(one_query_block, (qs, q_seg, q_slots))
 
 
-def _backward(g, gemm, res, d_out):
+def _backward(g, res, d_out):
     """The FlashAttention backward over every (query block, key block) pair, query blocks outermost.
 
     dQ of a query block is accumulated in its inner loop; dK and dV (G times smaller than dQ under
@@ -154,14 +150,14 @@ def _backward(g, gemm, res, d_out):
             mask = _mask(qsg, qsl, kv_seg[j], kv_slots[j])
 
             def attend(masked):
-                p = jnp.exp(_scores(qb, kb, gemm) - lse_b[..., None])  # [B, K, R, Ck]
+                p = jnp.exp(_scores(qb, kb) - lse_b[..., None])  # [B, K, R, Ck]
                 if masked:
                     p = jnp.where(_rows_mask(mask, g), p, 0.0)
-                dv_j = _product(dob, p.astype(dob.dtype), True, False, gemm)  # [B, K, H, Ck]
-                dp = _product(dob, vb, False, True, gemm)  # [B, K, R, Ck]
+                dv_j = _product(dob, p.astype(dob.dtype), True, False)  # [B, K, H, Ck]
+                dp = _product(dob, vb, False, True)  # [B, K, R, Ck]
                 ds = (p * (dp - delta_b[..., None]) * scale).astype(qb.dtype)
-                dk_j = _product(qb, ds, True, False, gemm)  # [B, K, H, Ck]
-                dq_j = _product(ds, kb, False, False, gemm)  # [B, K, R, H]
+                dk_j = _product(qb, ds, True, False)  # [B, K, H, Ck]
+                dq_j = _product(ds, kb, False, False)  # [B, K, R, H]
                 return dq_j, dk_j, dv_j
 
             def skip():
@@ -181,18 +177,18 @@ def _backward(g, gemm, res, d_out):
     return dq, jnp.swapaxes(dk, -1, -2).astype(ks.dtype), jnp.swapaxes(dv, -1, -2).astype(vs.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _blocked_attention(g, gemm, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
-    return _forward(g, gemm, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked_attention(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
+    return _forward(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots)[0]
 
 
-def _blocked_fwd(g, gemm, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
-    out, lse = _forward(g, gemm, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots)
+def _blocked_fwd(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots):
+    out, lse = _forward(g, qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots)
     return out, (qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots, out, lse)
 
 
-def _blocked_bwd(g, gemm, res, d_out):
-    dq, dk, dv = _backward(g, gemm, res, d_out)
+def _blocked_bwd(g, res, d_out):
+    dq, dk, dv = _backward(g, res, d_out)
     return dq, dk, dv, None, None, None, None
 
 
@@ -206,10 +202,13 @@ def flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block: int, gemm:
       q: [B, T, K, G, H]; k, v: [B, S, K, H]; q_seg, q_slots: int [B, T]; kv_seg: int [B, S];
         kv_slots: int [S].
       block: queries and keys go in blocks of min(block, T) and min(block, S).
-      gemm: Qwen3Config.gemm; "mkl" runs the blocks' fp32 products by MKL's sgemm (`cpu_gemm`).
+      gemm: Qwen3Config.gemm; "mkl" with fp32 inputs runs the C++ kernel (`cpu_attention`, in its
+        own blocks), else the blocks below.
     Returns:
       [B, T, K, G, H] in q's dtype.
     """
+    if cpu_gemm.applies(gemm, q, k, v):
+        return cpu_attention.flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots)
     b, t, kh, g, h = q.shape
     s = k.shape[1]
     cq, ck = min(block, t), min(block, s)
@@ -226,7 +225,7 @@ def flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block: int, gemm:
     qs = q.reshape(b, nq, cq, kh, g, h).transpose(1, 0, 3, 2, 4, 5).reshape(nq, b, kh, cq * g, h)
     kv_blocks = lambda x: x.reshape(b, nk, ck, kh, h).transpose(1, 0, 3, 2, 4)  # noqa: E731
     seg_blocks = lambda x, n, c: x.reshape(b, n, c).transpose(1, 0, 2)  # noqa: E731
-    out = _blocked_attention(g, gemm, qs, kv_blocks(k), kv_blocks(v), seg_blocks(q_seg, nq, cq),
+    out = _blocked_attention(g, qs, kv_blocks(k), kv_blocks(v), seg_blocks(q_seg, nq, cq),
                              seg_blocks(q_slots, nq, cq), seg_blocks(kv_seg, nk, ck), kv_slots.reshape(nk, ck))
     out = out.reshape(nq, b, kh, cq, g, h).transpose(1, 0, 3, 2, 4, 5).reshape(b, nq * cq, kh, g, h)
     return out[:, :t]

@@ -38,7 +38,12 @@ import jax
 import jax.numpy as jnp
 
 TARGET = "qedjax_gemm"
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_gemm.cc"
+# flash attention's forward and backward passes (cpu_attention.py), in the same library
+ATTENTION_TARGETS = ("qedjax_attention_fwd", "qedjax_attention_bwd")
+_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("cpu_gemm.cc", "cpu_attention.cc"))
+# -march=native: the attention kernel's elementwise loops take the host's widest vectors (the
+# library is keyed by the host's CPU flags too, so a shared cache never hands it to another CPU)
+_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17", "-w")
 _MKL_NAMES = ("libmkl_rt.so.2", "libmkl_rt.so")
 
 
@@ -57,13 +62,23 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _cpu_flags() -> str:
+    """The host's CPU feature flags (/proc/cpuinfo), which -march=native compiles for."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def _build() -> Path:
-    """The compiled handler library, built once per source and jaxlib version (atomic, so concurrent
-    processes may race to build it)."""
+    """The compiled handler library, built once per source, jaxlib version and CPU (atomic, so
+    concurrent processes may race to build it)."""
     import jaxlib
 
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + jaxlib.__version__.encode()).hexdigest()[:16]
+    identity = b"".join(src.read_bytes() for src in _SOURCES) + " ".join(
+        (jaxlib.__version__, *_FLAGS, _cpu_flags())).encode()
+    key = hashlib.sha256(identity).hexdigest()[:16]
     out = _cache_dir() / f"cpu_gemm-{key}.so"
     if out.exists():
         return out
@@ -73,8 +88,7 @@ def _build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         built = Path(tmp) / out.name
-        cmd = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}",
-               str(_SOURCE), "-o", str(built)]
+        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(built)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"building the MKL custom call failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
@@ -120,13 +134,17 @@ def _load() -> str | None:
     try:
         mkl = ctypes.CDLL(str(mkl_path))
         sgemm = ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p)
+        threads_local = ctypes.cast(mkl.MKL_Set_Num_Threads_Local, ctypes.c_void_p)
         lib = ctypes.CDLL(str(_build()))
     except (OSError, AttributeError, RuntimeError) as e:
         # MKL is installed, so XLA's slower products are a surprise: say so once, not only when asked
         warnings.warn(f"qedjax: MKL's products are off, XLA's run instead: {e}", stacklevel=2)
         return f"the MKL custom call cannot be loaded: {e}"
     lib.qedjax_set_sgemm(sgemm)
+    lib.qedjax_attention_set_blas(sgemm, threads_local)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QedjaxGemm), platform="cpu")
+    for target, handler in zip(ATTENTION_TARGETS, (lib.QedjaxAttentionFwd, lib.QedjaxAttentionBwd)):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return None
 
 

@@ -1,0 +1,94 @@
+"""Flash attention on the CPU as one custom call per pass, fp32 (issue 22).
+
+`attention.flash_attention` written in JAX leaves XLA:CPU a loop of small fusions around every block
+pair's products: the scores, their mask, exponentials and running sums go through memory between
+fusions, and after the products were handed to MKL (cpu_gemm) those fusions were what kept one
+layer's attention core at 150 ms against torch's 105 (bench-100m, 1 x 2048, Intel host). Here each
+pass is one C++ handler (csrc/cpu_attention.cc, built and loaded with cpu_gemm's): a block pair's
+softmax is one pass over a score block that stays in cache, its products MKL's sgemm, the work
+spread over the cores by (batch row, key head, block).
+
+Same semantics as `attention.dense_attention` (a query sees the keys of its own segment at slots up
+to its own; a row that sees nothing gives 0). `flash_attention` routes here where
+`Qwen3Config.gemm == "mkl"` and the inputs are fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from qedjax.models import cpu_gemm
+
+FWD, BWD = cpu_gemm.ATTENTION_TARGETS
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _attrs(block_q: int, block_k: int) -> dict:
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"cpu_attention: blocks must be >= 1, got {block_q} and {block_k}")
+    return dict(block_q=block_q, block_k=block_k, threads=_threads())
+
+
+def _masks(q_seg, kv_seg, q_slots, kv_slots):
+    return tuple(x.astype(jnp.int32) for x in (q_seg, q_slots, kv_seg, kv_slots))
+
+
+def _forward(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block_q, block_k):
+    b, t, kh, g, _ = q.shape
+    call = jax.ffi.ffi_call(FWD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                  jax.ShapeDtypeStruct((b, kh, t, g), jnp.float32)))
+    return call(q, k, v, *_masks(q_seg, kv_seg, q_slots, kv_slots), **_attrs(block_q, block_k))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block_q, block_k):
+    return _forward(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block_q, block_k)[0]
+
+
+def _attention_fwd(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block_q, block_k):
+    out, lse = _forward(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block_q, block_k)
+    return out, (q, k, v, q_seg, kv_seg, q_slots, kv_slots, out, lse)
+
+
+def _attention_bwd(block_q, block_k, res, d_out):
+    q, k, v, q_seg, kv_seg, q_slots, kv_slots, out, lse = res
+    call = jax.ffi.ffi_call(BWD, tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)))
+    dq, dk, dv = call(q, k, v, *_masks(q_seg, kv_seg, q_slots, kv_slots), out, lse,
+                      d_out.astype(jnp.float32), **_attrs(block_q, block_k))
+    return dq, dk, dv, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# Query positions and keys per block pair: one layer of bench-100m at 1 x 2048, forward and backward
+# (tools/bench_attention_core.py --kernel BQ BK), Intel host: 128/128 96 ms, 128/256 97, 64/256 99,
+# 256/128 100, 256/256 102, 64/512 106, 128/512 108; torch's sdpa 98-100.
+BLOCK_Q, BLOCK_K = 128, 128
+
+
+def flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
+    """Softmax attention by the C++ kernel, differentiable in q, k and v.
+
+    Args:
+      q: fp32 [B, T, K, G, H]; k, v: fp32 [B, S, K, H]; q_seg, q_slots: int [B, T]; kv_seg: int [B, S];
+        kv_slots: int [S] (as attention.flash_attention).
+      block_q, block_k: query positions and keys per block pair.
+    Returns:
+      fp32 [B, T, K, G, H].
+    """
+    reason = cpu_gemm.available()
+    if reason is not None:
+        raise RuntimeError(reason)
+    if any(x.dtype != jnp.float32 for x in (q, k, v)) or q.ndim != 5 or k.ndim != 4 or k.shape != v.shape \
+            or (q.shape[0], q.shape[2], q.shape[4]) != (k.shape[0], k.shape[2], k.shape[3]):
+        raise ValueError(f"cpu_attention takes fp32 q [B, T, K, G, H] and k, v [B, S, K, H], got "
+                         f"{q.dtype}{list(q.shape)}, {k.dtype}{list(k.shape)}, {v.dtype}{list(v.shape)}")
+    return _attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block_q, block_k)
