@@ -76,7 +76,8 @@ class ModelConfig:
     attention_block: int | None = None
     # how the projections and the attention blocks multiply (qwen3.project): "xla"; on XLA:CPU also
     # "xla-copy" (weight gradients from a transposed copy of the rows) or "mkl" (MKL's sgemm as a
-    # custom call, qedjax/models/cpu_gemm.py); unset: the backend's own ("xla" on TPU and GPU; on an
+    # custom call, qedjax/models/cpu_gemm.py, and flash attention as a C++ kernel,
+    # qedjax/models/cpu_attention.py); unset: the backend's own ("xla" on TPU and GPU; on an
     # Intel CPU "mkl" where MKL can run and the mesh has one device; else "xla-copy"; train.default_gemm)
     gemm: str | None = None
 

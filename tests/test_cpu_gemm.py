@@ -125,7 +125,7 @@ def test_unavailable_mkl_is_a_config_error(monkeypatch):
 
 
 def test_build_caches_and_reports_compiler_errors(tmp_path, monkeypatch):
-    """The handler is built once per source and jaxlib into the cache; a compiler that fails is an
+    """The handler is built once per source, jaxlib and CPU into the cache; a compiler that fails is an
     error naming the command."""
     monkeypatch.setenv("QEDJAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "false")  # exits 1 without writing anything
@@ -138,3 +138,6 @@ def test_build_caches_and_reports_compiler_errors(tmp_path, monkeypatch):
     built = cpu_gemm._build()
     assert built.parent == tmp_path / "cache" and built.stat().st_size > 0
     assert cpu_gemm._build() == built and built.stat().st_mtime_ns == cpu_gemm._build().stat().st_mtime_ns
+    # -march=native: another CPU (other flags) gets a library of its own, never this one
+    monkeypatch.setattr(cpu_gemm, "_cpu_flags", lambda: "flags\t\t: fpu sse2")
+    assert cpu_gemm._build() != built

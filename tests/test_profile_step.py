@@ -69,3 +69,24 @@ def test_trace_names_the_compiled_thunks():
     traced = entry & set(times)
     assert traced, (sorted(times)[:10], sorted(entry))
     assert all(calls[n] == 3 for n in traced)  # one event per thunk per call
+
+
+def test_the_attention_kernel_is_its_own_category():
+    """The C++ attention kernel's custom calls (forward and backward) count as attention, not
+    "other" (skipped where MKL cannot run)."""
+    from qedjax.models import cpu_attention, cpu_gemm
+
+    if cpu_gemm.available() is not None:
+        import pytest
+
+        pytest.skip(cpu_gemm.available())
+    q, k = jnp.ones((1, 16, 1, 2, 8)), jnp.ones((1, 16, 1, 8))
+    seg, slots = jnp.ones((1, 16), jnp.int32), jnp.arange(16, dtype=jnp.int32)
+
+    def loss(q, k):
+        return cpu_attention.flash_attention(q, k, k, seg, seg, slots[None], slots, 8, 8).sum()
+
+    instrs, by_comp = _parsed(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(q, k).compile())
+    kinds = {n: profile_step.classify(n, instrs, by_comp)[0] for n, ins in instrs.items()
+             if ins["opcode"] == "custom-call"}
+    assert sorted(kinds.values()) == ["attention", "attention"], kinds

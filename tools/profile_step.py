@@ -8,6 +8,8 @@ to the instructions of the compiled HLO, which say what each one is:
 
 - matmul: a dot, a fusion holding one (YNNPACK's `ynn_fusion`s) or an MKL product (the `qedjax_gemm`
   custom call of qedjax/models/cpu_gemm.py); its FLOPs are counted from the shapes, so the table gives each matmul's rate against the step's own 3072^3 matmul rate;
+- attention: the C++ flash attention kernel's forward and backward calls (qedjax/models/cpu_attention.py;
+  their products are MKL's, not counted as matmul FLOPs);
 - copy/transpose: copies, transposes and fusions whose root is one (data moved, nothing computed);
 - scatter/gather, reduction (input fusions and reduces), elementwise (loop fusions), other.
 
@@ -121,6 +123,8 @@ def classify(name: str, instrs: dict[str, dict], by_comp: dict[str, list[dict]])
         return "matmul", dot_flops(ins, instrs)
     if op == "custom-call" and 'custom_call_target="qedjax_gemm"' in line:
         return "matmul", gemm_flops(ins, instrs)
+    if op == "custom-call" and 'custom_call_target="qedjax_attention_' in line:
+        return "attention", 0.0  # the C++ flash attention kernel (qedjax.models.cpu_attention)
     called = re.search(r"calls=%([\w.\-]+)", line)
     body = by_comp.get(called.group(1), []) if called else []
     flops = sum(dot_flops(b, instrs) for b in body if b["opcode"] == "dot")
@@ -233,7 +237,7 @@ def main(argv=None) -> None:
         sums = collections.Counter()
         for n, sec in s.items():
             sums[kind[n][0]] += sec
-        for c in ("matmul", "copy/transpose", "scatter/gather", "reduction", "elementwise", "other"):
+        for c in ("matmul", "attention", "copy/transpose", "scatter/gather", "reduction", "elementwise", "other"):
             cats[c].append(sums[c])
     total = sum(statistics.median(v) for v in cats.values())
     calls = {n: statistics.median(r.get(n, 0) for r in runs) for n in names}  # a loop body's thunks run many times

@@ -3,7 +3,10 @@
 Both take q: [B, T, K, G, H] (G = query heads per key head), k, v: [B, S, K, H], segment ids and slots,
 and return [B, T, K, G, H]. A query sees the keys of its own segment at slots up to its own.
 
-`flash_attention` is the path of rows longer than one block (training at length, long prefills). It
+`flash_attention` is the path of rows longer than one block (training at length, long prefills).
+Under Qwen3Config.gemm "mkl" with fp32 inputs it hands the whole computation to the C++ kernel of
+`cpu_attention` (the same algorithm, each block pair's softmax in cache; 1.5x the speed of the loops
+below with MKL's products, issue 22). Otherwise it
 computes attention block by block with a running softmax and has a hand-written VJP (the
 FlashAttention recipe: keep the output and each row's log-sum-exp, recompute the probabilities of one
 block pair at a time in the backward pass). Letting JAX differentiate the loops instead replays the

@@ -5,20 +5,23 @@ the train step's products (tools/bench_matmul.py), and those products are most o
 module gives XLA MKL's: a small FFI handler (csrc/cpu_gemm.cc) that passes an fp32 product, either
 operand optionally transposed in place, 2-D or batched over a leading axis, to `cblas_sgemm` from
 the `mkl` wheel (the `cpu-blas` extra, which the Makefile installs on x86-64 Linux). The handler is
-compiled on first use with the host's C++ compiler against the FFI headers jaxlib ships (about 2 s;
-cached under $QEDJAX_CACHE or ~/.cache/qedjax, keyed by the source and jaxlib's version).
+compiled on first use with the host's C++ compiler against the FFI headers jaxlib ships (about 5 s;
+cached under $QEDJAX_CACHE or ~/.cache/qedjax, keyed by the sources, jaxlib's version and the
+host's CPU flags). The same library holds the C++ flash attention kernel (csrc/cpu_attention.cc,
+cpu_attention.py).
 
-`gemm(a, b, trans_a, trans_b)` is the product (flash attention's blocks, whose backward pass is
-written out); `matmul(x, w, transpose_w)` is differentiable, its gradients the same custom call with
-other transposes (so a weight gradient needs no transposed copy of the rows). `available()` says
-whether the custom call can run here and, if not, why. `Qwen3Config.gemm == "mkl"` routes the
-projections, the vocabulary projection and the attention blocks here; `train.default_gemm` picks it
-on a one-device CPU mesh when it is available.
+`gemm(a, b, trans_a, trans_b)` is the product (for code whose backward pass is written out);
+`matmul(x, w, transpose_w)` is differentiable, its gradients the same custom call with other
+transposes (so a weight gradient needs no transposed copy of the rows). `available()` says whether
+the custom calls can run here and, if not, why. `Qwen3Config.gemm == "mkl"` routes the projections
+and the vocabulary projection here and flash attention to cpu_attention; `train.default_gemm` picks
+it on a one-device CPU mesh when it is available.
 
 MKL threads with Intel OpenMP across the cores this process may use; its threads sleep as soon as a
 product ends (KMP_BLOCKTIME=0, unless set). XLA may run two independent products at once, each with
 its own thread team; serializing them (a lock in the handler) measured the same at 1 x 2048 (5.88
-against 5.64 s, within the spread), and one MKL thread per product was 55% slower.
+against 5.64 s, within the spread; again with the attention kernel, 4.85 s both ways) and 6% slower
+at 2 x 128 (0.80 against 0.75 s), and one MKL thread per product was 55% slower.
 """
 
 from __future__ import annotations

@@ -328,7 +328,8 @@ def project(spec: str, rows: jax.Array, w: jax.Array, gemm: str = "xla") -> jax.
       same cores; the copied form goes to YNNPACK with the rest. Alone neither form is ahead
       (tools/bench_matmul.py); in the bench-100m SFT step the copy is 1.5-6.6% faster.
     - "mkl" (XLA:CPU with MKL): forward and both gradients by MKL's sgemm (`cpu_gemm`), which
-      transposes operands in place. fp32 only; other dtypes fall back to "xla-copy".
+      transposes operands in place; flash attention runs as the C++ kernel of `cpu_attention`. fp32
+      only; other dtypes fall back to "xla-copy".
     """
     if gemm == "xla":
         return jnp.einsum(spec, rows, w)
