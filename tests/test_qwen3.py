@@ -140,11 +140,16 @@ def test_left_padded_cache_matches_unpadded():
     np.testing.assert_allclose(np.asarray(logits)[0, 3:], np.asarray(alone)[0], atol=1e-5)
 
 
-def test_blockwise_attention_equals_dense():
+# gemm="mkl": MKL's products and the C++ attention kernel (cpu_attention), also under remat
+_BLOCKWISE = [("xla", False)] + ([("mkl", False), ("mkl", True)] if cpu_gemm.available() is None else [])
+
+
+@pytest.mark.parametrize("gemm, remat", _BLOCKWISE)
+def test_blockwise_attention_equals_dense(gemm, remat):
     """Long inputs take the blockwise path; logits and gradients match the dense path (packed
     segments, a length that is not a multiple of the block, and a cache)."""
     dense_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=0)
-    block_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=8)
+    block_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=8, gemm=gemm, remat=remat)
     dense, blocked = Qwen3(dense_cfg, rngs=nnx.Rngs(7)), Qwen3(block_cfg, rngs=nnx.Rngs(7))
     tokens = jnp.asarray(np.random.RandomState(3).randint(0, dense_cfg.vocab_size, (2, 37)), jnp.int32)
     segments = jnp.asarray([[1] * 20 + [2] * 15 + [0] * 2, [1] * 37], jnp.int32)
@@ -162,7 +167,7 @@ def test_blockwise_attention_equals_dense():
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g_dense)), jax.tree.leaves(nnx.to_pure_dict(g_block))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
     # CPU-style blocking: a row shorter than the block but over the dense limit, in two blocks of 24
-    balanced_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=32, attention_dense_max=8)
+    balanced_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=32, attention_dense_max=8, gemm=gemm)
     assert flash_block(37, 32, 8) == 24
     balanced = Qwen3(balanced_cfg, rngs=nnx.Rngs(7))
     np.testing.assert_allclose(np.asarray(run(balanced, tokens, segment_ids=segments)),
