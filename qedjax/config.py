@@ -72,7 +72,8 @@ class ModelConfig:
     remat: bool = False
     # largest query/key block of the blockwise (flash) attention, which rows longer than it take;
     # 0: dense attention only; unset: the backend's own (qwen3.attention_defaults: on CPU blocks of
-    # up to 256, 512 on an Intel CPU, above 128 tokens; on TPU and GPU blocks of 512 above 512 tokens)
+    # up to 256, 512 on an Intel CPU, above 128 tokens, or above 16 where the C++ attention kernel
+    # runs; on TPU and GPU blocks of 512 above 512 tokens)
     attention_block: int | None = None
     # how the projections and the attention blocks multiply (qwen3.project): "xla"; on XLA:CPU also
     # "xla-copy" (weight gradients from a transposed copy of the rows) or "mkl" (MKL's sgemm as a

@@ -261,7 +261,8 @@ def model_config(model_cfg, platform: str | None = None, devices: int = 1):
         raise ValueError(f"model.gemm {gemm!r} is for XLA:CPU; this model runs on {platform} (use 'xla' or unset)")
     dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat, gemm=gemm)
     if model_cfg.attention_block is None:
-        dtypes.update(attention_defaults(platform, vendor))
+        kernel = gemm == "mkl" and model_cfg.dtype == "float32"  # cpu_attention's C++ kernel runs
+        dtypes.update(attention_defaults(platform, vendor, kernel))
     else:
         dtypes["attention_block"] = model_cfg.attention_block
     if model_cfg.hf_path:

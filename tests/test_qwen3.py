@@ -217,12 +217,15 @@ def test_attention_block_follows_the_platform():
     intel, amd, tpu = (attention_defaults("cpu", "GenuineIntel"), attention_defaults("cpu", "AuthenticAMD"),
                        attention_defaults("tpu"))
     assert intel == dict(attention_block=512, attention_dense_max=128)
+    # with the C++ attention kernel (gemm "mkl", fp32) rows over 16 tokens take it
+    assert attention_defaults("cpu", "GenuineIntel", kernel=True) == dict(attention_block=512, attention_dense_max=16)
     assert amd == attention_defaults("cpu") == dict(attention_block=256, attention_dense_max=128)
     assert tpu == attention_defaults("gpu", "GenuineIntel") == dict(attention_block=512, attention_dense_max=512)
     here = cpu_gemm.cpu_vendor()
     unset = ModelConfig(preset="tiny")
     assert unset.attention_block is None
-    for platform, want in (("cpu", attention_defaults("cpu", here)), ("tpu", tpu)):
+    kernel_here = train.default_gemm("cpu", 1, here) == "mkl"
+    for platform, want in (("cpu", attention_defaults("cpu", here, kernel_here)), ("tpu", tpu)):
         config = train.model_config(unset, platform)
         assert (config.attention_block, config.attention_dense_max) == tuple(want.values())
         assert config.gemm == train.default_gemm(platform, 1, here)
@@ -237,6 +240,10 @@ def test_attention_block_follows_the_platform():
         ModelConfig(preset="tiny", gemm="blas")
     config = train.model_config(ModelConfig(preset="tiny", attention_block=64), "cpu")
     assert (config.attention_block, config.attention_dense_max) == (64, None)
+    if kernel_here:  # bf16 compute has no kernel: dense up to 128 tokens, as without MKL
+        config = train.model_config(ModelConfig(preset="tiny", dtype="bfloat16"), "cpu")
+        assert (config.gemm, config.attention_dense_max) == ("mkl", 128)
+        assert train.model_config(ModelConfig(preset="tiny", gemm="xla-copy"), "cpu").attention_dense_max == 128
     config, _, _ = train.abstract_params(unset, sharding.make_mesh("", devices=jax.devices()[:1]),
                                          sharding.TRAIN_RULES)
     platform = jax.devices()[0].platform

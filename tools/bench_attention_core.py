@@ -83,12 +83,14 @@ def main(argv=None) -> None:
     if args.kernel:
         from qedjax.models import cpu_attention
 
-        class Kernel:  # cpu_attention under flash_attention's signature
+        class Kernel:  # cpu_attention under the attention module's names (its own blocks, any --block)
             def __init__(self, bq, bk):
                 self.bq, self.bk = bq, bk
 
-            def flash_attention(self, *a, block):
+            def flash_attention(self, *a, block=None):
                 return cpu_attention.flash_attention(*a, block_q=self.bq, block_k=self.bk)
+
+            dense_attention = flash_attention
 
         for bq, bk in args.kernel:
             variants[f"kernel {bq}/{bk}"] = jax_grad(Kernel(bq, bk))

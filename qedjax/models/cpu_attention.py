@@ -68,10 +68,12 @@ def _attention_bwd(block_q, block_k, res, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-# Query positions and keys per block pair: one layer of bench-100m at 1 x 2048, forward and backward
-# (tools/bench_attention_core.py --kernel BQ BK), Intel host: 128/128 96 ms, 128/256 97, 64/256 99,
-# 256/128 100, 256/256 102, 64/512 106, 128/512 108; torch's sdpa 98-100.
-BLOCK_Q, BLOCK_K = 128, 128
+# Query positions and keys per block pair. One layer of bench-100m, forward and backward, ms
+# (tools/bench_attention_core.py --kernel BQ BK; Intel host, torch's sdpa in brackets): 1 x 2048:
+# 64/64 88-89, 32/64 87, 64/128 86, 64/96 87, 128/128 89-96, 128/256 97, 256/256 102, 128/512 108,
+# 32/32 105 (96-101); 4 x 256: 64/64 9.2-9.8, 32/64 9.3, 32/32 9.9, 64/128 10.1, 128/128 10.9 (14.4-14.7);
+# 2 x 128: 64/64 1.8, 128/128 2.5 (2.3).
+BLOCK_Q, BLOCK_K = 64, 64
 
 
 def flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
