@@ -75,12 +75,14 @@ class ModelConfig:
     # up to 256, 512 on an Intel CPU, above 128 tokens, or above 16 where the C++ attention kernel
     # runs; on TPU and GPU blocks of 512 above 512 tokens)
     attention_block: int | None = None
-    # how the projections and the attention blocks multiply (qwen3.project): "xla"; on XLA:CPU also
-    # "xla-copy" (weight gradients from a transposed copy of the rows) or "mkl" (MKL's sgemm as a
-    # custom call, qedjax/models/cpu_gemm.py, and flash attention as a C++ kernel,
-    # qedjax/models/cpu_attention.py); unset: the backend's own ("xla" on TPU and GPU; on an
-    # Intel CPU "mkl" where MKL can run and the mesh has one device; else "xla-copy"; train.default_gemm)
+    # how the projections multiply (qwen3.project): "xla"; on XLA:CPU also "xla-copy" (weight
+    # gradients from a transposed copy of the rows) or "mkl" (MKL's sgemm as a custom call,
+    # qedjax/models/cpu_gemm.py); unset: the backend's own ("xla" on TPU and GPU; on an Intel CPU
+    # "mkl" where MKL can run and the mesh has one device; else "xla-copy"; train.default_gemm)
     gemm: str | None = None
+    # fp32 blockwise attention by a C++ kernel (qedjax/models/cpu_attention.py; XLA:CPU with MKL);
+    # unset: on where it can run and the mesh has one device (train.default_attention_kernel)
+    attention_kernel: bool | None = None
 
     def __post_init__(self):
         if self.attention_block is not None and self.attention_block < 0:
@@ -89,6 +91,8 @@ class ModelConfig:
             raise ValueError(f"model.gemm must be one of {GEMMS} or unset, got {self.gemm!r}")
         if self.gemm == "mkl" and (reason := cpu_gemm.available()) is not None:
             raise ValueError(f"model.gemm is 'mkl' but {reason}")
+        if self.attention_kernel and (reason := cpu_gemm.available()) is not None:
+            raise ValueError(f"model.attention_kernel is on but {reason}")
         if self.hf_path is None and self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r} is not a preset ({sorted(PRESETS)}); "
                              f"set model.hf_path to load a checkpoint instead")

@@ -71,7 +71,7 @@ def write_run_info(run_dir: str, cfg, mesh, argv=None) -> dict:
                     "count": jax.device_count(), "local_count": jax.local_device_count(),
                     "processes": jax.process_count()},
         "mesh": dict(mesh.shape),
-        # on CPU the defaults of model.gemm and model.attention_block follow these (train.model_config)
+        # on CPU the defaults of model.gemm, attention_kernel and attention_block follow these (train.model_config)
         "cpu": ({"vendor": cpu_gemm.cpu_vendor(), "mkl": cpu_gemm.available() or "available"}
                 if jax.devices()[0].platform == "cpu" else None),
         "seed": cfg.run.seed,

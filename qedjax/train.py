@@ -243,12 +243,23 @@ def default_gemm(platform: str, devices: int = 1, cpu_vendor: str | None = None)
     return "mkl" if mkl else "xla-copy"
 
 
+def default_attention_kernel(platform: str, devices: int = 1) -> bool:
+    """Qwen3Config.attention_kernel where the config leaves it unset: on XLA:CPU where MKL can run
+    and the mesh has one device (a custom call without a sharding rule). One layer's attention at
+    1 x 2048, forward and backward, ran 1.7x as fast as the JAX loops on an Intel host and 1.3x on an
+    AMD one, ahead of torch's sdpa on both (docs/BENCHMARKS.md, issue 22)."""
+    from qedjax.models import cpu_gemm
+
+    return platform == "cpu" and devices == 1 and cpu_gemm.available() is None
+
+
 def model_config(model_cfg, platform: str | None = None, devices: int = 1):
     """The Qwen3Config a ModelConfig describes (a HF checkpoint's config.json, or a preset).
 
     `platform` ("cpu", "tpu", "gpu"; default: JAX's default backend) and `devices` (the mesh's size)
     are where the model will run: with this host's CPU vendor they pick the attention block
-    (`qwen3.attention_defaults`) and the products (`default_gemm`) when the config leaves them unset.
+    (`qwen3.attention_defaults`), the products (`default_gemm`) and the attention kernel
+    (`default_attention_kernel`) when the config leaves them unset.
     """
     from qedjax import convert
     from qedjax.models import cpu_gemm
@@ -259,10 +270,16 @@ def model_config(model_cfg, platform: str | None = None, devices: int = 1):
     gemm = model_cfg.gemm or default_gemm(platform, devices, vendor)
     if gemm != "xla" and platform != "cpu":
         raise ValueError(f"model.gemm {gemm!r} is for XLA:CPU; this model runs on {platform} (use 'xla' or unset)")
-    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat, gemm=gemm)
+    kernel = model_cfg.attention_kernel
+    if kernel is None:
+        kernel = default_attention_kernel(platform, devices)
+    elif kernel and platform != "cpu":
+        raise ValueError(f"model.attention_kernel is for XLA:CPU; this model runs on {platform} (unset it)")
+    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat, gemm=gemm,
+                  attention_kernel=kernel)
     if model_cfg.attention_block is None:
-        kernel = gemm == "mkl" and model_cfg.dtype == "float32"  # cpu_attention's C++ kernel runs
-        dtypes.update(attention_defaults(platform, vendor, kernel))
+        # short rows take the kernel where it runs (fp32)
+        dtypes.update(attention_defaults(platform, vendor, kernel and model_cfg.dtype == "float32"))
     else:
         dtypes["attention_block"] = model_cfg.attention_block
     if model_cfg.hf_path:

@@ -69,15 +69,17 @@ def test_bad_operands_name_their_shapes():
 
 @needs_mkl
 def test_the_mkl_model_calls_it():
-    """gemm="mkl" puts the custom calls into the compiled forward and backward (projections, the
-    vocabulary, attention); "xla" leaves them out. A silent fallback would fail here."""
+    """gemm="mkl" puts MKL's products into the compiled forward and backward (projections, the
+    vocabulary), attention_kernel the C++ attention kernel; each independently of the other, and
+    neither where off. A silent fallback would fail here."""
     from flax import nnx
 
     from qedjax.models.qwen3 import Qwen3, Qwen3Config
 
     tokens = jnp.arange(40, dtype=jnp.int32).reshape(2, 20) % 97
-    for gemm, calls in (("xla", 0), ("mkl", 1)):
-        cfg = Qwen3Config.preset("tiny", gemm=gemm, attention_block=8, attention_dense_max=8)
+    for gemm, kernel in (("xla", False), ("mkl", False), ("xla-copy", True), ("mkl", True)):
+        cfg = Qwen3Config.preset("tiny", gemm=gemm, attention_kernel=kernel, attention_block=8,
+                                 attention_dense_max=8)
         graphdef, params = nnx.split(Qwen3(cfg, rngs=nnx.Rngs(0)))
 
         def loss(params):
@@ -88,8 +90,8 @@ def test_the_mkl_model_calls_it():
         attention = [hlo.count(f'custom_call_target="{t}"') for t in cpu_gemm.ATTENTION_TARGETS]
         # 7 projections per layer x 3 products (and the tied vocabulary's); attention is the C++
         # kernel (cpu_attention): one forward and one backward call per layer
-        assert (found >= 2 * 7 * 3) if calls else found == 0, (gemm, found)
-        assert attention == ([2, 2] if calls else [0, 0]), (gemm, attention)
+        assert (found >= 2 * 7 * 3) if gemm == "mkl" else found == 0, (gemm, found)
+        assert attention == ([2, 2] if kernel else [0, 0]), (gemm, kernel, attention)
 
 
 def test_cpu_vendor_reads_proc_cpuinfo():

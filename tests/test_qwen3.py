@@ -140,16 +140,18 @@ def test_left_padded_cache_matches_unpadded():
     np.testing.assert_allclose(np.asarray(logits)[0, 3:], np.asarray(alone)[0], atol=1e-5)
 
 
-# gemm="mkl": MKL's products and the C++ attention kernel (cpu_attention), also under remat
-_BLOCKWISE = [("xla", False)] + ([("mkl", False), ("mkl", True)] if cpu_gemm.available() is None else [])
+# the C++ attention kernel (cpu_attention) with XLA's products and with MKL's, also under remat
+_BLOCKWISE = [("xla", False, False)] + ([("xla-copy", True, False), ("mkl", True, False), ("mkl", True, True)]
+                                        if cpu_gemm.available() is None else [])
 
 
-@pytest.mark.parametrize("gemm, remat", _BLOCKWISE)
-def test_blockwise_attention_equals_dense(gemm, remat):
+@pytest.mark.parametrize("gemm, kernel, remat", _BLOCKWISE)
+def test_blockwise_attention_equals_dense(gemm, kernel, remat):
     """Long inputs take the blockwise path; logits and gradients match the dense path (packed
     segments, a length that is not a multiple of the block, and a cache)."""
     dense_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=0)
-    block_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=8, gemm=gemm, remat=remat)
+    block_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=8, gemm=gemm, attention_kernel=kernel,
+                            remat=remat)
     dense, blocked = Qwen3(dense_cfg, rngs=nnx.Rngs(7)), Qwen3(block_cfg, rngs=nnx.Rngs(7))
     tokens = jnp.asarray(np.random.RandomState(3).randint(0, dense_cfg.vocab_size, (2, 37)), jnp.int32)
     segments = jnp.asarray([[1] * 20 + [2] * 15 + [0] * 2, [1] * 37], jnp.int32)
@@ -167,7 +169,8 @@ def test_blockwise_attention_equals_dense(gemm, remat):
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g_dense)), jax.tree.leaves(nnx.to_pure_dict(g_block))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
     # CPU-style blocking: a row shorter than the block but over the dense limit, in two blocks of 24
-    balanced_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=32, attention_dense_max=8, gemm=gemm)
+    balanced_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=32, attention_dense_max=8, gemm=gemm,
+                               attention_kernel=kernel)
     assert flash_block(37, 32, 8) == 24
     balanced = Qwen3(balanced_cfg, rngs=nnx.Rngs(7))
     np.testing.assert_allclose(np.asarray(run(balanced, tokens, segment_ids=segments)),
@@ -209,26 +212,32 @@ def test_attention_block_follows_the_platform():
     """An unset model.attention_block takes the blocking of the platform the model runs on (the
     mesh's, so a TPU compile on a CPU host gets the TPU's) and, on CPU, of the CPU's vendor; a set one
     is kept, dense up to a block. The products likewise (train.default_gemm): XLA's own on TPU; MKL's
-    on a one-device mesh of an Intel CPU that can run it; else the transposed copy. A CPU-only setting
-    on TPU is an error."""
+    on a one-device mesh of an Intel CPU that can run it; else the transposed copy. The C++ attention
+    kernel (train.default_attention_kernel) on a one-device CPU mesh that can run it, whatever the
+    vendor. A CPU-only setting on TPU is an error."""
     from qedjax import sharding, train
     from qedjax.config import ModelConfig
 
     intel, amd, tpu = (attention_defaults("cpu", "GenuineIntel"), attention_defaults("cpu", "AuthenticAMD"),
                        attention_defaults("tpu"))
     assert intel == dict(attention_block=512, attention_dense_max=128)
-    # with the C++ attention kernel (gemm "mkl", fp32) rows over 16 tokens take it
+    # with the C++ attention kernel (attention_kernel, fp32) rows over 16 tokens take it
     assert attention_defaults("cpu", "GenuineIntel", kernel=True) == dict(attention_block=512, attention_dense_max=16)
     assert amd == attention_defaults("cpu") == dict(attention_block=256, attention_dense_max=128)
     assert tpu == attention_defaults("gpu", "GenuineIntel") == dict(attention_block=512, attention_dense_max=512)
     here = cpu_gemm.cpu_vendor()
     unset = ModelConfig(preset="tiny")
     assert unset.attention_block is None
-    kernel_here = train.default_gemm("cpu", 1, here) == "mkl"
+    kernel_here = cpu_gemm.available() is None
+    assert train.default_attention_kernel("cpu", 1) == kernel_here
+    assert not train.default_attention_kernel("cpu", 8) and not train.default_attention_kernel("tpu", 1)
     for platform, want in (("cpu", attention_defaults("cpu", here, kernel_here)), ("tpu", tpu)):
         config = train.model_config(unset, platform)
         assert (config.attention_block, config.attention_dense_max) == tuple(want.values())
         assert config.gemm == train.default_gemm(platform, 1, here)
+        assert config.attention_kernel == (kernel_here and platform == "cpu")
+    config = train.model_config(unset, "cpu", devices=8)  # no sharding rule: off on a larger mesh
+    assert not config.attention_kernel and config.attention_dense_max == 128
     assert train.default_gemm("tpu", 1, "GenuineIntel") == "xla"
     assert train.default_gemm("cpu", 8, "GenuineIntel") == "xla-copy"
     assert train.default_gemm("cpu", 1, "AuthenticAMD") == "xla-copy"
@@ -240,10 +249,18 @@ def test_attention_block_follows_the_platform():
         ModelConfig(preset="tiny", gemm="blas")
     config = train.model_config(ModelConfig(preset="tiny", attention_block=64), "cpu")
     assert (config.attention_block, config.attention_dense_max) == (64, None)
-    if kernel_here:  # bf16 compute has no kernel: dense up to 128 tokens, as without MKL
+    if kernel_here:  # bf16 compute has no kernel: dense up to 128 tokens, as with the kernel off
         config = train.model_config(ModelConfig(preset="tiny", dtype="bfloat16"), "cpu")
-        assert (config.gemm, config.attention_dense_max) == ("mkl", 128)
-        assert train.model_config(ModelConfig(preset="tiny", gemm="xla-copy"), "cpu").attention_dense_max == 128
+        assert (config.attention_kernel, config.attention_dense_max) == (True, 128)
+        config = train.model_config(ModelConfig(preset="tiny", attention_kernel=False), "cpu")
+        assert (config.attention_kernel, config.attention_dense_max) == (False, 128)
+        config = train.model_config(ModelConfig(preset="tiny", gemm="xla-copy"), "cpu")  # independent of gemm
+        assert (config.attention_kernel, config.attention_dense_max) == (True, 16)
+        with pytest.raises(ValueError, match="model.attention_kernel is for XLA:CPU; this model runs on tpu"):
+            train.model_config(ModelConfig(preset="tiny", attention_kernel=True), "tpu")
+    else:
+        with pytest.raises(ValueError, match="model.attention_kernel is on but"):
+            ModelConfig(preset="tiny", attention_kernel=True)
     config, _, _ = train.abstract_params(unset, sharding.make_mesh("", devices=jax.devices()[:1]),
                                          sharding.TRAIN_RULES)
     platform = jax.devices()[0].platform

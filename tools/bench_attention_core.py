@@ -2,7 +2,8 @@
 
 The inputs are one bench-100m layer's queries, keys and values at B x T ([B, T, 2 key heads, 5 query
 heads each, 64]), causal, one segment. qedjax runs `flash_attention` (or `dense_attention` with
-`--block 0`) under a jitted `jax.grad` of a fixed random projection of its output; torch runs
+`--block 0`) under a jitted `jax.grad` of a fixed random projection of its output, as the JAX loops
+and, where MKL can run, as the C++ kernel (qedjax/models/cpu_attention.py); torch runs
 `scaled_dot_product_attention(is_causal=True)` and `.backward()` on the same inputs, the key heads
 repeated for it. With `--before DIR`, the attention module of another checkout (DIR/qedjax/models/
 attention.py, e.g. a `git worktree` of the commit before a change) runs beside it in the same process,
@@ -10,7 +11,7 @@ and its gradients are compared with this checkout's. Calls alternate between the
 rotating every round; each figure is the median of `--repeats` calls after two warm-up rounds.
 
     python tools/bench_attention_core.py --batch 1 --seq 2048
-    python tools/bench_attention_core.py --batch 1 --seq 2048 --gemm xla mkl
+    python tools/bench_attention_core.py --batch 1 --seq 2048 --kernel 128 128 --kernel 32 64
     git worktree add /tmp/before f1f6abf && python tools/bench_attention_core.py --before /tmp/before
 """
 
@@ -43,12 +44,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--block", type=int, default=256, help="flash_attention's block; 0 for the dense path")
-    p.add_argument("--gemm", nargs="+", default=["xla"],
-                   help="Qwen3Config.gemm values to run this checkout's attention with (xla, mkl: MKL's "
-                        "sgemm for the blocks' products), each a variant")
     p.add_argument("--kernel", type=int, nargs=2, action="append", default=[], metavar=("BLOCK_Q", "BLOCK_K"),
-                   help="also run the C++ kernel (qedjax/models/cpu_attention.py) with these blocks "
-                        "(query positions, keys); repeatable")
+                   help="also run the C++ kernel with these blocks (query positions, keys) besides its "
+                        "default ones; repeatable")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--before", default=None, help="another checkout whose attention runs beside this one")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -78,11 +76,13 @@ def main(argv=None) -> None:
         inputs = tuple(jnp.asarray(x) for x in (q, k, v))
         return lambda: jax.block_until_ready(fn(*inputs))
 
-    here = load_attention(ROOT, "attention_here")
-    variants = {("qedjax" if len(args.gemm) == 1 else f"gemm={gemm}"): jax_grad(here, gemm=gemm) for gemm in args.gemm}
-    if args.kernel:
-        from qedjax.models import cpu_attention
+    from qedjax.models import cpu_attention, cpu_gemm
 
+    here = load_attention(ROOT, "attention_here")
+    variants = {("JAX loops" if args.block else "dense"): jax_grad(here)}
+    if args.block and cpu_gemm.available() is None:
+        variants[f"kernel {cpu_attention.BLOCK_Q}/{cpu_attention.BLOCK_K}"] = jax_grad(here, kernel=True)
+    if args.kernel:
         class Kernel:  # cpu_attention under the attention module's names (its own blocks, any --block)
             def __init__(self, bq, bk):
                 self.bq, self.bk = bq, bk

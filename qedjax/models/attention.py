@@ -4,9 +4,9 @@ Both take q: [B, T, K, G, H] (G = query heads per key head), k, v: [B, S, K, H],
 and return [B, T, K, G, H]. A query sees the keys of its own segment at slots up to its own.
 
 `flash_attention` is the path of rows longer than one block (training at length, long prefills).
-Under Qwen3Config.gemm "mkl" with fp32 inputs it hands the whole computation to the C++ kernel of
-`cpu_attention` (the same algorithm, each block pair's softmax in cache; 1.5x the speed of the loops
-below with MKL's products, issue 22). Otherwise it
+Under Qwen3Config.attention_kernel with fp32 inputs it hands the whole computation to the C++ kernel
+of `cpu_attention` (the same algorithm, each block pair's softmax in cache; 1.3-1.7x the speed of the
+loops below on XLA:CPU, issue 22). Otherwise it
 computes attention block by block with a running softmax and has a hand-written VJP (the
 FlashAttention recipe: keep the output and each row's log-sum-exp, recompute the probabilities of one
 block pair at a time in the backward pass). Letting JAX differentiate the loops instead replays the
@@ -37,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qedjax.models import cpu_attention, cpu_gemm
+from qedjax.models import cpu_attention
 
 NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -198,19 +198,19 @@ def _blocked_bwd(g, res, d_out):
 _blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block: int, gemm: str = "xla"):
+def flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block: int, kernel: bool = False):
     """Blockwise attention with O(block^2) memory per step and a hand-written backward pass.
 
     Args:
       q: [B, T, K, G, H]; k, v: [B, S, K, H]; q_seg, q_slots: int [B, T]; kv_seg: int [B, S];
         kv_slots: int [S].
       block: queries and keys go in blocks of min(block, T) and min(block, S).
-      gemm: Qwen3Config.gemm; "mkl" with fp32 inputs runs the C++ kernel (`cpu_attention`, in its
-        own blocks), else the blocks below.
+      kernel: Qwen3Config.attention_kernel; with fp32 inputs the C++ kernel runs it (`cpu_attention`,
+        in its own blocks), else the blocks below.
     Returns:
       [B, T, K, G, H] in q's dtype.
     """
-    if cpu_gemm.applies(gemm, q, k, v):
+    if kernel and all(x.dtype == jnp.float32 for x in (q, k, v)):
         return cpu_attention.flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots)
     b, t, kh, g, h = q.shape
     s = k.shape[1]

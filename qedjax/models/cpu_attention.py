@@ -10,7 +10,8 @@ spread over the cores by (batch row, key head, block).
 
 Same semantics as `attention.dense_attention` (a query sees the keys of its own segment at slots up
 to its own; a row that sees nothing gives 0). `flash_attention` routes here where
-`Qwen3Config.gemm == "mkl"` and the inputs are fp32.
+`Qwen3Config.attention_kernel` is on and the inputs are fp32 (`train.default_attention_kernel`: on a
+one-device CPU mesh where MKL can run, Intel or AMD).
 """
 
 from __future__ import annotations

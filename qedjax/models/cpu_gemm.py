@@ -14,8 +14,8 @@ cpu_attention.py).
 `matmul(x, w, transpose_w)` is differentiable, its gradients the same custom call with other
 transposes (so a weight gradient needs no transposed copy of the rows). `available()` says whether
 the custom calls can run here and, if not, why. `Qwen3Config.gemm == "mkl"` routes the projections
-and the vocabulary projection here and flash attention to cpu_attention; `train.default_gemm` picks
-it on a one-device CPU mesh when it is available.
+and the vocabulary projection here (`train.default_gemm` picks it on a one-device mesh of an Intel
+CPU when it is available); `Qwen3Config.attention_kernel` routes flash attention to cpu_attention.
 
 MKL threads with Intel OpenMP across the cores this process may use; its threads sleep as soon as a
 product ends (KMP_BLOCKTIME=0, unless set). XLA may run two independent products at once, each with

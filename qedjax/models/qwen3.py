@@ -70,7 +70,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 DTYPES = ("float32", "bfloat16")
 # Qwen3Config's fields that say how the model runs, not what it is (no config.json carries them)
-RUN_FIELDS = frozenset({"param_dtype", "dtype", "remat", "attention_block", "attention_dense_max", "gemm"})
+RUN_FIELDS = frozenset({"param_dtype", "dtype", "remat", "attention_block", "attention_dense_max", "gemm",
+                        "attention_kernel"})
 # How the projections' matrix products run (Qwen3Config.gemm; see `project`)
 GEMMS = ("xla", "xla-copy", "mkl")
 
@@ -78,8 +79,8 @@ GEMMS = ("xla", "xla-copy", "mkl")
 def attention_defaults(platform: str, cpu_vendor: str | None = None, kernel: bool = False) -> dict[str, int]:
     """The attention blocking a backend takes when the config leaves it open (issue 22).
 
-    With the C++ attention kernel (`kernel`: XLA:CPU, gemm "mkl", fp32; `cpu_attention`, which keeps
-    blocks of its own) rows over 16 tokens take it: at 2 x 128 one layer's attention took 1.8 ms there
+    With the C++ attention kernel (`kernel`: XLA:CPU, Qwen3Config.attention_kernel, fp32;
+    `cpu_attention`, which keeps blocks of its own) rows over 16 tokens take it: on an Intel host at 2 x 128 one layer's attention took 1.8 ms there
     against 3.6 dense (torch 2.3), and the step at 2 x 128 and 8 x 128 ran 6.8-7.1% faster than with
     dense attention up to 128 tokens (`tools/ab_step.py --field attention_dense_max --values 128 16
     --batch 2 8 --seq 128 128`). Decoding (one token a row) stays dense.
@@ -143,6 +144,7 @@ class Qwen3Config:
     attention_block: int = 512  # flash_attention's largest block (0: dense attention only)
     attention_dense_max: int | None = None  # rows up to this many tokens attend densely (None: attention_block)
     gemm: str = "xla"  # how the projections multiply: one of GEMMS (see project)
+    attention_kernel: bool = False  # fp32 blockwise attention by cpu_attention's C++ kernel (XLA:CPU)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -403,7 +405,7 @@ class Attention(nnx.Module):
         # (attention_defaults says where the line is on each backend, and why).
         block = flash_block(t, cfg.attention_block, cfg.attention_dense_max)
         if block:
-            out = flash_attention(*args, block=block, gemm=cfg.gemm)
+            out = flash_attention(*args, block=block, kernel=cfg.attention_kernel)
         else:
             out = dense_attention(*args)
         out = out.reshape(b * t, n, h)  # [M, N, H]
