@@ -25,7 +25,10 @@
    time is reported beside the SFT step's (SFT and GRPO share the step; only the loss differs).
 
 Timings on a shared machine are noisy: figures are medians over rounds, best in brackets, and the
-ratio is the median of per-round ratios.
+ratio is the median of per-round ratios. Each timed step's minor page faults are printed too: both
+sides share one glibc heap, and a step whose buffers no longer fit its holes grows it and faults in
+the new pages (qedjax/hostmem.py), a 2-3 s step at 4 x 256 on an AMD host, which later steps do not
+repeat.
 
 Usage:
   .venv/bin/python tools/bench_sft.py                            # bench-100m 2x128 and 4x256, 4B memory
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -228,10 +232,15 @@ def bench_step(args) -> list[dict]:
                   f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
                   f"attn={hf.config._attn_implementation}), jax {jax.__version__}", flush=True)
 
-        def timed(step):
-            start = time.perf_counter()
+        faults = {}  # minor page faults of each timed step: a step that grows the heap faults in its pages
+
+        def timed(step, name=None):
+            faults_before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             loss = step()
-            return time.perf_counter() - start, loss
+            elapsed = time.perf_counter() - start
+            if name:
+                faults.setdefault(name, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+            return elapsed, loss
 
         first = [(timed(jax_step), timed(torch_step)) for _ in range(2)]  # warm-up and parity
         (jax_first, jax_loss0), (torch_first, torch_loss0) = first[0]
@@ -245,14 +254,14 @@ def bench_step(args) -> list[dict]:
         times = {name: [] for name in steps}
         for r in range(args.repeats):
             for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
-                times[name].append(timed(steps[name])[0])
+                times[name].append(timed(steps[name], name)[0])
         t_jax, t_torch = times["jax"], times["torch"]
         row = dict(batch=b, seq=t, tokens=b * t, params=n_params, compile_s=compile_s, jax_first_s=jax_first,
                    torch_first_s=torch_first, losses=[[jax_loss0, torch_loss0], [jax_loss1, torch_loss1]],
                    hlo_gflop=hlo_flops / 1e9, jax_s=t_jax, torch_s=t_torch)
         rows.append(row)
-        print(f"# {b}x{t}: qedjax {[round(x, 2) for x in t_jax]} s, torch {[round(x, 2) for x in t_torch]} s",
-              flush=True)
+        print(f"# {b}x{t}: qedjax {[round(x, 2) for x in t_jax]} s, torch {[round(x, 2) for x in t_torch]} s; "
+              f"minor page faults per step: qedjax {faults['jax']}, torch {faults['torch']}", flush=True)
         if args.grpo:
             row["grpo_s"] = times["grpo"]
             print(f"# {b}x{t}: qedjax GRPO step {[round(x, 2) for x in times['grpo']]} s: "

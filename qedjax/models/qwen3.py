@@ -80,12 +80,13 @@ def attention_defaults(platform: str, cpu_vendor: str | None = None, kernel: boo
     """The attention blocking a backend takes when the config leaves it open (issue 22).
 
     With the C++ attention kernel (`kernel`: XLA:CPU, Qwen3Config.attention_kernel, fp32;
-    `cpu_attention`, which keeps blocks of its own) rows over 16 tokens take it: on an Intel host at 2 x 128 one layer's attention took 1.8 ms there
-    against 3.6 dense (torch 2.3), and the step at 2 x 128 and 8 x 128 ran 6.8-7.1% faster than with
-    dense attention up to 128 tokens (`tools/ab_step.py --field attention_dense_max --values 128 16
-    --batch 2 8 --seq 128 128`). Decoding (one token a row) stays dense.
+    `cpu_attention`, which keeps blocks of its own) rows over 16 tokens take it. On an Intel host one
+    layer's attention at 2 x 128 took 1.8 ms there against 3.6 dense (torch 2.3), and the step at
+    2 x 128 and 8 x 128 ran 6.8-7.1% faster than with dense attention up to 128 tokens
+    (`tools/ab_step.py --field attention_dense_max --values 128 16 --batch 2 8 --seq 128 128`); on an
+    AMD host 2.2-2.7% faster. Decoding (one token a row) stays dense.
 
-    XLA:CPU: flash attention above 128 tokens, in blocks of up to 256, or 512 on an Intel CPU
+    Without it, XLA:CPU: flash attention above 128 tokens, in blocks of up to 256, or 512 on an Intel CPU
     (`cpu_vendor` "GenuineIntel"). Per layer of bench-100m on an AMD host (forward and backward, ms;
     torch's sdpa in brackets): 1 x 2048 in blocks of 128/256/512/1024: 203/165/197/264 (152); 4 x 256
     dense 32, two blocks of 128 17.5 (16.7); 8 x 320 dense 94, two of 160 70 (54); 2 x 128 dense 2.5,
