@@ -232,29 +232,28 @@ def bench_step(args) -> list[dict]:
                   f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
                   f"attn={hf.config._attn_implementation}), jax {jax.__version__}", flush=True)
 
-        faults = {}  # minor page faults of each timed step: a step that grows the heap faults in its pages
-
-        def timed(step, name=None):
-            faults_before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        def timed(step):
+            """(seconds, loss, minor page faults): a step that grows the heap faults in its pages."""
+            faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             loss = step()
             elapsed = time.perf_counter() - start
-            if name:
-                faults.setdefault(name, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
-            return elapsed, loss
+            return elapsed, loss, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
         first = [(timed(jax_step), timed(torch_step)) for _ in range(2)]  # warm-up and parity
-        (jax_first, jax_loss0), (torch_first, torch_loss0) = first[0]
-        (_, jax_loss1), (_, torch_loss1) = first[1]
+        (jax_first, jax_loss0, _), (torch_first, torch_loss0, _) = first[0]
+        (_, jax_loss1, _), (_, torch_loss1, _) = first[1]
         for i, (a, c) in enumerate(((jax_loss0, torch_loss0), (jax_loss1, torch_loss1))):
             if abs(a - c) > 1e-3 * abs(c):
                 raise SystemExit(f"losses disagree at {b}x{t} step {i}: qedjax {a:.6f}, torch {c:.6f}")
         steps = {"jax": jax_step, "torch": torch_step, **({"grpo": grpo_step} if args.grpo else {})}
         if args.grpo:
             timed(grpo_step)
-        times = {name: [] for name in steps}
+        times, faults = {name: [] for name in steps}, {name: [] for name in steps}
         for r in range(args.repeats):
             for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
-                times[name].append(timed(steps[name], name)[0])
+                elapsed, _, step_faults = timed(steps[name])
+                times[name].append(elapsed)
+                faults[name].append(step_faults)
         t_jax, t_torch = times["jax"], times["torch"]
         row = dict(batch=b, seq=t, tokens=b * t, params=n_params, compile_s=compile_s, jax_first_s=jax_first,
                    torch_first_s=torch_first, losses=[[jax_loss0, torch_loss0], [jax_loss1, torch_loss1]],
