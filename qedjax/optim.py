@@ -70,8 +70,10 @@ def decay_mask(params, decay_norms_and_embeddings: bool = False):
 class Optimizer(NamedTuple):
     """An optax GradientTransformation (`init`, `update`) and `apply`, its fused step.
 
-    apply(grads, opt_state, params, ok) -> (params, opt_state): one step of `update` and
-    `optax.apply_updates`, or, where the scalar `ok` is False, the params and state unchanged.
+    apply(grads, opt_state, params, ok, kernel=None) -> (params, opt_state): one step of `update`
+    and `optax.apply_updates`, or, where the scalar `ok` is False, the params and state unchanged.
+    Where `kernel` is given (`models.cpu_adamw.update`'s signature; the caller says where it can
+    run) and every leaf is fp32, the update of all leaves is that one pass; otherwise JAX's.
     """
 
     init: Callable
@@ -86,7 +88,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> Optimizer:
                         mask=lambda p: decay_mask(p, cfg.decay_norms_and_embeddings))
     chain = adamw if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
 
-    def apply(grads, opt_state, params, ok):
+    def apply(grads, opt_state, params, ok, kernel=None):
         # The operations of optax's clip_by_global_norm, scale_by_adam, add_decayed_weights,
         # scale_by_learning_rate and apply_updates, in their order. One difference: clipping scales
         # each gradient by the scalar clip_norm / norm (as torch's clip_grad_norm_ does), where optax
@@ -94,14 +96,36 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> Optimizer:
         # not repeat a division in each consumer, so optax's form writes the clipped gradients out
         # and reads them back (an extra pass over them; 115 -> 92 ms per update for bench-100m).
         clip_state, (adam, masked, sched) = (None, opt_state) if cfg.clip_norm is None else opt_state
+        flat = [jax.tree.leaves(t) for t in (params, grads, adam.mu, adam.nu)]
+        fused = kernel is not None and all(x.dtype == jnp.float32 for xs in flat for x in xs)
+        scale = jnp.ones((), jnp.float32)
         if cfg.clip_norm is not None:
             g_norm = optax.tree.norm(grads)
             scale = jnp.where(g_norm < cfg.clip_norm, 1.0, cfg.clip_norm / g_norm)
-            grads = jax.tree.map(lambda t: t * scale.astype(t.dtype), grads)
+            if not fused:  # the kernel scales each gradient as it reads it
+                grads = jax.tree.map(lambda t: t * scale.astype(t.dtype), grads)
         count = optax.safe_int32_increment(adam.count)
         bc1, bc2 = 1 - cfg.b1**count, 1 - cfg.b2**count
         step_size = -lr(sched.count)
         decay = decay_mask(params, cfg.decay_norms_and_embeddings)
+        tick = lambda c: jnp.where(ok, optax.safe_int32_increment(c), c)  # noqa: E731
+        inner = lambda mu, nu: (adam._replace(count=tick(adam.count), mu=mu, nu=nu), masked,  # noqa: E731
+                                sched._replace(count=tick(sched.count)))
+        if fused:
+            scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in (ok, scale, bc1, bc2, step_size)])
+            new = [list(flat[0]), list(flat[2]), list(flat[3])]
+            decayed = [bool(f) and bool(cfg.weight_decay) for f in jax.tree.leaves(decay)]
+            for wd, group in ((cfg.weight_decay, True), (0.0, False)):  # weight decay is one per call
+                idx = [i for i, d in enumerate(decayed) if d == group]
+                if idx:
+                    outs = kernel(scalars, *([xs[i] for i in idx] for xs in flat), b1=cfg.b1, b2=cfg.b2,
+                                  eps=cfg.eps, weight_decay=wd)
+                    for dst, out in zip(new, outs):
+                        for i, x in zip(idx, out):
+                            dst[i] = x
+            p, mu, nu = (jax.tree.unflatten(jax.tree.structure(params), xs) for xs in new)
+            state = inner(mu, nu)
+            return p, state if cfg.clip_norm is None else (clip_state, state)
 
         def leaf(p, g, mu, nu, decayed):
             mu_new = jnp.where(ok, (1 - cfg.b1) * g + cfg.b1 * mu, mu)
@@ -117,9 +141,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> Optimizer:
 
         out = jax.tree.map(leaf, params, grads, adam.mu, adam.nu, decay)
         pick = lambda i: jax.tree.map(lambda _, o: o[i], params, out)  # noqa: E731
-        tick = lambda c: jnp.where(ok, optax.safe_int32_increment(c), c)  # noqa: E731
-        adam = adam._replace(count=tick(adam.count), mu=pick(1), nu=pick(2))
-        inner = (adam, masked, sched._replace(count=tick(sched.count)))
-        return pick(0), inner if cfg.clip_norm is None else (clip_state, inner)
+        state = inner(pick(1), pick(2))
+        return pick(0), state if cfg.clip_norm is None else (clip_state, state)
 
     return Optimizer(chain.init, chain.update, apply)

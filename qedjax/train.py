@@ -168,7 +168,7 @@ def _combine(name: str, a, b):
 
 def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax.Array],
                     optimizer: optax.GradientTransformation, state_shardings, batch_shardings,
-                    mesh: Mesh, rules):
+                    mesh: Mesh, rules, adamw_kernel: bool | None = None):
     """The jitted `(state, batch) -> (state, metrics)` step.
 
     Args:
@@ -176,7 +176,24 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
         micro-batch axis that the step scans over. Metric names ending in _max/_min combine by
         max/min across micro-batches, the others by sum.
       normalizer: batch -> the scalar that the summed loss (and gradient) is divided by.
+      adamw_kernel: whether `optimizer.apply` takes the single-pass AdamW custom call
+        (`models.cpu_adamw`) on a CPU mesh; None: `default_adamw_kernel`.
     """
+    platform = mesh.devices.flat[0].platform
+    if adamw_kernel is None:
+        adamw_kernel = default_adamw_kernel(platform, mesh.devices.size)
+    if adamw_kernel and (platform != "cpu" or mesh.devices.size != 1):
+        raise ValueError(f"the AdamW custom call runs on a one-device CPU mesh, not {mesh.devices.size} {platform}")
+    if adamw_kernel:
+        from qedjax.models import cpu_adamw, cpu_gemm
+
+        reason = cpu_gemm.available()
+        if reason is not None:
+            raise RuntimeError(f"adamw_kernel: {reason}")
+        kernel = cpu_adamw.update
+    else:
+        kernel = None
+
     def grads(params, micro):
         def f(p):
             return loss_fn(nnx.merge(graphdef, p), micro)
@@ -211,9 +228,9 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
             # qedjax.optim's fused step, on CPU meshes only: there it removes XLA:CPU's copies of the Adam
             # state (5-7% of a step); compiled for a TPU it reads and writes more (4B SFT step, 2-4
             # blocks, v5p: +8% bytes accessed, docs/BENCHMARKS.md), so elsewhere the optax path runs.
-            apply = getattr(optimizer, "apply", None) if mesh.devices.flat[0].platform == "cpu" else None
+            apply = getattr(optimizer, "apply", None) if platform == "cpu" else None
             if apply is not None:
-                new_params, opt_state = apply(g, state["opt_state"], params, finite)
+                new_params, opt_state = apply(g, state["opt_state"], params, finite, kernel=kernel)
             else:
                 updates, opt_state = optimizer.update(g, state["opt_state"], params)
                 keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
@@ -241,6 +258,15 @@ def default_gemm(platform: str, devices: int = 1, cpu_vendor: str | None = None)
         return "xla"
     mkl = devices == 1 and cpu_vendor == "GenuineIntel" and cpu_gemm.available() is None
     return "mkl" if mkl else "xla-copy"
+
+
+def default_adamw_kernel(platform: str, devices: int = 1) -> bool:
+    """Whether the train step updates fp32 parameters by the single-pass AdamW custom call
+    (`models.cpu_adamw`) where the caller leaves it unset: on XLA:CPU where the custom calls can run
+    (`cpu_gemm.available`) and the mesh has one device (the call has no sharding rule)."""
+    from qedjax.models import cpu_gemm
+
+    return platform == "cpu" and devices == 1 and cpu_gemm.available() is None
 
 
 def default_attention_kernel(platform: str, devices: int = 1) -> bool:

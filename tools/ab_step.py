@@ -2,9 +2,11 @@
 
     python tools/ab_step.py --field gemm --values xla-copy mkl --batch 2 4 1 --seq 128 256 2048
     python tools/ab_step.py --field attention_block --values 256 512 --batch 1 --seq 2048
+    python tools/ab_step.py --field adamw_kernel --values false true --batch 2 --seq 128
 
 For each shape, one bench-100m SFT step (as tools/bench_sft.py builds it) per value of a Qwen3Config
-run field (`qwen3.RUN_FIELDS`: how the model runs, not what it is), the same weights and batch,
+run field (`qwen3.RUN_FIELDS`: how the model runs, not what it is; or `adamw_kernel`, whether the
+train step's AdamW is the single-pass custom call), the same weights and batch,
 timed in rounds whose order alternates, so that load and heap state fall on every build alike. A
 change that is a choice (a layout, a block size) is decided with this before it becomes a default.
 The losses of the builds' first two steps must agree to a relative 1e-4.
@@ -37,7 +39,8 @@ def parse_value(text: str):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="bench-100m")
-    p.add_argument("--field", required=True, help="a Qwen3Config run field, e.g. gemm or attention_block")
+    p.add_argument("--field", required=True, help="a Qwen3Config run field, e.g. gemm or attention_block, "
+                   "or adamw_kernel (the train step's)")
     p.add_argument("--values", nargs="+", required=True, help="two or more values of it")
     p.add_argument("--batch", type=int, nargs="+", default=[2, 4, 1])
     p.add_argument("--seq", type=int, nargs="+", default=[128, 256, 2048])
@@ -48,8 +51,9 @@ def main(argv=None):
     sys.path.insert(0, ROOT)
     from qedjax.models.qwen3 import RUN_FIELDS
 
-    if args.field not in RUN_FIELDS:
-        raise SystemExit(f"--field must be one of {sorted(RUN_FIELDS)}, got {args.field!r}")
+    fields = sorted(RUN_FIELDS | {"adamw_kernel"})
+    if args.field not in fields:
+        raise SystemExit(f"--field must be one of {fields}, got {args.field!r}")
     values = [parse_value(v) for v in args.values]
     if len(values) < 2:
         raise SystemExit("--values needs at least two values to compare")

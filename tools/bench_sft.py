@@ -136,7 +136,8 @@ def grpo_batch(batch, seed: int = 1):
 def qedjax_trainer(model_dir: str, batch, grpo: bool = False, overrides: dict | None = None):
     """(step() -> loss, flops per step): the SFT (or GRPO) stage's jitted step on a one-device mesh.
 
-    `overrides`: Qwen3Config run fields to set over the stage's own (tools/ab_step.py)."""
+    `overrides`: Qwen3Config run fields to set over the stage's own, and `adamw_kernel`, the train
+    step's (tools/ab_step.py)."""
     import dataclasses
 
     import jax
@@ -150,7 +151,9 @@ def qedjax_trainer(model_dir: str, batch, grpo: bool = False, overrides: dict | 
     mesh = make_mesh("", devices=jax.devices()[:1])
     # the model as the SFT stage builds it from `model.hf_path` (the attention block is the backend's)
     config = train.model_config(ModelConfig(hf_path=model_dir), mesh.devices.flat[0].platform)
-    config = dataclasses.replace(config, **(overrides or {}))
+    overrides = dict(overrides or {})
+    adamw_kernel = overrides.pop("adamw_kernel", None)
+    config = dataclasses.replace(config, **overrides)
     _, abstract = convert.abstract_model(config)
     _, graphdef, params = convert.load_params(model_dir, dtype="float32", config=config,
                                               shardings=state_shardings(abstract, mesh, TRAIN_RULES))
@@ -163,7 +166,8 @@ def qedjax_trainer(model_dir: str, batch, grpo: bool = False, overrides: dict | 
         loss_fn, normalizer = grpo_lib.make_loss(cfg, 1.0), grpo_lib.normalizer(cfg.aggregation, len(batch["tokens"]))
     else:
         loss_fn, normalizer = sft.sft_loss, sft.target_tokens
-    step_fn = train.make_train_step(graphdef, loss_fn, normalizer, optimizer, shardings, batch_sh, mesh, TRAIN_RULES)
+    step_fn = train.make_train_step(graphdef, loss_fn, normalizer, optimizer, shardings, batch_sh, mesh, TRAIN_RULES,
+                                    adamw_kernel=adamw_kernel)
     device_batch = train.put_batch({k: v[None] for k, v in batch.items()}, mesh, TRAIN_RULES)
     start = time.perf_counter()
     compiled = step_fn.lower(state, device_batch).compile()

@@ -8,7 +8,7 @@ the `mkl` wheel (the `cpu-blas` extra, which the Makefile installs on x86-64 Lin
 compiled on first use with the host's C++ compiler against the FFI headers jaxlib ships (about 5 s;
 cached under $QEDJAX_CACHE or ~/.cache/qedjax, keyed by the sources, jaxlib's version and the
 host's CPU flags). The same library holds the C++ flash attention kernel (csrc/cpu_attention.cc,
-cpu_attention.py).
+cpu_attention.py) and the single-pass AdamW update (csrc/cpu_adamw.cc, cpu_adamw.py).
 
 `gemm(a, b, trans_a, trans_b)` is the product (for code whose backward pass is written out);
 `matmul(x, w, transpose_w)` is differentiable, its gradients the same custom call with other
@@ -43,10 +43,15 @@ import jax.numpy as jnp
 TARGET = "qedjax_gemm"
 # flash attention's forward and backward passes (cpu_attention.py), in the same library
 ATTENTION_TARGETS = ("qedjax_attention_fwd", "qedjax_attention_bwd")
-_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("cpu_gemm.cc", "cpu_attention.cc"))
+# the single-pass AdamW update (cpu_adamw.py), in the same library
+ADAMW_TARGET = "qedjax_adamw"
+_SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                 for name in ("cpu_gemm.cc", "cpu_attention.cc", "cpu_adamw.cc"))
 # -march=native: the attention kernel's elementwise loops take the host's widest vectors (the
-# library is keyed by the host's CPU flags too, so a shared cache never hands it to another CPU)
-_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17", "-w")
+# library is keyed by the host's CPU flags too, so a shared cache never hands it to another CPU);
+# -fno-math-errno: without it GCC does not vectorize a loop with a square root (AdamW's update)
+_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno", "-shared",
+          "-fPIC", "-std=c++17", "-w")
 _MKL_NAMES = ("libmkl_rt.so.2", "libmkl_rt.so")
 
 
@@ -148,6 +153,7 @@ def _load() -> str | None:
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QedjaxGemm), platform="cpu")
     for target, handler in zip(ATTENTION_TARGETS, (lib.QedjaxAttentionFwd, lib.QedjaxAttentionBwd)):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    jax.ffi.register_ffi_target(ADAMW_TARGET, jax.ffi.pycapsule(lib.QedjaxAdamW), platform="cpu")
     return None
 
 
