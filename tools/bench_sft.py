@@ -7,8 +7,9 @@
    AdamW (lr 1e-4, betas 0.9/0.999, eps 1e-8, weight decay 0.1 on matrices except the embedding).
    qedjax runs `train.make_train_step` with `sft.sft_loss`, the step the SFT stage runs, on a
    one-device mesh; torch runs `Qwen3ForCausalLM` (train mode, sdpa attention) and
-   `torch.optim.AdamW`. The first two steps of each side are checked to give the same losses, then
-   rounds alternate one step of each side; the jit compile and the first calls are excluded.
+   `torch.optim.AdamW`, in a child process of its own (below). The first two steps of each side are
+   checked to give the same losses, a third is untimed too, then rounds alternate one step of each
+   side, one side at a time; the jit compile and the first three calls are excluded.
 2. MFU = 6 * params * tokens/s / peak (params count the tied embedding once; attention scores are
    not in 6N). The peak is measured, not taken from a data sheet: the best rate of a 3072^3 fp32
    matmul in numpy, jax and torch, measured before and after the steps (the machine may be shared,
@@ -25,10 +26,12 @@
    time is reported beside the SFT step's (SFT and GRPO share the step; only the loss differs).
 
 Timings on a shared machine are noisy: figures are medians over rounds, best in brackets, and the
-ratio is the median of per-round ratios. Each timed step's minor page faults are printed too: both
-sides share one glibc heap, and a step whose buffers no longer fit its holes grows it and faults in
-the new pages (qedjax/hostmem.py), a 2-3 s step at 4 x 256 on an AMD host, which later steps do not
-repeat.
+ratio is the median of per-round ratios. Each timed step's minor page faults are printed too (a
+step that grows its process's heap faults in the new pages). Torch steps in a spawned child process
+with the same heap policy and core pinning, so the two frameworks do not share one glibc heap: in
+one process, after torch's steps qedjax's large buffers no longer fit the holes now and then, the
+heap grows and that step faults in 250-400 MB (+0.5-0.8 s at 2 x 128 on an AMD host), in two of
+every five timed steps, where qedjax alone stops faulting after its third step (docs/BENCHMARKS.md).
 
 Usage:
   .venv/bin/python tools/bench_sft.py                            # bench-100m 2x128 and 4x256, 4B memory
@@ -184,6 +187,71 @@ def qedjax_trainer(model_dir: str, batch, grpo: bool = False, overrides: dict | 
     return step, flops, compile_s
 
 
+def timed(step):
+    """(seconds, loss, minor page faults of this process): a step that grows the heap faults in its pages."""
+    faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    loss = step()
+    elapsed = time.perf_counter() - start
+    return elapsed, loss, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+def torch_worker(conn, model_dir: str, batch, impl: str, threads: int, system_malloc: bool):
+    """The torch side in a spawned child: the parent's heap policy and pinning, the model loaded from
+    the checkpoint qedjax loads, then one timed step per True received, until False."""
+    try:
+        host_memory(system_malloc)
+        pin_threads(threads)
+        import torch
+        import transformers
+
+        model = transformers.Qwen3ForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+        step = torch_trainer(model, batch, impl)
+        conn.send(("ready", f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
+                            f"attn={model.config._attn_implementation})"))
+        while conn.recv():
+            conn.send(("step", timed(step)))
+    except Exception:  # noqa: BLE001 (the parent reports it and stops)
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+
+
+class TorchChild:
+    """`torch_worker` in a spawned process; `step()` -> (seconds, loss, faults) as `timed` gives them."""
+
+    def __init__(self, model_dir: str, batch, impl: str, threads: int, system_malloc: bool):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=torch_worker, args=(child, model_dir, batch, impl, threads, system_malloc),
+                                daemon=True)
+        self.proc.start()
+        self.describe = self._reply("ready")
+
+    def _reply(self, kind: str):
+        try:
+            what, value = self.conn.recv()
+        except EOFError:  # it died without a word (a signal, the OOM killer)
+            self.proc.join(timeout=60)
+            what, value = "error", f"it exited with code {self.proc.exitcode}"
+        if what != kind:
+            self.close()
+            raise SystemExit(f"the torch child process failed:\n{value}")
+        return value
+
+    def step(self):
+        self.conn.send(True)
+        return self._reply("step")
+
+    def close(self):
+        try:
+            self.conn.send(False)
+        except OSError:  # it has exited already
+            pass
+        self.proc.join(timeout=60)
+
+
 def torch_trainer(model, batch, impl: str):
     """step() -> loss: the same step as a plain transformers + torch.optim.AdamW loop."""
     import torch
@@ -213,7 +281,6 @@ def torch_trainer(model, batch, impl: str):
 
 def bench_step(args) -> list[dict]:
     import jax
-    import torch
 
     from qedjax.models.qwen3 import Qwen3Config
 
@@ -228,36 +295,30 @@ def bench_step(args) -> list[dict]:
         n_params = sum(p.numel() for p in hf.parameters())  # tied embedding counted once
         with tempfile.TemporaryDirectory(prefix="bench-sft-") as d:
             hf.save_pretrained(d)
+            del hf  # the child loads its own copy
             jax_step, hlo_flops, compile_s = qedjax_trainer(d, batch)
             grpo_step = qedjax_trainer(d, grpo_batch(batch), grpo=True)[0] if args.grpo else None
-        torch_step = torch_trainer(hf, batch, args.torch_optim)
+            child = TorchChild(d, batch, args.torch_optim, args.threads, args.system_malloc)
         if not rows:
             print(f"# {args.preset}: {n_params / 1e6:.1f}M params, fp32, AdamW ({args.torch_optim} in torch); "
-                  f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
-                  f"attn={hf.config._attn_implementation}), jax {jax.__version__}", flush=True)
-
-        def timed(step):
-            """(seconds, loss, minor page faults): a step that grows the heap faults in its pages."""
-            faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-            loss = step()
-            elapsed = time.perf_counter() - start
-            return elapsed, loss, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-
-        first = [(timed(jax_step), timed(torch_step)) for _ in range(2)]  # warm-up and parity
+                  f"{child.describe}, in a child process; jax {jax.__version__}", flush=True)
+        steps = {"jax": lambda: timed(jax_step), "torch": child.step,
+                 **({"grpo": lambda: timed(grpo_step)} if args.grpo else {})}
+        first = [(steps["jax"](), steps["torch"]()) for _ in range(2)]  # warm-up and parity
         (jax_first, jax_loss0, _), (torch_first, torch_loss0, _) = first[0]
         (_, jax_loss1, _), (_, torch_loss1, _) = first[1]
         for i, (a, c) in enumerate(((jax_loss0, torch_loss0), (jax_loss1, torch_loss1))):
             if abs(a - c) > 1e-3 * abs(c):
                 raise SystemExit(f"losses disagree at {b}x{t} step {i}: qedjax {a:.6f}, torch {c:.6f}")
-        steps = {"jax": jax_step, "torch": torch_step, **({"grpo": grpo_step} if args.grpo else {})}
-        if args.grpo:
-            timed(grpo_step)
+        for name in steps:  # one more untimed step each: qedjax alone stops growing its heap after 3
+            steps[name]()
         times, faults = {name: [] for name in steps}, {name: [] for name in steps}
         for r in range(args.repeats):
             for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
-                elapsed, _, step_faults = timed(steps[name])
+                elapsed, _, step_faults = steps[name]()
                 times[name].append(elapsed)
                 faults[name].append(step_faults)
+        child.close()
         t_jax, t_torch = times["jax"], times["torch"]
         row = dict(batch=b, seq=t, tokens=b * t, params=n_params, compile_s=compile_s, jax_first_s=jax_first,
                    torch_first_s=torch_first, losses=[[jax_loss0, torch_loss0], [jax_loss1, torch_loss1]],
@@ -270,7 +331,7 @@ def bench_step(args) -> list[dict]:
             print(f"# {b}x{t}: qedjax GRPO step {[round(x, 2) for x in times['grpo']]} s: "
                   f"{b * t / statistics.median(times['grpo']):.0f} tok/s, GRPO / SFT step time "
                   f"{statistics.median(g / j for g, j in zip(times['grpo'], t_jax)):.2f}", flush=True)
-        del hf, jax_step, torch_step, grpo_step
+        del jax_step, grpo_step
     return rows
 
 
