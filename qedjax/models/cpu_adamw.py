@@ -5,7 +5,7 @@ moments, then the new parameter from them, kept apart so the second does not rea
 donated buffer the first has overwritten): about 40 bytes of memory traffic per parameter. This
 custom call (csrc/cpu_adamw.cc, built and loaded with cpu_gemm's library) reads each element of the
 parameter, gradient and moments once and writes the parameter and moments back in place: 28 bytes.
-`optim.make_optimizer(..., kernel=cpu_adamw.update)` uses it; `train.default_adamw_kernel` says where.
+`Optimizer.apply(..., kernel=cpu_adamw.update)` uses it; `train.default_adamw_kernel` says where.
 """
 
 from __future__ import annotations

@@ -100,11 +100,13 @@ ffi::Error AdamW(ffi::AnyBuffer scalars, ffi::RemainingArgs args, ffi::Remaining
   const Coeffs c{s[1], s[2], s[3], s[4], b1, b2, one_minus_b1, one_minus_b2, eps, weight_decay};
   int64_t total = 0;
   for (const Leaf& x : leaves) total += x.size;
-  // Equal shares of all the elements, in chunks of whole cache lines; a small update stays on one thread.
+  // Equal shares of all the elements (the leaves end to end), cut at multiples of 16 elements; an
+  // update of fewer than 2^16 elements a thread stays on one.
   constexpr int64_t kMinPerThread = 1 << 16;
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, total / kMinPerThread));
+  auto cut = [&](int64_t w) { return w == workers ? total : (total * w / workers) & ~int64_t{15}; };
   auto work = [&](int64_t w) {
-    const int64_t begin = (total * w / workers) & ~int64_t{15}, end = w + 1 == workers ? total : (total * (w + 1) / workers) & ~int64_t{15};
+    const int64_t begin = cut(w), end = cut(w + 1);
     int64_t offset = 0;
     for (const Leaf& x : leaves) {
       const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + x.size);
