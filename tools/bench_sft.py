@@ -30,8 +30,9 @@ ratio is the median of per-round ratios. Each timed step's minor page faults are
 step that grows its process's heap faults in the new pages). Torch steps in a spawned child process
 with the same heap policy and core pinning, so the two frameworks do not share one glibc heap: in
 one process, after torch's steps qedjax's large buffers no longer fit the holes now and then, the
-heap grows and that step faults in 250-400 MB (+0.5-0.8 s at 2 x 128 on an AMD host), in two of
-every five timed steps, where qedjax alone stops faulting after its third step (docs/BENCHMARKS.md).
+heap grows and that step faults in 250-400 MB (+0.5-0.8 s at 2 x 128 on an AMD host), in two or
+three of every five timed steps, where qedjax alone stops faulting after its third step
+(docs/BENCHMARKS.md).
 
 Usage:
   .venv/bin/python tools/bench_sft.py                            # bench-100m 2x128 and 4x256, 4B memory
