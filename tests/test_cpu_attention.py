@@ -78,7 +78,7 @@ def test_threads_change_only_the_order_of_sums(monkeypatch):
     q, k, v, w = _inputs(3)
     results = []
     for threads in (1, 5):
-        monkeypatch.setattr(cpu_attention, "_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(cpu_gemm, "threads", lambda threads=threads: threads)
         results.append((cpu_attention.flash_attention(q, k, v, *ARGS, block_q=4, block_k=4),
                         *_grads(cpu_attention.flash_attention, q, k, v, w, ARGS, block_q=4, block_k=4)))
     for name, a, b in zip(["out", "dq", "dk", "dv"], *results):

@@ -10,7 +10,6 @@ parameter, gradient and moments once and writes the parameter and moments back i
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import jax
@@ -18,10 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from qedjax.models import cpu_gemm
-
-
-def _threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def update(scalars: jax.Array, params: Sequence[jax.Array], grads: Sequence[jax.Array], mu: Sequence[jax.Array],
@@ -54,5 +49,5 @@ def update(scalars: jax.Array, params: Sequence[jax.Array], grads: Sequence[jax.
     f32 = np.float32
     out = call(scalars.astype(jnp.float32), *params, *grads, *mu, *nu, b1=f32(b1), b2=f32(b2),
                one_minus_b1=f32(1 - b1), one_minus_b2=f32(1 - b2), eps=f32(eps),
-               weight_decay=f32(weight_decay), threads=_threads())
+               weight_decay=f32(weight_decay), threads=cpu_gemm.threads())
     return list(out[:n]), list(out[n:2 * n]), list(out[2 * n:])

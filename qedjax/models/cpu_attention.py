@@ -17,7 +17,6 @@ one-device CPU mesh where MKL can run, Intel or AMD).
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +26,10 @@ from qedjax.models import cpu_gemm
 FWD, BWD = cpu_gemm.ATTENTION_TARGETS
 
 
-def _threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _attrs(block_q: int, block_k: int) -> dict:
     if block_q < 1 or block_k < 1:
         raise ValueError(f"cpu_attention: blocks must be >= 1, got {block_q} and {block_k}")
-    return dict(block_q=block_q, block_k=block_k, threads=_threads())
+    return dict(block_q=block_q, block_k=block_k, threads=cpu_gemm.threads())
 
 
 def _masks(q_seg, kv_seg, q_slots, kv_slots):

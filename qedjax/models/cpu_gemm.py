@@ -157,6 +157,11 @@ def _load() -> str | None:
     return None
 
 
+def threads() -> int:
+    """The cores this process may use: how many threads the attention and AdamW handlers split over."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def available() -> str | None:
     """None when `matmul` can run on this host, else why not."""
     return _load()
