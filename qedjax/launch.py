@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from qedjax import export, fit, hostmem, pipeline, rl, sft, sharding
+from qedjax import export, fit, pipeline, rl, sft, sharding
 from qedjax.config import load_config
 from qedjax.config_io import config_hash
 from qedjax.metrics import MetricsWriter
@@ -116,11 +116,6 @@ def with_toy_data(cfg, run_dir: str):
 
 
 def main(argv=None) -> int:
-    # before anything starts JAX's backend: its worker threads take their malloc arena on first use
-    try:
-        kept = hostmem.keep_freed_memory()
-    except ValueError as e:  # QEDJAX_MALLOC set to something else
-        raise SystemExit(f"qedjax.launch: {e}") from None
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides) + ([f"run.mesh={args.mesh}"] if args.mesh else [])
     cfg = load_config(args.config, overrides)
@@ -145,8 +140,7 @@ def main(argv=None) -> int:
     make_engine = pipeline.engine_factory(cfg, tokenizer, mesh, run_dir)
     if jax.process_index() == 0:
         print(f"[qedjax] run dir {run_dir} | mesh {sharding.format_mesh(mesh)} on {jax.device_count()} "
-              f"{jax.devices()[0].platform} device(s) | stages {', '.join(stages)}"
-              + (" | freed host memory kept (qedjax/hostmem.py)" if kept else ""))
+              f"{jax.devices()[0].platform} device(s) | stages {', '.join(stages)}")
     timings, evals = {}, {}
     for stage in stages:
         t0 = time.perf_counter()

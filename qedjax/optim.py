@@ -1,25 +1,15 @@
 """The optimizer: AdamW with warmup + cosine or constant schedules, global-norm clipping, and a
 weight-decay mask (no decay on norm scales and embeddings unless configured).
 
-`make_optimizer` returns optax's chain (its `init` and `update`, and so its state and checkpoints)
-plus `apply`, the same step written per parameter with the skip of a non-finite step folded in. The
-train step calls `apply` on CPU meshes (elsewhere optax's `update`: compiled for a TPU, `apply` moved
-8% more bytes, docs/BENCHMARKS.md). With optax's `update`, XLA fuses the moment update into both the new
-moment and the parameter update, so the parameter update reads the old moments after the new ones
-have overwritten them in the donated buffers, and XLA copies all of Adam's state first; on CPU
-these copies and the extra passes over the state cost about a tenth of a small step (issue 22).
-`apply` in JAX still reads the moments twice (its moment and parameter updates are two fusions);
-on a one-device CPU mesh the train step passes it `models.cpu_adamw.update`, which does the whole
-update in one pass in place (`train.default_adamw_kernel`).
+`make_optimizer` returns optax's chain; the train step runs its `update` and `optax.apply_updates`
+on every backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "constant")
@@ -70,81 +60,8 @@ def decay_mask(params, decay_norms_and_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-class Optimizer(NamedTuple):
-    """An optax GradientTransformation (`init`, `update`) and `apply`, its fused step.
-
-    apply(grads, opt_state, params, ok, kernel=None) -> (params, opt_state): one step of `update`
-    and `optax.apply_updates`, or, where the scalar `ok` is False, the params and state unchanged.
-    Where `kernel` is given (`models.cpu_adamw.update`'s signature; the caller says where it can
-    run) and every leaf is fp32, the update of all leaves is that one pass; otherwise JAX's.
-    """
-
-    init: Callable
-    update: Callable
-    apply: Callable
-
-
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> Optimizer:
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW (decoupled weight decay) after optional global-norm clipping."""
-    lr = learning_rate(cfg, total_steps)
-    adamw = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=lambda p: decay_mask(p, cfg.decay_norms_and_embeddings))
-    chain = adamw if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-
-    def apply(grads, opt_state, params, ok, kernel=None):
-        # The operations of optax's clip_by_global_norm, scale_by_adam, add_decayed_weights,
-        # scale_by_learning_rate and apply_updates, in their order. One difference: clipping scales
-        # each gradient by the scalar clip_norm / norm (as torch's clip_grad_norm_ does), where optax
-        # divides every element by the norm and then multiplies: equal up to rounding, and XLA does
-        # not repeat a division in each consumer, so optax's form writes the clipped gradients out
-        # and reads them back (an extra pass over them; 115 -> 92 ms per update for bench-100m).
-        clip_state, (adam, masked, sched) = (None, opt_state) if cfg.clip_norm is None else opt_state
-        flat = [jax.tree.leaves(t) for t in (params, grads, adam.mu, adam.nu)]
-        fused = kernel is not None and all(x.dtype == jnp.float32 for xs in flat for x in xs)
-        scale = jnp.ones((), jnp.float32)
-        if cfg.clip_norm is not None:
-            g_norm = optax.tree.norm(grads)
-            scale = jnp.where(g_norm < cfg.clip_norm, 1.0, cfg.clip_norm / g_norm)
-            if not fused:  # the kernel scales each gradient as it reads it
-                grads = jax.tree.map(lambda t: t * scale.astype(t.dtype), grads)
-        count = optax.safe_int32_increment(adam.count)
-        bc1, bc2 = 1 - cfg.b1**count, 1 - cfg.b2**count
-        step_size = -lr(sched.count)
-        decay = decay_mask(params, cfg.decay_norms_and_embeddings)
-        tick = lambda c: jnp.where(ok, optax.safe_int32_increment(c), c)  # noqa: E731
-        inner = lambda mu, nu: (adam._replace(count=tick(adam.count), mu=mu, nu=nu), masked,  # noqa: E731
-                                sched._replace(count=tick(sched.count)))
-        if fused:
-            scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in (ok, scale, bc1, bc2, step_size)])
-            new = [list(flat[0]), list(flat[2]), list(flat[3])]
-            decayed = [bool(f) and bool(cfg.weight_decay) for f in jax.tree.leaves(decay)]
-            for wd, group in ((cfg.weight_decay, True), (0.0, False)):  # weight decay is one per call
-                idx = [i for i, d in enumerate(decayed) if d == group]
-                if idx:
-                    outs = kernel(scalars, *([xs[i] for i in idx] for xs in flat), b1=cfg.b1, b2=cfg.b2,
-                                  eps=cfg.eps, weight_decay=wd)
-                    for dst, out in zip(new, outs):
-                        for i, x in zip(idx, out):
-                            dst[i] = x
-            p, mu, nu = (jax.tree.unflatten(jax.tree.structure(params), xs) for xs in new)
-            state = inner(mu, nu)
-            return p, state if cfg.clip_norm is None else (clip_state, state)
-
-        def leaf(p, g, mu, nu, decayed):
-            mu_new = jnp.where(ok, (1 - cfg.b1) * g + cfg.b1 * mu, mu)
-            nu_new = jnp.where(ok, (1 - cfg.b2) * (g**2) + cfg.b2 * nu, nu)
-            # The barrier keeps XLA from recomputing the moments inside the parameter update (which
-            # would read the old moments after they were overwritten in place).
-            mu_new, nu_new = jax.lax.optimization_barrier((mu_new, nu_new))
-            u = (mu_new / bc1.astype(mu.dtype)) / (jnp.sqrt(nu_new / bc2.astype(nu.dtype)) + cfg.eps)
-            if decayed and cfg.weight_decay:
-                u = u + cfg.weight_decay * p
-            u = jnp.array(step_size, dtype=u.dtype) * u
-            return jnp.where(ok, jnp.asarray(p + u).astype(p.dtype), p), mu_new, nu_new
-
-        out = jax.tree.map(leaf, params, grads, adam.mu, adam.nu, decay)
-        pick = lambda i: jax.tree.map(lambda _, o: o[i], params, out)  # noqa: E731
-        state = inner(pick(1), pick(2))
-        return pick(0), state if cfg.clip_norm is None else (clip_state, state)
-
-    return Optimizer(chain.init, chain.update, apply)
+    adamw = optax.adamw(learning_rate(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=lambda p: decay_mask(p, cfg.decay_norms_and_embeddings))
+    return adamw if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

@@ -15,7 +15,6 @@ import jax
 import yaml
 
 from qedjax.config_io import config_hash, to_dict
-from qedjax.models import cpu_gemm
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "datasets",
             "transformers", "tokenizers", "numpy", "torch", "vllm", "math-verify", "qedjax")
@@ -71,9 +70,6 @@ def write_run_info(run_dir: str, cfg, mesh, argv=None) -> dict:
                     "count": jax.device_count(), "local_count": jax.local_device_count(),
                     "processes": jax.process_count()},
         "mesh": dict(mesh.shape),
-        # on CPU the defaults of model.gemm, attention_kernel and attention_block follow these (train.model_config)
-        "cpu": ({"vendor": cpu_gemm.cpu_vendor(), "mkl": cpu_gemm.available() or "available"}
-                if jax.devices()[0].platform == "cpu" else None),
         "seed": cfg.run.seed,
         "argv": list(sys.argv if argv is None else argv),
         "env": recorded_env(),

@@ -32,8 +32,8 @@ def logp_and_entropy(logits: jax.Array, targets: jax.Array):
     """fp32 logits [M, V], int targets [M] -> (log-probability of each target [M], entropy [M]).
 
     One exponential over [M, V] in each direction: the forward shares it between the log-sum-exp
-    and the entropy, and the backward pass is written out (autodiff of logsumexp + softmax took two
-    in the forward and more in the backward; issue 22's GRPO profile). With p = softmax(z):
+    and the entropy, and the backward pass is written out (autodiff of logsumexp + softmax takes two
+    in the forward and more in the backward). With p = softmax(z):
     d logp / dz = onehot(y) - p, d entropy / dz = -p (z - E_p[z]).
     """
     return _logp_entropy_fwd(logits, targets)[0]
@@ -62,7 +62,7 @@ logp_and_entropy.defvjp(_logp_entropy_fwd, _logp_entropy_bwd)
 
 # fp32 logits up to this size (all rows of the batch, 1 GiB) stay alive between the forward and the
 # backward pass; larger ones are recomputed chunk by chunk. Saving them skips one of the vocabulary
-# projection's four GEMMs (issue 22); the recipe's 4B rows (50k tokens x 151,936) are 30 GB.
+# projection's four products; the recipe's 4B rows (50k tokens x 151,936) are 30 GB.
 SAVE_LOGITS_BYTES = 1 << 30
 
 
@@ -168,7 +168,7 @@ def _combine(name: str, a, b):
 
 def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax.Array],
                     optimizer: optax.GradientTransformation, state_shardings, batch_shardings,
-                    mesh: Mesh, rules, adamw_kernel: bool | None = None):
+                    mesh: Mesh, rules):
     """The jitted `(state, batch) -> (state, metrics)` step.
 
     Args:
@@ -176,23 +176,7 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
         micro-batch axis that the step scans over. Metric names ending in _max/_min combine by
         max/min across micro-batches, the others by sum.
       normalizer: batch -> the scalar that the summed loss (and gradient) is divided by.
-      adamw_kernel: whether `optimizer.apply` takes the single-pass AdamW custom call
-        (`models.cpu_adamw`) on a CPU mesh; None: `default_adamw_kernel`.
     """
-    platform = mesh.devices.flat[0].platform
-    if adamw_kernel is None:
-        adamw_kernel = default_adamw_kernel(platform, mesh.devices.size)
-    if adamw_kernel and (platform != "cpu" or mesh.devices.size != 1):
-        raise ValueError(f"the AdamW custom call runs on a one-device CPU mesh, not {mesh.devices.size} {platform}")
-    if adamw_kernel:
-        from qedjax.models import cpu_adamw, cpu_gemm
-
-        reason = cpu_gemm.available()
-        if reason is not None:
-            raise RuntimeError(f"adamw_kernel: {reason}")
-        kernel = cpu_adamw.update
-    else:
-        kernel = None
 
     def grads(params, micro):
         def f(p):
@@ -225,17 +209,10 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
             loss = loss_sum / denom
             grad_norm = optax.global_norm(g)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            # qedjax.optim's fused step, on CPU meshes only: there it removes XLA:CPU's copies of the Adam
-            # state (5-7% of a step); compiled for a TPU it reads and writes more (4B SFT step, 2-4
-            # blocks, v5p: +8% bytes accessed, docs/BENCHMARKS.md), so elsewhere the optax path runs.
-            apply = getattr(optimizer, "apply", None) if platform == "cpu" else None
-            if apply is not None:
-                new_params, opt_state = apply(g, state["opt_state"], params, finite, kernel=kernel)
-            else:
-                updates, opt_state = optimizer.update(g, state["opt_state"], params)
-                keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-                new_params = keep(optax.apply_updates(params, updates), params)
-                opt_state = keep(opt_state, state["opt_state"])
+            updates, opt_state = optimizer.update(g, state["opt_state"], params)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            new_params = keep(optax.apply_updates(params, updates), params)
+            opt_state = keep(opt_state, state["opt_state"])
             new_state = {"params": new_params, "opt_state": opt_state,
                          "step": state["step"] + finite.astype(jnp.int32)}
             metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32),
@@ -246,68 +223,16 @@ def make_train_step(graphdef, loss_fn: LossFn, normalizer: Callable[[Batch], jax
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def default_gemm(platform: str, devices: int = 1, cpu_vendor: str | None = None) -> str:
-    """Qwen3Config.gemm where the config leaves it unset: XLA's own products on TPU and GPU. On an
-    Intel CPU, MKL's sgemm (`cpu_gemm`) where this host can run it and the mesh has one device (the
-    custom call has no sharding rule, so on a larger mesh every device would compute all of it).
-    Elsewhere on CPU, XLA with the weight gradients' transposed copy (`qwen3.project`): on the AMD
-    hosts measured, XLA's products were faster than MKL's (docs/BENCHMARKS.md)."""
-    from qedjax.models import cpu_gemm
-
-    if platform != "cpu":
-        return "xla"
-    mkl = devices == 1 and cpu_vendor == "GenuineIntel" and cpu_gemm.available() is None
-    return "mkl" if mkl else "xla-copy"
-
-
-def default_adamw_kernel(platform: str, devices: int = 1) -> bool:
-    """Whether the train step updates fp32 parameters by the single-pass AdamW custom call
-    (`models.cpu_adamw`) where the caller leaves it unset: on XLA:CPU where the custom calls can run
-    (`cpu_gemm.available`) and the mesh has one device (the call has no sharding rule)."""
-    from qedjax.models import cpu_gemm
-
-    return platform == "cpu" and devices == 1 and cpu_gemm.available() is None
-
-
-def default_attention_kernel(platform: str, devices: int = 1) -> bool:
-    """Qwen3Config.attention_kernel where the config leaves it unset: on XLA:CPU where MKL can run
-    and the mesh has one device (a custom call without a sharding rule). One layer's attention at
-    1 x 2048, forward and backward, ran 1.7x as fast as the JAX loops on an Intel host and 1.3x on an
-    AMD one, ahead of torch's sdpa on both (docs/BENCHMARKS.md, issue 22)."""
-    from qedjax.models import cpu_gemm
-
-    return platform == "cpu" and devices == 1 and cpu_gemm.available() is None
-
-
-def model_config(model_cfg, platform: str | None = None, devices: int = 1):
+def model_config(model_cfg):
     """The Qwen3Config a ModelConfig describes (a HF checkpoint's config.json, or a preset).
 
-    `platform` ("cpu", "tpu", "gpu"; default: JAX's default backend) and `devices` (the mesh's size)
-    are where the model will run: with this host's CPU vendor they pick the attention block
-    (`qwen3.attention_defaults`), the products (`default_gemm`) and the attention kernel
-    (`default_attention_kernel`) when the config leaves them unset.
+    The same on every backend: the model code a CPU test runs is the code a TPU or GPU runs.
     """
     from qedjax import convert
-    from qedjax.models import cpu_gemm
-    from qedjax.models.qwen3 import Qwen3Config, attention_defaults
+    from qedjax.models.qwen3 import Qwen3Config
 
-    platform = platform or jax.default_backend()
-    vendor = cpu_gemm.cpu_vendor() if platform == "cpu" else None
-    gemm = model_cfg.gemm or default_gemm(platform, devices, vendor)
-    if gemm != "xla" and platform != "cpu":
-        raise ValueError(f"model.gemm {gemm!r} is for XLA:CPU; this model runs on {platform} (use 'xla' or unset)")
-    kernel = model_cfg.attention_kernel
-    if kernel is None:
-        kernel = default_attention_kernel(platform, devices)
-    elif kernel and platform != "cpu":
-        raise ValueError(f"model.attention_kernel is for XLA:CPU; this model runs on {platform} (unset it)")
-    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat, gemm=gemm,
-                  attention_kernel=kernel)
-    if model_cfg.attention_block is None:
-        # short rows take the kernel where it runs (fp32)
-        dtypes.update(attention_defaults(platform, vendor, kernel and model_cfg.dtype == "float32"))
-    else:
-        dtypes["attention_block"] = model_cfg.attention_block
+    dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
+                  attention_block=model_cfg.attention_block)
     if model_cfg.hf_path:
         return convert.read_config(model_cfg.hf_path, **dtypes)
     return Qwen3Config.preset(model_cfg.preset, **dtypes)
@@ -321,7 +246,7 @@ def abstract_params(model_cfg, mesh: Mesh, rules, *, layers: int | None = None):
     from qedjax import convert
     from qedjax.sharding import state_shardings
 
-    config = model_config(model_cfg, mesh.devices.flat[0].platform, mesh.size)
+    config = model_config(model_cfg)
     if layers is not None:
         config = dataclasses.replace(config, num_hidden_layers=layers)
     graphdef, abstract = convert.abstract_model(config)
@@ -342,7 +267,7 @@ def init_params(model_cfg, mesh: Mesh, rules, *, seed: int = 0, vocab_size: int 
     from qedjax.models.qwen3 import Qwen3
     from qedjax.sharding import init_sharded, state_shardings
 
-    config = model_config(model_cfg, mesh.devices.flat[0].platform, mesh.size)
+    config = model_config(model_cfg)
     if model_cfg.hf_path:
         _, abstract = convert.abstract_model(config)
         config, graphdef, params = convert.load_params(

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qedjax.models import cpu_gemm
 from qedjax.models.attention import _key_blocks_in_reach, dense_attention, flash_attention
 
 B, T, K, G, H = 2, 37, 2, 3, 16
@@ -23,25 +22,20 @@ SEGMENTS = jnp.asarray([[1] * 20 + [2] * 15 + [0] * 2, [1] * 37], jnp.int32)
 SLOTS = jnp.arange(T, dtype=jnp.int32)
 
 
-# the JAX loops, and the C++ kernel where this host can run it (qedjax/models/cpu_attention.py)
-KERNELS = [False] + ([True] if cpu_gemm.available() is None else [])
-
-
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("block", [5, 8, 37, 64])
-def test_values_and_gradients_equal_dense(block, kernel):
+def test_values_and_gradients_equal_dense(block):
     """Every block size (one that divides nothing, one block for all, one longer than the row) gives
     the dense outputs and the dense gradients of q, k and v; the fp32 differences are rounding
     (sums of at most 37 terms of size ~1)."""
     q, k, v, w = _inputs()
     args = (SEGMENTS, SEGMENTS, jnp.broadcast_to(SLOTS, (B, T)), SLOTS)
-    np.testing.assert_allclose(flash_attention(q, k, v, *args, block=block, kernel=kernel),
+    np.testing.assert_allclose(flash_attention(q, k, v, *args, block=block),
                                dense_attention(q, k, v, *args), atol=1e-5)
 
     def loss(fn, **kw):
         return lambda q, k, v: jnp.sum(fn(q, k, v, *args, **kw) * w)
 
-    g_flash = jax.grad(loss(flash_attention, block=block, kernel=kernel), argnums=(0, 1, 2))(q, k, v)
+    g_flash = jax.grad(loss(flash_attention, block=block), argnums=(0, 1, 2))(q, k, v)
     g_dense = jax.grad(loss(dense_attention), argnums=(0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", g_flash, g_dense):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")

@@ -10,9 +10,7 @@ from flax import nnx
 
 from hf_utils import hf_config, hf_logits, save_random_hf
 from qedjax import convert
-from qedjax.models import cpu_gemm
-from qedjax.models.qwen3 import (PRESETS, KVCache, Qwen3, Qwen3Config, attention_defaults, flash_block,
-                                 positions_from_segments, project, rms_norm)
+from qedjax.models.qwen3 import PRESETS, KVCache, Qwen3, Qwen3Config, flash_block, positions_from_segments, rms_norm
 
 # Jitted calls: op-by-op execution of the model is many times slower than compiling it.
 run = nnx.jit(lambda model, *args, **kwargs: model(*args, **kwargs))
@@ -140,18 +138,12 @@ def test_left_padded_cache_matches_unpadded():
     np.testing.assert_allclose(np.asarray(logits)[0, 3:], np.asarray(alone)[0], atol=1e-5)
 
 
-# the C++ attention kernel (cpu_attention) with XLA's products and with MKL's, also under remat
-_BLOCKWISE = [("xla", False, False)] + ([("xla-copy", True, False), ("mkl", True, False), ("mkl", True, True)]
-                                        if cpu_gemm.available() is None else [])
-
-
-@pytest.mark.parametrize("gemm, kernel, remat", _BLOCKWISE)
-def test_blockwise_attention_equals_dense(gemm, kernel, remat):
+@pytest.mark.parametrize("remat", [False, True])
+def test_blockwise_attention_equals_dense(remat):
     """Long inputs take the blockwise path; logits and gradients match the dense path (packed
     segments, a length that is not a multiple of the block, and a cache)."""
     dense_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=0)
-    block_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=8, gemm=gemm, attention_kernel=kernel,
-                            remat=remat)
+    block_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=8, remat=remat)
     dense, blocked = Qwen3(dense_cfg, rngs=nnx.Rngs(7)), Qwen3(block_cfg, rngs=nnx.Rngs(7))
     tokens = jnp.asarray(np.random.RandomState(3).randint(0, dense_cfg.vocab_size, (2, 37)), jnp.int32)
     segments = jnp.asarray([[1] * 20 + [2] * 15 + [0] * 2, [1] * 37], jnp.int32)
@@ -168,10 +160,9 @@ def test_blockwise_attention_equals_dense(gemm, kernel, remat):
     g_block = nnx.jit(nnx.grad(loss))(blocked)
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g_dense)), jax.tree.leaves(nnx.to_pure_dict(g_block))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
-    # CPU-style blocking: a row shorter than the block but over the dense limit, in two blocks of 24
-    balanced_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=32, attention_dense_max=8, gemm=gemm,
-                               attention_kernel=kernel)
-    assert flash_block(37, 32, 8) == 24
+    # a row a little longer than the block, in two equal blocks of 24 (not 32 and a padded 32)
+    balanced_cfg = Qwen3Config(**SHAPES["tied_kv2"], attention_block=32)
+    assert flash_block(37, 32) == 24
     balanced = Qwen3(balanced_cfg, rngs=nnx.Rngs(7))
     np.testing.assert_allclose(np.asarray(run(balanced, tokens, segment_ids=segments)),
                                np.asarray(run(dense, tokens, segment_ids=segments)), atol=2e-5)
@@ -185,8 +176,8 @@ def test_blockwise_attention_equals_dense(gemm, kernel, remat):
 
 @pytest.mark.parametrize("shape", [(1, 37, 24), (1, 37, 3, 8), (3, 37, 24)])
 def test_rms_norm_values_and_gradients(shape):
-    """rms_norm flattens a batch of one row to rows (an XLA:CPU workaround); every path matches the
-    float64 formula in values and in the gradients of x and the scale."""
+    """rms_norm matches the float64 formula in values and in the gradients of x and the scale, for
+    one row, per-head norms and a batch."""
     rng = np.random.RandomState(0)
     x, g = rng.randn(*shape).astype(np.float32), rng.randn(*shape).astype(np.float32)
     scale = (1 + 0.1 * rng.randn(shape[-1])).astype(np.float32)
@@ -208,97 +199,25 @@ def test_rms_norm_values_and_gradients(shape):
     np.testing.assert_allclose(np.asarray(gs), dscale, rtol=1e-4, atol=1e-4)
 
 
-def test_attention_block_follows_the_platform():
-    """An unset model.attention_block takes the blocking of the platform the model runs on (the
-    mesh's, so a TPU compile on a CPU host gets the TPU's) and, on CPU, of the CPU's vendor; a set one
-    is kept, dense up to a block. The products likewise (train.default_gemm): XLA's own on TPU; MKL's
-    on a one-device mesh of an Intel CPU that can run it; else the transposed copy. The C++ attention
-    kernel (train.default_attention_kernel) on a one-device CPU mesh that can run it, whatever the
-    vendor. A CPU-only setting on TPU is an error."""
-    from qedjax import sharding, train
+def test_model_config_is_the_same_on_every_backend():
+    """train.model_config reads the platform nowhere: blocks of 512 unless the config sets its own,
+    dense attention up to a block, on CPU as on TPU."""
+    from qedjax import train
     from qedjax.config import ModelConfig
 
-    intel, amd, tpu = (attention_defaults("cpu", "GenuineIntel"), attention_defaults("cpu", "AuthenticAMD"),
-                       attention_defaults("tpu"))
-    assert intel == dict(attention_block=512, attention_dense_max=128)
-    # with the C++ attention kernel (attention_kernel, fp32) rows over 16 tokens take it
-    assert attention_defaults("cpu", "GenuineIntel", kernel=True) == dict(attention_block=512, attention_dense_max=16)
-    assert amd == attention_defaults("cpu") == dict(attention_block=256, attention_dense_max=128)
-    assert tpu == attention_defaults("gpu", "GenuineIntel") == dict(attention_block=512, attention_dense_max=512)
-    here = cpu_gemm.cpu_vendor()
-    unset = ModelConfig(preset="tiny")
-    assert unset.attention_block is None
-    kernel_here = cpu_gemm.available() is None
-    assert train.default_attention_kernel("cpu", 1) == kernel_here
-    assert not train.default_attention_kernel("cpu", 8) and not train.default_attention_kernel("tpu", 1)
-    for platform, want in (("cpu", attention_defaults("cpu", here, kernel_here)), ("tpu", tpu)):
-        config = train.model_config(unset, platform)
-        assert (config.attention_block, config.attention_dense_max) == tuple(want.values())
-        assert config.gemm == train.default_gemm(platform, 1, here)
-        assert config.attention_kernel == (kernel_here and platform == "cpu")
-    config = train.model_config(unset, "cpu", devices=8)  # no sharding rule: off on a larger mesh
-    assert not config.attention_kernel and config.attention_dense_max == 128
-    assert train.default_gemm("tpu", 1, "GenuineIntel") == "xla"
-    assert train.default_gemm("cpu", 8, "GenuineIntel") == "xla-copy"
-    assert train.default_gemm("cpu", 1, "AuthenticAMD") == "xla-copy"
-    assert train.default_gemm("cpu", 1, "GenuineIntel") == ("mkl" if cpu_gemm.available() is None else "xla-copy")
-    assert train.model_config(ModelConfig(preset="tiny", gemm="xla-copy"), "cpu").gemm == "xla-copy"
-    with pytest.raises(ValueError, match="model.gemm 'xla-copy' is for XLA:CPU; this model runs on tpu"):
-        train.model_config(ModelConfig(preset="tiny", gemm="xla-copy"), "tpu")
-    with pytest.raises(ValueError, match="model.gemm must be one of"):
-        ModelConfig(preset="tiny", gemm="blas")
-    config = train.model_config(ModelConfig(preset="tiny", attention_block=64), "cpu")
-    assert (config.attention_block, config.attention_dense_max) == (64, None)
-    if kernel_here:  # bf16 compute has no kernel: dense up to 128 tokens, as with the kernel off
-        config = train.model_config(ModelConfig(preset="tiny", dtype="bfloat16"), "cpu")
-        assert (config.attention_kernel, config.attention_dense_max) == (True, 128)
-        config = train.model_config(ModelConfig(preset="tiny", attention_kernel=False), "cpu")
-        assert (config.attention_kernel, config.attention_dense_max) == (False, 128)
-        config = train.model_config(ModelConfig(preset="tiny", gemm="xla-copy"), "cpu")  # independent of gemm
-        assert (config.attention_kernel, config.attention_dense_max) == (True, 16)
-        with pytest.raises(ValueError, match="model.attention_kernel is for XLA:CPU; this model runs on tpu"):
-            train.model_config(ModelConfig(preset="tiny", attention_kernel=True), "tpu")
-    else:
-        with pytest.raises(ValueError, match="model.attention_kernel is on but"):
-            ModelConfig(preset="tiny", attention_kernel=True)
-    config, _, _ = train.abstract_params(unset, sharding.make_mesh("", devices=jax.devices()[:1]),
-                                         sharding.TRAIN_RULES)
-    platform = jax.devices()[0].platform
-    assert config.attention_block == attention_defaults(platform, here)["attention_block"]
-    assert config.gemm == train.default_gemm(platform, 1, here)
-
-
-@pytest.mark.parametrize("spec,rows,w", [("MD,DF->MF", (6, 5), (5, 7)), ("MD,DNH->MNH", (6, 5), (5, 3, 4)),
-                                         ("MNH,NHD->MD", (6, 3, 4), (3, 4, 5))])
-def test_project_gemms(spec, rows, w):
-    """The projection gives einsum's values and gradients by each of its products: the einsum, the
-    weight gradient from a transposed copy, MKL's sgemm (where this host has it). Small integers keep
-    every product and sum exact in fp32, so all must be equal whatever order each reduces in."""
-    rng = np.random.RandomState(0)
-    x, wt, dy = (jnp.asarray(rng.randint(-3, 4, s), jnp.float32) for s in (rows, w, rows[:1] + w[len(rows) - 1:]))
-
-    def vjp(gemm):
-        out, pull = jax.vjp(lambda a, b: project(spec, a, b, gemm), x, wt)
-        return (out, *pull(dy))
-
-    want = jax.jit(lambda: jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, wt)[1](dy))()
-    gemms = ["xla", "xla-copy"] + (["mkl"] if cpu_gemm.available() is None else [])
-    for gemm in gemms:
-        out, dx, dw = jax.jit(vjp, static_argnums=0)(gemm)
-        np.testing.assert_array_equal(out, jnp.einsum(spec, x, wt))
-        np.testing.assert_array_equal(dx, want[0])
-        np.testing.assert_array_equal(dw, want[1])
-    with pytest.raises(ValueError, match="do not contract"):
-        project(spec, x, jnp.zeros((2,) + wt.shape), "xla-copy")
+    assert train.model_config(ModelConfig(preset="tiny")).attention_block == 512
+    assert train.model_config(ModelConfig(preset="tiny", attention_block=64)).attention_block == 64
+    with pytest.raises(ValueError, match="attention_block must be >= 0"):
+        ModelConfig(preset="tiny", attention_block=-1)
 
 
 def test_flash_block():
-    """Rows over the dense limit go in at least two equal blocks, none larger than the block."""
-    assert flash_block(128, 256, 128) == 0 and flash_block(129, 256, 128) == 72
-    assert flash_block(256, 256, 128) == 128
-    assert flash_block(320, 256, 128) == 160  # not 256 + 64 padded to 512
-    assert flash_block(2048, 256, 128) == 256 and flash_block(2050, 256, 128) == 232
+    """Rows longer than a block go in at least two equal blocks, none larger than the block."""
+    assert flash_block(256, 256) == 0 and flash_block(257, 256) == 136
+    assert flash_block(320, 256) == 160  # not 256 + 64 padded to 512
+    assert flash_block(2048, 256) == 256 and flash_block(2050, 256) == 232
+    assert flash_block(10_000, 0) == 0  # attention_block 0: dense only
     assert flash_block(512, 512) == 0 and flash_block(513, 512) == 264
     # the TPU programs of docs/FIT.md: rows that are multiples of 512 keep blocks of 512
-    assert all(flash_block(t, 512, 512) == 512 for t in (1024, 1536, 49152, 50176, 52224))
+    assert all(flash_block(t, 512) == 512 for t in (1024, 1536, 49152, 50176, 52224))
     assert flash_block(37, 8) == 8 and flash_block(37, 0) == 0

@@ -41,7 +41,7 @@ import tempfile
 import time
 
 # tools/, the script's own folder
-from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header
+from benchlib import ROOT, pin_threads, print_footer, print_header
 
 # transformers maps safetensors lazily: a weight costs time and memory only when first read, so
 # "transformers+read" also reads every weight once, which is when a first forward would pay for it.
@@ -54,7 +54,6 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[4, 1], help="batch sizes, paired with --seq")
     p.add_argument("--seq", type=int, nargs="+", default=[256, 1024], help="sequence lengths")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per framework and shape")
-    add_malloc_flag(p)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="cores for both frameworks (default: all this process may use)")
     p.add_argument("--skip-load", action="store_true", help="skip the load-time benchmark")
@@ -306,7 +305,7 @@ def main(argv=None):
     if args.load_child:
         load_child(args)
         return
-    print_header(host_memory(args.system_malloc))
+    print_header()
     bench_forward(args)
     if not args.skip_load:
         bench_load(args)

@@ -1,4 +1,4 @@
-"""CPU benchmark of the SFT train step: qedjax vs transformers + torch AdamW, MFU, and 4B memory.
+"""Benchmark of the SFT train step: qedjax vs transformers + torch AdamW, MFU, and 4B memory.
 
 1. Step throughput. One random Hugging Face Qwen3 (fp32) is saved and loaded into qedjax with
    convert.load_hf, so both sides start from the same weights. Both run one full optimizer step on
@@ -26,13 +26,9 @@
    time is reported beside the SFT step's (SFT and GRPO share the step; only the loss differs).
 
 Timings on a shared machine are noisy: figures are medians over rounds, best in brackets, and the
-ratio is the median of per-round ratios. Each timed step's minor page faults are printed too (a
-step that grows its process's heap faults in the new pages). Torch steps in a spawned child process
-with the same heap policy and core pinning, so the two frameworks do not share one glibc heap: in
-one process, after torch's steps qedjax's large buffers no longer fit the holes now and then, the
-heap grows and that step faults in 250-400 MB (+0.5-0.8 s at 2 x 128 on an AMD host), in two or
-three of every five timed steps, where qedjax alone stops faulting after its third step
-(docs/BENCHMARKS.md).
+ratio is the median of per-round ratios. Torch steps in a spawned child process with the same core
+pinning, so that the two frameworks do not share one process's heap (in one process, one side's
+allocations fragment the other's and add page faults to its steps).
 
 Usage:
   .venv/bin/python tools/bench_sft.py                            # bench-100m 2x128 and 4x256, 4B memory
@@ -46,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,7 +49,7 @@ import tempfile
 import time
 
 # tools/, the script's own folder
-from benchlib import ROOT, add_malloc_flag, host_memory, pin_threads, print_footer, print_header
+from benchlib import ROOT, pin_threads, print_footer, print_header
 
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
 
@@ -67,7 +62,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed steps per framework and shape")
     p.add_argument("--torch-optim", default="fused", choices=("default", "foreach", "fused"),
                    help="torch.optim.AdamW implementation (fused is the fastest on CPU)")
-    add_malloc_flag(p)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="cores for both frameworks (default: all this process may use)")
     p.add_argument("--skip-step", action="store_true", help="skip the throughput benchmark")
@@ -140,8 +134,7 @@ def grpo_batch(batch, seed: int = 1):
 def qedjax_trainer(model_dir: str, batch, grpo: bool = False, overrides: dict | None = None):
     """(step() -> loss, flops per step): the SFT (or GRPO) stage's jitted step on a one-device mesh.
 
-    `overrides`: Qwen3Config run fields to set over the stage's own, and `adamw_kernel`, the train
-    step's (tools/ab_step.py)."""
+    `overrides`: Qwen3Config run fields to set over the stage's own."""
     import dataclasses
 
     import jax
@@ -153,11 +146,8 @@ def qedjax_trainer(model_dir: str, batch, grpo: bool = False, overrides: dict | 
     from qedjax.sharding import TRAIN_RULES, make_mesh, state_shardings
 
     mesh = make_mesh("", devices=jax.devices()[:1])
-    # the model as the SFT stage builds it from `model.hf_path` (the attention block is the backend's)
-    config = train.model_config(ModelConfig(hf_path=model_dir), mesh.devices.flat[0].platform)
-    overrides = dict(overrides or {})
-    adamw_kernel = overrides.pop("adamw_kernel", None)
-    config = dataclasses.replace(config, **overrides)
+    # the model as the SFT stage builds it from `model.hf_path`
+    config = dataclasses.replace(train.model_config(ModelConfig(hf_path=model_dir)), **(overrides or {}))
     _, abstract = convert.abstract_model(config)
     _, graphdef, params = convert.load_params(model_dir, dtype="float32", config=config,
                                               shardings=state_shardings(abstract, mesh, TRAIN_RULES))
@@ -170,8 +160,7 @@ def qedjax_trainer(model_dir: str, batch, grpo: bool = False, overrides: dict | 
         loss_fn, normalizer = grpo_lib.make_loss(cfg, 1.0), grpo_lib.normalizer(cfg.aggregation, len(batch["tokens"]))
     else:
         loss_fn, normalizer = sft.sft_loss, sft.target_tokens
-    step_fn = train.make_train_step(graphdef, loss_fn, normalizer, optimizer, shardings, batch_sh, mesh, TRAIN_RULES,
-                                    adamw_kernel=adamw_kernel)
+    step_fn = train.make_train_step(graphdef, loss_fn, normalizer, optimizer, shardings, batch_sh, mesh, TRAIN_RULES)
     device_batch = train.put_batch({k: v[None] for k, v in batch.items()}, mesh, TRAIN_RULES)
     start = time.perf_counter()
     compiled = step_fn.lower(state, device_batch).compile()
@@ -184,23 +173,20 @@ def qedjax_trainer(model_dir: str, batch, grpo: bool = False, overrides: dict | 
         holder["state"], metrics = compiled(holder["state"], device_batch)
         return float(jax.block_until_ready(metrics)["loss"])
 
-    step.compiled = compiled  # for tools/profile_step.py
     return step, flops, compile_s
 
 
 def timed(step):
-    """(seconds, loss, minor page faults of this process): a step that grows the heap faults in its pages."""
-    faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    """(seconds, loss) of one call of `step`."""
+    start = time.perf_counter()
     loss = step()
-    elapsed = time.perf_counter() - start
-    return elapsed, loss, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return time.perf_counter() - start, loss
 
 
-def torch_worker(conn, model_dir: str, batch, impl: str, threads: int, system_malloc: bool):
-    """The torch side in a spawned child: the parent's heap policy and pinning, the model loaded from
-    the checkpoint qedjax loads, then one timed step per True received, until False."""
+def torch_worker(conn, model_dir: str, batch, impl: str, threads: int):
+    """The torch side in a spawned child: the parent's pinning, the model loaded from the checkpoint
+    qedjax loads, then one timed step per True received, until False."""
     try:
-        host_memory(system_malloc)
         pin_threads(threads)
         import torch
         import transformers
@@ -218,14 +204,14 @@ def torch_worker(conn, model_dir: str, batch, impl: str, threads: int, system_ma
 
 
 class TorchChild:
-    """`torch_worker` in a spawned process; `step()` -> (seconds, loss, faults) as `timed` gives them."""
+    """`torch_worker` in a spawned process; `step()` -> (seconds, loss) as `timed` gives them."""
 
-    def __init__(self, model_dir: str, batch, impl: str, threads: int, system_malloc: bool):
+    def __init__(self, model_dir: str, batch, impl: str, threads: int):
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=torch_worker, args=(child, model_dir, batch, impl, threads, system_malloc),
+        self.proc = ctx.Process(target=torch_worker, args=(child, model_dir, batch, impl, threads),
                                 daemon=True)
         self.proc.start()
         self.describe = self._reply("ready")
@@ -299,34 +285,32 @@ def bench_step(args) -> list[dict]:
             del hf  # the child loads its own copy
             jax_step, hlo_flops, compile_s = qedjax_trainer(d, batch)
             grpo_step = qedjax_trainer(d, grpo_batch(batch), grpo=True)[0] if args.grpo else None
-            child = TorchChild(d, batch, args.torch_optim, args.threads, args.system_malloc)
+            child = TorchChild(d, batch, args.torch_optim, args.threads)
         if not rows:
             print(f"# {args.preset}: {n_params / 1e6:.1f}M params, fp32, AdamW ({args.torch_optim} in torch); "
                   f"{child.describe}, in a child process; jax {jax.__version__}", flush=True)
         steps = {"jax": lambda: timed(jax_step), "torch": child.step,
                  **({"grpo": lambda: timed(grpo_step)} if args.grpo else {})}
         first = [(steps["jax"](), steps["torch"]()) for _ in range(2)]  # warm-up and parity
-        (jax_first, jax_loss0, _), (torch_first, torch_loss0, _) = first[0]
-        (_, jax_loss1, _), (_, torch_loss1, _) = first[1]
+        (jax_first, jax_loss0), (torch_first, torch_loss0) = first[0]
+        (_, jax_loss1), (_, torch_loss1) = first[1]
         for i, (a, c) in enumerate(((jax_loss0, torch_loss0), (jax_loss1, torch_loss1))):
             if abs(a - c) > 1e-3 * abs(c):
                 raise SystemExit(f"losses disagree at {b}x{t} step {i}: qedjax {a:.6f}, torch {c:.6f}")
-        for name in steps:  # one more untimed step each: qedjax alone stops growing its heap after 3
+        for name in steps:  # one more untimed step each
             steps[name]()
-        times, faults = {name: [] for name in steps}, {name: [] for name in steps}
+        times = {name: [] for name in steps}
         for r in range(args.repeats):
             for name in list(steps) if r % 2 == 0 else list(steps)[::-1]:
-                elapsed, _, step_faults = steps[name]()
-                times[name].append(elapsed)
-                faults[name].append(step_faults)
+                times[name].append(steps[name]()[0])
         child.close()
         t_jax, t_torch = times["jax"], times["torch"]
         row = dict(batch=b, seq=t, tokens=b * t, params=n_params, compile_s=compile_s, jax_first_s=jax_first,
                    torch_first_s=torch_first, losses=[[jax_loss0, torch_loss0], [jax_loss1, torch_loss1]],
                    hlo_gflop=hlo_flops / 1e9, jax_s=t_jax, torch_s=t_torch)
         rows.append(row)
-        print(f"# {b}x{t}: qedjax {[round(x, 2) for x in t_jax]} s, torch {[round(x, 2) for x in t_torch]} s; "
-              f"minor page faults per step: qedjax {faults['jax']}, torch {faults['torch']}", flush=True)
+        print(f"# {b}x{t}: qedjax {[round(x, 2) for x in t_jax]} s, torch {[round(x, 2) for x in t_torch]} s",
+              flush=True)
         if args.grpo:
             row["grpo_s"] = times["grpo"]
             print(f"# {b}x{t}: qedjax GRPO step {[round(x, 2) for x in times['grpo']]} s: "
@@ -437,7 +421,7 @@ def main(argv=None):
     if args.memory_child:
         memory_child(args)
         return
-    print_header(host_memory(args.system_malloc))
+    print_header()
     if not args.skip_step:
         before = measure_peak()
         print("# matmul GFLOP/s before: " + ", ".join(f"{k} {v:.0f}" for k, v in before.items()), flush=True)

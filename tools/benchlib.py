@@ -38,33 +38,5 @@ def print_header(note: str = ""):
           flush=True)
 
 
-def add_malloc_flag(parser):
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (default: qedjax/hostmem.py's policy, as the launcher)")
-
-
-def host_memory(system_malloc: bool) -> str:
-    """The launcher's host memory policy for this process (both frameworks share it); call it before
-    JAX starts its backend. Returns a line for the header."""
-    from qedjax import hostmem
-
-    kept = not system_malloc and hostmem.keep_freed_memory()
-    return "host memory: " + ("freed memory kept (qedjax/hostmem.py)" if kept else "glibc malloc defaults")
-
-
-def add_host_flags(parser):
-    """--system-malloc and --threads, the flags of a benchmark that runs on this host's cores."""
-    add_malloc_flag(parser)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="cores to pin the process to (default: all it may use)")
-
-
-def setup_host(args, torch_threads: bool = True):
-    """Pins the process to --threads cores, applies the host memory policy (unless --system-malloc)
-    and prints the header; call it before JAX starts its backend."""
-    pin_threads(args.threads, torch_threads=torch_threads)
-    print_header(host_memory(args.system_malloc))
-
-
 def print_footer():
     print(f"# load average at the end {os.getloadavg()[0]:.1f}", flush=True)

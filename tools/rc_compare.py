@@ -1,4 +1,4 @@
-"""Does reasoning-cache RL do what it is for? The comparison of issue 21, in one command.
+"""Does reasoning-cache RL do what it is for? The comparison, in one command.
 
     python tools/rc_compare.py [--config configs/tiny-rc.yaml] [--seeds 0,1] [key=value ...]
 

@@ -1,4 +1,4 @@
-"""FLOPs and bytes accessed per chip of the 4B SFT step compiled for a TPU (the roofline of issue 22).
+"""FLOPs and bytes accessed per chip of the 4B SFT step compiled for a TPU.
 
     .venv/bin/python tools/tpu_cost.py --layers 2 4 --seq 512
 

@@ -3,15 +3,11 @@
 Both take q: [B, T, K, G, H] (G = query heads per key head), k, v: [B, S, K, H], segment ids and slots,
 and return [B, T, K, G, H]. A query sees the keys of its own segment at slots up to its own.
 
-`flash_attention` is the path of rows longer than one block (training at length, long prefills).
-Under Qwen3Config.attention_kernel with fp32 inputs it hands the whole computation to the C++ kernel
-of `cpu_attention` (the same algorithm, each block pair's softmax in cache; 1.3-1.7x the speed of the
-loops below on XLA:CPU, issue 22). Otherwise it
+`flash_attention` is the path of rows longer than one block (training at length, long prefills). It
 computes attention block by block with a running softmax and has a hand-written VJP (the
 FlashAttention recipe: keep the output and each row's log-sum-exp, recompute the probabilities of one
-block pair at a time in the backward pass). Letting JAX differentiate the loops instead replays the
-running softmax twice more and, on XLA:CPU, transposes every score gradient (issue 22's profile: 13%
-of the 1 x 2048 step).
+block pair at a time in the backward pass). Letting JAX differentiate the loops instead would replay
+the running softmax twice more.
 
 Layout: inside the loops a query block is [B, K, C x G, H] (row = position x G + head), so every
 matmul is a batched GEMM over (B, K) with no transposes. A query block's key loop stops after the
@@ -23,11 +19,9 @@ computing: the running sums would gain nothing, or, before a row's first visible
 that its first visible block multiplies by exp(NEG - max) = 0.
 
 Each pair's branch returns its own contribution (the forward: its numerator against its own row
-maximum; the backward: its dQ, dK and dV), merged into the running sums outside the branch. A skip
-branch that handed the carries back unchanged made XLA:CPU copy every carry into and out of the
-conditional at every pair (dK and dV are the whole [nk, ...] arrays): 25 of 265 ms per layer at
-1 x 2048 in bench-100m (Intel host). Both changes together: 255 -> 214 ms per layer, forward and backward
-(issue 22, BENCHMARKS.md).
+maximum; the backward: its dQ, dK and dV), merged into the running sums outside the branch: a skip
+branch that handed the carries back unchanged would make XLA copy every carry (dK and dV are the
+whole [nk, ...] arrays) into and out of the conditional at every pair.
 """
 
 from __future__ import annotations
@@ -36,8 +30,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
-from qedjax.models import cpu_attention
 
 NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -135,10 +127,8 @@ def _backward(g, res, d_out):
     """The FlashAttention backward over every (query block, key block) pair, query blocks outermost.
 
     dQ of a query block is accumulated in its inner loop; dK and dV (G times smaller than dQ under
-    grouped-query attention) are the fp32 carries updated block by block. They are kept transposed,
-    [nk, B, K, H, Ck]: a product that contracts the rows of both operands ("BKRS,BKRH->BKSH") ran at a
-    third of the matmul peak on XLA:CPU, its transpose ("BKRH,BKRS->BKHS") at full speed; the whole
-    pair's backward went from 25 to 12 ms at [1, 2, 2560, 512] (bench-100m at 1 x 2048).
+    grouped-query attention) are the fp32 carries updated block by block, kept transposed,
+    [nk, B, K, H, Ck], so that no product contracts the rows of both of its operands.
     """
     qs, ks, vs, q_seg, q_slots, kv_seg, kv_slots, out, lse = res
     delta = jnp.einsum("IBKRH,IBKRH->IBKR", d_out.astype(jnp.float32), out.astype(jnp.float32))
@@ -198,20 +188,16 @@ def _blocked_bwd(g, res, d_out):
 _blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block: int, kernel: bool = False):
+def flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block: int):
     """Blockwise attention with O(block^2) memory per step and a hand-written backward pass.
 
     Args:
       q: [B, T, K, G, H]; k, v: [B, S, K, H]; q_seg, q_slots: int [B, T]; kv_seg: int [B, S];
         kv_slots: int [S].
       block: queries and keys go in blocks of min(block, T) and min(block, S).
-      kernel: Qwen3Config.attention_kernel; with fp32 inputs the C++ kernel runs it (`cpu_attention`,
-        in its own blocks), else the blocks below.
     Returns:
       [B, T, K, G, H] in q's dtype.
     """
-    if kernel and all(x.dtype == jnp.float32 for x in (q, k, v)):
-        return cpu_attention.flash_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots)
     b, t, kh, g, h = q.shape
     s = k.shape[1]
     cq, ck = min(block, t), min(block, s)

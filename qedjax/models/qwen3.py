@@ -11,9 +11,8 @@ Dimension letters: B batch, T query length, S key length (cache slots), D model 
 K key/value heads, G query heads per key/value head (N / K), H head dim, F MLP width, V vocab, L layers,
 M rows (B x T flattened).
 
-The projections run on rows flattened to [M, D]: XLA:CPU then computes the weight gradients as plain
-2-D GEMMs, where [B, T, ...] operands made it transpose activations first (issue 22: -28% on the MLP's
-forward + backward at 4 x 256).
+The projections run on rows flattened to [M, D]: every weight gradient is then one plain 2-D product
+over all rows, with no transposes of [B, T, ...] activations in front of it.
 
 Positions, segments and the cache. `positions` feed RoPE; `segment_ids` say which tokens may see each
 other (packed rows hold several documents; 0 marks padding); causality is by slot order (a token's
@@ -23,14 +22,12 @@ index in the row, or in the KV cache). A KV cache is a value: passed in, updated
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qedjax.models import cpu_gemm
 from qedjax.models.attention import dense_attention, flash_attention
 from qedjax.sharding import constrain
 
@@ -70,47 +67,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 DTYPES = ("float32", "bfloat16")
 # Qwen3Config's fields that say how the model runs, not what it is (no config.json carries them)
-RUN_FIELDS = frozenset({"param_dtype", "dtype", "remat", "attention_block", "attention_dense_max", "gemm",
-                        "attention_kernel"})
-# How the projections' matrix products run (Qwen3Config.gemm; see `project`)
-GEMMS = ("xla", "xla-copy", "mkl")
+RUN_FIELDS = frozenset({"param_dtype", "dtype", "remat", "attention_block"})
 
 
-def attention_defaults(platform: str, cpu_vendor: str | None = None, kernel: bool = False) -> dict[str, int]:
-    """The attention blocking a backend takes when the config leaves it open (issue 22).
-
-    With the C++ attention kernel (`kernel`: XLA:CPU, Qwen3Config.attention_kernel, fp32;
-    `cpu_attention`, which keeps blocks of its own) rows over 16 tokens take it. On an Intel host one
-    layer's attention at 2 x 128 took 1.8 ms there against 3.6 dense (torch 2.3), and the step at
-    2 x 128 and 8 x 128 ran 6.8-7.1% faster than with dense attention up to 128 tokens
-    (`tools/ab_step.py --field attention_dense_max --values 128 16 --batch 2 8 --seq 128 128`); on an
-    AMD host 2.2-2.7% faster. Decoding (one token a row) stays dense.
-
-    Without it, XLA:CPU: flash attention above 128 tokens, in blocks of up to 256, or 512 on an Intel CPU
-    (`cpu_vendor` "GenuineIntel"). Per layer of bench-100m on an AMD host (forward and backward, ms;
-    torch's sdpa in brackets): 1 x 2048 in blocks of 128/256/512/1024: 203/165/197/264 (152); 4 x 256
-    dense 32, two blocks of 128 17.5 (16.7); 8 x 320 dense 94, two of 160 70 (54); 2 x 128 dense 2.5,
-    two of 64 4.2 (2.4). On three Intel hosts blocks of 512 made the 1 x 2048 step 7-8% faster (with
-    XLA's products and with MKL's; docs/BENCHMARKS.md). Rows up to 512 tokens get the same blocks
-    either way (two equal ones, `flash_block`).
-    Elsewhere: blocks of 512 and dense attention up to 512 tokens, the programs the TPU fit checks
-    (docs/FIT.md) compiled; a single flash block cost 8% more TPU bytes than dense at 512 tokens.
-    Not timed on GPU.
-    """
-    if platform == "cpu":
-        return dict(attention_block=512 if cpu_vendor == "GenuineIntel" else 256,
-                    attention_dense_max=16 if kernel else 128)
-    return dict(attention_block=512, attention_dense_max=512)
-
-
-def flash_block(t: int, block: int, dense_max: int | None = None) -> int:
+def flash_block(t: int, block: int) -> int:
     """The block flash_attention takes for rows of t tokens, or 0 for the dense path.
 
-    Rows longer than `dense_max` (default: `block`) go in n = max(2, ceil(t / block)) equal blocks,
-    rounded up to a multiple of 8: 320 tokens take two blocks of 160, not two of 256 (one of them
-    mostly padding).
+    Rows up to `block` tokens attend densely; longer ones go in n = max(2, ceil(t / block)) equal
+    blocks, rounded up to a multiple of 8: 520 tokens take two blocks of 264, not two of 512 (one of
+    them mostly padding).
     """
-    if not block or t <= (block if dense_max is None else dense_max):
+    if not block or t <= block:
         return 0
     n = max(2, -(-t // block))
     per_block = -(-t // n)
@@ -142,10 +109,7 @@ class Qwen3Config:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: bool = False  # recompute each block in the backward pass (long sequences)
-    attention_block: int = 512  # flash_attention's largest block (0: dense attention only)
-    attention_dense_max: int | None = None  # rows up to this many tokens attend densely (None: attention_block)
-    gemm: str = "xla"  # how the projections multiply: one of GEMMS (see project)
-    attention_kernel: bool = False  # fp32 blockwise attention by cpu_attention's C++ kernel (XLA:CPU)
+    attention_block: int = 512  # rows longer than this take flash_attention, in blocks of up to it (0: dense only)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -159,10 +123,6 @@ class Qwen3Config:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.attention_block < 0:
             raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
-        if self.attention_dense_max is not None and self.attention_dense_max < 0:
-            raise ValueError(f"attention_dense_max must be >= 0, got {self.attention_dense_max}")
-        if self.gemm not in GEMMS:
-            raise ValueError(f"Qwen3Config.gemm must be one of {GEMMS}, got {self.gemm!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"Qwen3Config.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -240,15 +200,7 @@ class Qwen3Config:
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, computed in fp32 and cast back before the scale (as HF does).
-
-    A batch of one row runs on rows ([T x heads, D], a bitcast): XLA:CPU reduced [1, T, D] over T (the
-    scale's gradient) 55x slower than [T, D] over its rows (the norm's forward and backward at
-    [1, 2048, 640]: 14.7 vs 0.66 ms), which cost the 1 x 2048 SFT step 3-5%. Flattening larger
-    batches too cost 2% at 4 x 256 instead (issue 22).
-    """
-    if x.ndim > 2 and x.shape[0] == 1:
-        return rms_norm(x.reshape(-1, x.shape[-1]), scale, eps).reshape(x.shape)
+    """RMSNorm over the last axis, computed in fp32 and cast back before the scale (as HF does)."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return scale.astype(x.dtype) * normed.astype(x.dtype)
@@ -309,50 +261,10 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype
     return nnx.Param(value, sharding_names=names, eager_sharding=False)
 
 
-@jax.custom_vjp
-def _project_wgrad_copy(x: jax.Array, w: jax.Array) -> jax.Array:
-    return x @ w
-
-
-def _project_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def _project_bwd(res, dy):
-    x, w = res
-    x_t = jax.lax.optimization_barrier(x.T)  # [K, M], written out: the product below is a plain GEMM
-    return dy @ w.T, x_t @ dy
-
-
-_project_wgrad_copy.defvjp(_project_fwd, _project_bwd)
-
-
-def project(spec: str, rows: jax.Array, w: jax.Array, gemm: str = "xla") -> jax.Array:
-    """jnp.einsum(spec, rows, w) for a projection: rows [M, K...] contract their trailing axes with
-    w's leading ones, giving [M, N...]. `gemm` (Qwen3Config.gemm) says how the product runs:
-
-    - "xla": the einsum, as the compiler sees fit (TPU, GPU).
-    - "xla-copy" (XLA:CPU without MKL): the weight gradient d w = rows^T dy is a product of a
-      written-out [K, M] copy of the rows. XLA:CPU hands the plain form, contracting the rows of both
-      operands, to Eigen, whose dots run as asynchronous thunks beside the YNNPACK products on the
-      same cores; the copied form goes to YNNPACK with the rest. Alone neither form is ahead
-      (tools/bench_matmul.py); in the bench-100m SFT step the copy is 1.5-6.6% faster.
-    - "mkl" (XLA:CPU with MKL): forward and both gradients by MKL's sgemm (`cpu_gemm`), which
-      transposes operands in place; flash attention runs as the C++ kernel of `cpu_attention`. fp32
-      only; other dtypes fall back to "xla-copy".
-    """
-    if gemm == "xla":
-        return jnp.einsum(spec, rows, w)
-    c = rows.ndim - 1
-    if rows.shape[1:] != w.shape[:c]:
-        raise ValueError(f"project({spec!r}): rows {rows.shape} and weight {w.shape} do not contract as a projection")
-    x2 = rows.reshape(rows.shape[0], -1)
-    w2 = w.reshape(math.prod(w.shape[:c]), -1)
-    if cpu_gemm.applies(gemm, x2, w2):
-        out = cpu_gemm.matmul(x2, w2)
-    else:
-        out = _project_wgrad_copy(x2, w2)
-    return out.reshape(rows.shape[0], *w.shape[c:])
+def project(spec: str, rows: jax.Array, w: jax.Array) -> jax.Array:
+    """A projection of flattened rows: rows [M, K...] contract their trailing axes with w's leading
+    ones, giving [M, N...] (jnp.einsum(spec, rows, w))."""
+    return jnp.einsum(spec, rows, w)
 
 
 class RMSNorm(nnx.Module):
@@ -385,9 +297,9 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, self.cfg.dtype
         b, t, d = x.shape
         rows = x.reshape(b * t, d)  # [M, D]
-        q = project("MD,DNH->MNH", rows, self.q_proj[...].astype(dt), cfg.gemm).reshape(b, t, -1, cfg.head_dim)
-        k = project("MD,DKH->MKH", rows, self.k_proj[...].astype(dt), cfg.gemm).reshape(b, t, -1, cfg.head_dim)
-        v = project("MD,DKH->MKH", rows, self.v_proj[...].astype(dt), cfg.gemm).reshape(b, t, -1, cfg.head_dim)
+        q = project("MD,DNH->MNH", rows, self.q_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
+        k = project("MD,DKH->MKH", rows, self.k_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
+        v = project("MD,DKH->MKH", rows, self.v_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
         q = rope(self.q_norm(q), positions, cfg.rope_theta)
         k = rope(self.k_norm(k), positions, cfg.rope_theta)
         if kv is None:
@@ -402,15 +314,14 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, h)  # [B, T, K, G, H]
         q_slots = jnp.broadcast_to(q_slots, (b, t))
         args = (q, k_all.astype(dt), v_all.astype(dt), q_segments, kv_segments, q_slots, kv_slots)
-        # Long rows take the blockwise path (with its own backward pass), short ones the dense one
-        # (attention_defaults says where the line is on each backend, and why).
-        block = flash_block(t, cfg.attention_block, cfg.attention_dense_max)
+        # Long rows take the blockwise path (with its own backward pass), short ones the dense one.
+        block = flash_block(t, cfg.attention_block)
         if block:
-            out = flash_attention(*args, block=block, kernel=cfg.attention_kernel)
+            out = flash_attention(*args, block=block)
         else:
             out = dense_attention(*args)
         out = out.reshape(b * t, n, h)  # [M, N, H]
-        return project("MNH,NHD->MD", out, self.o_proj[...].astype(dt), cfg.gemm).reshape(b, t, d), new_kv
+        return project("MNH,NHD->MD", out, self.o_proj[...].astype(dt)).reshape(b, t, d), new_kv
 
 
 class MLP(nnx.Module):
@@ -419,16 +330,16 @@ class MLP(nnx.Module):
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
-        self.dtype, self.gemm = cfg.dtype, cfg.gemm
+        self.dtype = cfg.dtype
 
     def __call__(self, x):
         dt = self.dtype
         b, t, d = x.shape
         rows = x.reshape(b * t, d)  # [M, D]
-        gate = project("MD,DF->MF", rows, self.gate_proj[...].astype(dt), self.gemm)
-        up = project("MD,DF->MF", rows, self.up_proj[...].astype(dt), self.gemm)
+        gate = project("MD,DF->MF", rows, self.gate_proj[...].astype(dt))
+        up = project("MD,DF->MF", rows, self.up_proj[...].astype(dt))
         h = constrain(jax.nn.silu(gate) * up, ("batch", "mlp"))
-        return project("MF,FD->MD", h, self.down_proj[...].astype(dt), self.gemm).reshape(b, t, d)
+        return project("MF,FD->MD", h, self.down_proj[...].astype(dt)).reshape(b, t, d)
 
 
 class Block(nnx.Module):
@@ -506,9 +417,6 @@ class Qwen3(nnx.Module):
         """Hidden states [..., D] -> fp32 logits [..., V]."""
         tied = self.config.tie_word_embeddings
         w = (self.embed_tokens if tied else self.lm_head)[...].astype(self.config.dtype)  # [V, D] / [D, V]
-        if cpu_gemm.applies(self.config.gemm, hidden, w):
-            out = cpu_gemm.matmul(hidden.reshape(-1, hidden.shape[-1]), w, transpose_w=tied)
-            return out.reshape(*hidden.shape[:-1], out.shape[-1])
         return jnp.einsum("...D,VD->...V" if tied else "...D,DV->...V", hidden, w,
                           preferred_element_type=jnp.float32)
 
