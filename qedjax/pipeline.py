@@ -309,7 +309,7 @@ def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict
         engine = make_engine(nnx.merge(graphdef, params), 0)
         out[target] = run_eval(ev, engine, grader, out_dir, label=target,
                                judge=judge if writer else (_Discard() if ev.confirm_with_judge else None),
-                               summarizer=summarizer)
+                               summarizer=summarizer, progress=writer)
         close_engine(engine)
         del engine, params
     if summarizer is not None:
