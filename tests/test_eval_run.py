@@ -1,7 +1,6 @@
 """The eval run: grading, report files, resuming after interruptions, configs, the AnswerBench oracle."""
 
 import csv
-import dataclasses
 import json
 import re
 from pathlib import Path
