@@ -16,13 +16,14 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from qedjax import train
+from qedjax import storage, train
 from qedjax.checkpoint import restore_params
 from qedjax.metrics import plot_metrics
 from qedjax.rewards import Grade, Grader, make_grader
 from qedjax.sharding import ROLLOUT_RULES, SUMMARIZER_RULES
 
 ENGINES = ("jax", "vllm", "workers")
+PROMPT_TOKENS = 4096  # the problem and the chat template around it, in the default engine.max_model_len
 TARGETS = ("base", "sft", "grpo", "final")
 
 
@@ -41,10 +42,25 @@ class EngineConfig:
     # vllm, workers: where the RC summariser's weights are published when it is a model of its own or a
     # frozen copy (default run_dir/summarizer_weights); workers read it, so it must be shared with them
     summarizer_store: str | None = None
+    # vllm, workers: the dtype versions are published in and the engines run in (default: model.dtype,
+    # the compute dtype: a bf16 model trained with fp32 master weights publishes half the bytes)
+    dtype: str | None = None
+    # workers: problems of a step per work item (each makes its RC states and groups), so that every
+    # worker shares every step
+    problems_per_item: int = 2
+    # workers: the engines' context length (default: grpo.sampling.max_new_tokens, plus the RC
+    # summaries, plus PROMPT_TOKENS for the problem and the template; rollout.items.max_model_len)
+    max_model_len: int | None = None
+    heartbeat_s: float = 10.0  # workers: seconds between a worker's heartbeats
+    worker_timeout_s: float = 300.0  # workers: a worker whose heartbeat is still this long is dead
 
     def __post_init__(self):
         if self.kind not in ENGINES:
             raise ValueError(f"engine.kind must be one of {ENGINES}, got {self.kind!r}")
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"engine.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.problems_per_item < 1 or self.heartbeat_s <= 0 or self.worker_timeout_s <= self.heartbeat_s:
+            raise ValueError("engine needs problems_per_item >= 1, heartbeat_s > 0 and worker_timeout_s > heartbeat_s")
 
 
 class PublishingEngine:
@@ -52,8 +68,8 @@ class PublishingEngine:
     publishes the parameters to the store, then has the engine load that version. `close()` hands
     the engine back to the factory that made it, for its next user (see engine_factory)."""
 
-    def __init__(self, engine, store, config, release=None):
-        self.engine, self.store, self.config, self._release = engine, store, config, release
+    def __init__(self, engine, store, config, release=None, dtype: str | None = None):
+        self.engine, self.store, self.config, self._release, self.dtype = engine, store, config, release, dtype
         self.generate, self.count_tokens = engine.generate, engine.count_tokens
 
     @property
@@ -62,7 +78,7 @@ class PublishingEngine:
 
     def load_weights(self, version: int, weights=None) -> None:
         if weights is not None:
-            self.store.publish(weights, version, config=self.config)
+            self.store.publish(weights, version, config=self.config, dtype=self.dtype)
         self.engine.load_weights(version)
 
     def close(self) -> None:
@@ -76,8 +92,10 @@ class WorkerPublisher:
     `load_weights(version, params)` publishes the parameters to the store the workers follow, and
     rl.run takes its rollouts from the work queue at `queue_dir` (qedjax.rollout.worker.Dispatcher)."""
 
-    def __init__(self, store, queue_dir: str, config, version: int):
-        self.store, self.queue_dir, self.config = store, queue_dir, config
+    def __init__(self, store, queue_dir: str, config, version: int, dtype: str | None = None,
+                 dispatch: dict | None = None):
+        self.store, self.queue_dir, self.config, self.dtype = store, queue_dir, config, dtype
+        self.dispatch = dispatch or {}  # qedjax.rollout.dispatch.Dispatcher options of the engine section
         self._version = version
 
     @property
@@ -86,7 +104,7 @@ class WorkerPublisher:
 
     def load_weights(self, version: int, weights=None) -> None:
         if weights is not None:
-            self.store.publish(weights, version, config=self.config)
+            self.store.publish(weights, version, config=self.config, dtype=self.dtype)
         self._version = version
 
     def generate(self, requests, params):
@@ -141,40 +159,62 @@ def _uncommit_newer(store, version: int) -> None:
                 store.uncommit(v)
 
 
+def engine_dtype(cfg) -> str:
+    return cfg.engine.dtype or cfg.model.dtype
+
+
+def store_url(cfg, run_dir: str) -> str:
+    return cfg.engine.store or storage.join(run_dir, "weights")
+
+
+def queue_url(cfg, run_dir: str) -> str:
+    """The work queue: engine.queue, else `rollout_queue` beside the weight store."""
+    return cfg.engine.queue or storage.join(storage.parent(store_url(cfg, run_dir)), "rollout_queue")
+
+
 def engine_factory(cfg, tokenizer, mesh, run_dir: str):
     """(model, version) -> RolloutEngine, per the engine section."""
     check_engine(cfg)
+    dtype = engine_dtype(cfg)
     if cfg.engine.kind == "workers":
+        from qedjax.rollout import items
         from qedjax.rollout.weights import WeightStore
 
-        store = WeightStore(cfg.engine.store or os.path.join(run_dir, "weights"))
-        queue_dir = cfg.engine.queue or os.path.join(run_dir, "rollout_queue")
+        store = WeightStore(store_url(cfg, run_dir))
+        queue = queue_url(cfg, run_dir)
+        e = cfg.engine
+        dispatch = {"problems_per_item": e.problems_per_item, "dead_after_s": e.worker_timeout_s}
 
         def publisher(model, version):
+            if jax.process_index() == 0:  # what the workers need beyond the store's URL (rollout.items)
+                items.publish_tokenizer(tokenizer, store.path)
+                g = cfg.grpo
+                items.publish_run(store.path, queue=queue, heartbeat_s=e.heartbeat_s,
+                                  max_model_len=e.max_model_len or (items.max_model_len(g, PROMPT_TOKENS) if g else None))
             _uncommit_newer(store, version)
-            store.publish(model, version)
-            return WorkerPublisher(store, queue_dir, model.config, version)
+            store.publish(model, version, dtype=dtype)
+            return WorkerPublisher(store, queue, model.config, version, dtype, dispatch)
 
         return publisher
     if cfg.engine.kind == "vllm":
         from qedjax.rollout.vllm import VllmEngine
         from qedjax.rollout.weights import WeightStore
 
-        store = WeightStore(cfg.engine.store or os.path.join(run_dir, "weights"))
+        store = WeightStore(store_url(cfg, run_dir))
         idle: list = []  # vLLM engines their users closed: the next make() loads its model into one
 
         def make(model, version):
             _uncommit_newer(store, version)  # the store keeps the newest versions: a lower one would go at once
-            store.publish(model, version)
+            store.publish(model, version, dtype=dtype)
             while idle:  # starting vLLM takes long (20 s to minutes): reuse a running engine
                 engine = idle.pop()
                 try:
                     engine.load_weights(version)
-                    return PublishingEngine(engine, store, model.config, release=idle.append)
-                except ValueError:  # another architecture
+                    return PublishingEngine(engine, store, model.config, release=idle.append, dtype=dtype)
+                except ValueError:  # another architecture or dtype
                     engine.close()
             engine = VllmEngine(store, tokenizer, version=version, **cfg.engine.vllm_args)
-            return PublishingEngine(engine, store, model.config, release=idle.append)
+            return PublishingEngine(engine, store, model.config, release=idle.append, dtype=dtype)
 
         atexit.register(lambda: [engine.close() for engine in idle])
         return make
@@ -220,12 +260,15 @@ def summarizer_factory(name: str, cfg, tokenizer, mesh, run_dir: str):
             return JaxEngine(model, tok, mesh=mesh, rules=SUMMARIZER_RULES, max_batch=cfg.engine.max_batch, version=0)
         from qedjax.rollout.weights import WeightStore
 
-        store = WeightStore(cfg.engine.summarizer_store or os.path.join(run_dir, "summarizer_weights"))
-        store.publish(model, 0)  # again on every start: the store then always holds this run's summariser
+        store = WeightStore(cfg.engine.summarizer_store or storage.join(run_dir, "summarizer_weights"))
+        # Again on every start: the store then always holds this run's summariser.
+        store.publish(model, 0, dtype=engine_dtype(cfg))
         if kind == "workers":
-            from qedjax.rollout.worker import StoreSummarizer
+            from qedjax.rollout.items import StoreSummarizer, publish_tokenizer
 
-            return StoreSummarizer(str(store.path), 0, tok_dir)
+            if tok_dir is not None and jax.process_index() == 0:
+                publish_tokenizer(tok, store.path)
+            return StoreSummarizer(str(store.path), 0, tok_dir is not None)
         from qedjax.rollout.vllm import VllmEngine
 
         return VllmEngine(store, tok, version=0, **{**cfg.engine.vllm_args, **cfg.engine.summarizer_vllm_args})

@@ -146,6 +146,9 @@ def rollout_metrics(ro: Rollouts, version: int) -> dict:
         out["summary_len_mean"] = float(np.mean(ro.summary_tokens))
         out["states_with_summary"] = float(np.mean([bool(s.summary) for s in ro.states]))
     out.update(ro.summary_stats)  # summary calls: attempted, ok, empty, failed by reason, mean length
+    if ro.workers:  # rollout workers: how many made this step's groups, and each one's share
+        out["rollout_workers"] = len(ro.workers)
+        out.update({f"rollout_share/{w}": n / len(ro.completions) for w, n in sorted(ro.workers.items())})
     return out
 
 
@@ -274,11 +277,11 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
         return collect(g, engine, summarizer, grader, picked, sampler.cursor, cfg.run.seed)
 
     if remote:  # depth max_lag + 1 keeps lag <= max_lag; depth 1 is sync mode (lag 0)
-        from qedjax.rollout.worker import Dispatcher
+        from qedjax.rollout.dispatch import Dispatcher
 
         producer = Dispatcher(engine.queue_dir, g, sampler, cfg.run.seed, grader, version=lambda: int(state["step"]),
                               depth=g.max_lag + 1 if g.mode == "async" else 1,
-                              summarizer=summarizer if own_summarizer else None)
+                              summarizer=summarizer if own_summarizer else None, **engine.dispatch)
     else:
         producer = Producer(next_rollouts, g.max_lag) if g.mode == "async" else None
     if producer is not None:

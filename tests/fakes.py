@@ -11,6 +11,7 @@ Every call is recorded, so tests can count calls and requests per kind.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -70,11 +71,14 @@ class FakeEngine:
         self.calls: list[tuple[list[tuple[str | None, str]], SamplingParams]] = []
         self.version = 0
 
-    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+    def generate(self, requests: Sequence[Request], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[Completion]:
         if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
             raise RuntimeError("engine killed")
         batch = [(prompt_kind(request_text(r)), request_text(r)) for r in requests]
         self.calls.append((batch, params))
+        if seeds is not None:  # each request its own stream: index 0 of a call with its seed
+            return [self._complete(kind, text, replace(params, seed=s), 0) for (kind, text), s in zip(batch, seeds)]
         return [self._complete(kind, text, params, i) for i, (kind, text) in enumerate(batch)]
 
     def _complete(self, kind: str | None, text: str, params: SamplingParams, index: int) -> Completion:

@@ -72,8 +72,13 @@ class RolloutEngine(Protocol):
         """The policy version whose weights are loaded now."""
         ...
 
-    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
-        """One completion per request, in order. Requests may share nothing but the params."""
+    def generate(self, requests: Sequence[Request], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[Completion]:
+        """One completion per request, in order. Requests may share nothing but the params.
+
+        Request i samples from the random stream (params.seed, i), or, with `seeds`, from its own
+        stream seeds[i] (so that a request draws the same tokens whichever call it is part of: rollout
+        workers split a step's groups over several calls)."""
         ...
 
     def load_weights(self, version: int, weights: Any = None) -> None:

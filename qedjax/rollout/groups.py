@@ -114,6 +114,7 @@ class Rollouts:
     times: dict[str, float]
     problems: list[Problem]
     summary_stats: dict[str, float] = dataclasses.field(default_factory=dict)  # rc.summary_stats of the RC runs
+    workers: dict[str, int] = dataclasses.field(default_factory=dict)  # groups each rollout worker made (none: here)
 
 
 class ProblemSampler:
@@ -164,38 +165,68 @@ class ProblemSampler:
 
 
 def sample_groups(cfg: GRPOConfig, engine: RolloutEngine, summarizer: RolloutEngine, problems: list[Problem],
-                  step: int, seed: int) -> Rollouts:
+                  step: int, seed: int, first: int = 0) -> Rollouts:
     """Steps 2-3 of the module docstring: states, then a group of rollouts per state (ungraded).
 
     Runs wherever the engine runs: in the trainer process, or on a rollout worker
-    (qedjax.rollout.worker), which ships the result back to the trainer for grading.
+    (qedjax.rollout.worker), which makes a few of a step's problems (a work item) and ships them back
+    to the trainer for grading. `first` is the position in the step of `problems[0]`. Every random
+    draw of the problem at position j (its RC run, which states it keeps, each rollout of its groups)
+    is seeded by (seed, step, j), so a step's Rollouts are the same however its problems are split into
+    items and whichever worker makes each (`merge_rollouts` puts the items back together).
     """
     t0 = time.perf_counter()
     version = engine.version
-    rng = random.Random(derive_seed(seed, "states", step))
+    where = range(first, first + len(problems))
     summary_tokens: list[int] = []
     stats: dict[str, float] = {}
     if cfg.rc.enabled:
         params = dataclasses.replace(cfg.sampling, seed=derive_seed(seed, "rc", step))
         results = run_rc(engine, [p.problem for p in problems], turns=cfg.rc.turns, params=params,
                          summarizer=summarizer, summary_params=cfg.rc.summary_params(params.seed),
-                         mode=cfg.rc.mode, summarize_last=True)
+                         mode=cfg.rc.mode, summarize_last=True, seeds=[derive_seed(seed, "rc", step, j) for j in where])
         stats = summary_stats(results)
-        states, owners = [], []
-        for problem, result in zip(problems, results):
-            for state in rng.sample(list(result.states), cfg.rc.states_per_problem):
+        states, owners, keys = [], [], []
+        for j, problem, result in zip(where, problems, results):
+            rng = random.Random(derive_seed(seed, "states", step, j))
+            for q, state in enumerate(rng.sample(list(result.states), cfg.rc.states_per_problem)):
                 states.append(state)
                 owners.append(problem)
+                keys.append((j, q))
                 summary_tokens.append(engine.count_tokens(state.summary) if state.summary else 0)
     else:
-        states, owners = [RCState(p.problem) for p in problems], list(problems)
+        states, owners, keys = [RCState(p.problem) for p in problems], list(problems), [(j, 0) for j in where]
     t_states = time.perf_counter()
-    requests = [s.messages() for s in states for _ in range(cfg.group_size)]
-    flat = engine.generate(requests, dataclasses.replace(cfg.sampling, seed=derive_seed(seed, "group", step)))
     g = cfg.group_size
+    requests = [s.messages() for s in states for _ in range(g)]
+    seeds = [derive_seed(seed, "group", step, j, q, k) for j, q in keys for k in range(g)]
+    flat = engine.generate(requests, dataclasses.replace(cfg.sampling, seed=derive_seed(seed, "group", step)), seeds)
     return Rollouts(version=version, states=states, completions=[flat[i * g:(i + 1) * g] for i in range(len(states))],
                     grades=[], summary_tokens=summary_tokens, problems=owners, summary_stats=stats,
                     times={"states_s": t_states - t0, "generate_s": time.perf_counter() - t_states})
+
+
+def merge_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
+    """One step's Rollouts from its work items' (in problem order): groups concatenated, summary
+    counts added (their mean length weighted by calls), times the longest item's (items run side by
+    side on several workers), version the oldest."""
+    if len(parts) == 1:
+        return parts[0]
+    stats: dict[str, float] = {}
+    calls = sum(p.summary_stats.get("summaries_attempted", 0) for p in parts)
+    for p in parts:
+        for k, v in p.summary_stats.items():
+            if k == "summary_tokens_mean":
+                v = v * p.summary_stats.get("summaries_attempted", 0) / max(calls, 1)
+            stats[k] = stats.get(k, 0) + v
+    times: dict[str, float] = {}
+    for p in parts:
+        for k, v in p.times.items():
+            times[k] = max(times.get(k, 0.0), v)
+    return Rollouts(version=min(p.version for p in parts), states=[s for p in parts for s in p.states],
+                    completions=[c for p in parts for c in p.completions], grades=[g for p in parts for g in p.grades],
+                    summary_tokens=[t for p in parts for t in p.summary_tokens], times=times,
+                    problems=[x for p in parts for x in p.problems], summary_stats=stats)
 
 
 def grade_rollouts(ro: Rollouts, grader: Grader) -> Rollouts:

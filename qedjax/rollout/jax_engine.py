@@ -73,13 +73,15 @@ class JaxEngine:
         texts = [render(self.tokenizer, r) for r in requests]
         return texts, [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+    def generate(self, requests: Sequence[Request], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[Completion]:
         texts, prompts = self.encode(requests)
         with self._lock:  # one version for the whole call
             version, weights = self._version, self.sampler.params
         results = self.sampler.generate(prompts, max_new_tokens=params.max_new_tokens,
                                         temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                        stop_ids=self.stop_ids, seed=params.seed, params=weights)
+                                        stop_ids=self.stop_ids, params=weights,
+                                        seed=params.seed if seeds is None else list(seeds))
         out = []
         for text, prompt, r in zip(texts, prompts, results):
             body = r.tokens[:-1] if r.finish_reason == "stop" else r.tokens

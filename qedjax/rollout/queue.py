@@ -1,50 +1,54 @@
-"""A work queue in a directory: the trainer submits rollout work, rollout workers claim it and hand
-back results, all as files (qedjax.rollout.worker sends RL rollouts through it).
+"""The rollout work queue: the trainer hands out work items, rollout workers hand back results, all as
+objects under one root (a local directory or a URL such as gs://bucket/run/queue; qedjax.storage).
 
-Layout under the root:
+Layout under the root, and who writes each key:
 
-  todo/<item>.json               submitted work nobody holds yet (the payload)
-  claimed/<item>@<worker>.json   work a worker holds: the same file, renamed
-  done/<item>.json               results, until the trainer takes them
-  workers/<worker>.json          each worker's heartbeat: a counter it bumps every few seconds
-  tmp/                           files being written
-  closed                         present once the trainer has finished; idle workers then exit
+  items/<item>.json               the payload of a submitted item                    trainer
+  assigned/<worker>/<item>.json   the item given to that worker ({"attempt": n})     trainer
+  done/<worker>/<item>.json       the worker's result                                that worker
+  workers/<worker>.json           the worker's heartbeat (a counter and its status)  that worker
+  closed                          present once the stage is finished                  trainer
 
-Atomicity. Every file is written whole under tmp/ (flushed and fsynced) and renamed into place, so a
-reader listing todo/, done/ or workers/ never sees a partial file. A claim is a rename of
-todo/<item>.json to claimed/<item>@<worker>.json: of two workers renaming the same file exactly one
-succeeds and the other finds the source gone, so every item has one owner.
+Why the trainer assigns, instead of workers claiming. A claim must be exclusive: of two workers
+taking the same item exactly one may win. On a POSIX filesystem a rename does that; object stores
+have no rename, and a claim by "create this key unless it exists" needs a conditional write
+(Cloud Storage's ifGenerationMatch=0), which the GCS emulators in use do not all enforce (fake-gcs-server
+ignored the precondition on simple uploads until mid-2026), so such a queue could not be tested
+anywhere but on the real service. Here no key ever has two writers: the trainer alone decides who
+makes what, each worker writes only its own heartbeat and its own results. That needs nothing from
+the store but whole-object puts and current listings, which Cloud Storage, S3 and local disks all
+give, and the trainer knows which worker made which item (the per-worker shares in the metrics).
 
-Dead workers. `requeue_dead(timeout_s)` (the trainer calls it while it waits) moves a claim back to
-todo/ when its worker's heartbeat counter has not changed for `timeout_s` seconds of the caller's
-own clock: a counter, not a timestamp, so hosts need no synchronised clocks. A worker that was only
-slow and completes after all still delivers its result; the trainer takes the first result of an
-item and drops repeats.
+Assignment. Each poll, the trainer (`WorkQueue.dispatch`) gives every live worker with fewer than
+`slots` unfinished items the oldest unassigned ones. A worker makes its assigned items oldest first and
+writes each result under done/. Items are small (a few problems of a step), so every live worker
+shares every step.
 
-Where the directory lives: anywhere every host mounts with POSIX rename semantics: a local disk (all
-on one host), NFS, Filestore, Lustre. Claims need an atomic rename, which object stores do not have,
-so a bucket works only through a FUSE mount whose rename is one atomic server-side call. gcsfuse 3.1
-and later rename with Cloud Storage's MoveObject call, which is atomic, on buckets that support it
-(those with hierarchical namespace); a mount that renames by copy-then-delete (older gcsfuse, flat
-buckets) can let two workers take the same item. Mount with the metadata caches off
-(`--metadata-cache-ttl-secs=0`) so that listings are current. The weight store needs no rename and
-talks to gs:// directly (qedjax.rollout.weights).
+Dead workers. A worker is dead when its heartbeat counter has not changed for `timeout_s` seconds of
+the trainer's own clock (a counter, not a timestamp: hosts need no synchronised clocks) or when its
+heartbeat is gone (a worker that stops cleanly, or on SIGTERM, deletes it). Its items are assigned
+to others. A worker that was only slow and finishes after all still delivers: the trainer takes the
+first result of an item and drops repeats.
 
 Item and worker ids are names of letters, digits, `_`, `-` and `.`. Payloads and results are JSON
-objects. This module uses the standard library only, so it imports in a blink.
+objects.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
 import time
 import uuid
 
+from qedjax import storage
+
 _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
-TODO, CLAIMED, DONE, WORKERS, TMP = "todo", "claimed", "done", "workers", "tmp"
-CLOSED = "closed"
+ITEMS, ASSIGNED, DONE, WORKERS, CLOSED = "items/", "assigned/", "done/", "workers/", "closed"
+HEARTBEAT_S = 10.0  # a worker bumps its heartbeat this often
+DEAD_AFTER_S = 300.0  # the trainer reassigns the items of a worker whose heartbeat was still this long
 
 
 def check_id(name: str, kind: str = "id") -> str:
@@ -53,177 +57,194 @@ def check_id(name: str, kind: str = "id") -> str:
     return name
 
 
-def _entries(directory: str) -> list[str]:
-    """Names of the finished files in a directory, sorted (item ids sort in submission order)."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n.endswith(".json"))
+def _name(key: str, prefix: str) -> str:
+    """The id in a key `prefix<id>.json`."""
+    return key[len(prefix):-len(".json")]
 
 
 class WorkQueue:
-    """The queue rooted at a directory (created if missing); see the module docstring."""
+    """The queue rooted at a path or URL; see the module docstring."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = os.path.abspath(os.fspath(root))
-        for sub in (TODO, CLAIMED, DONE, WORKERS, TMP):
-            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        self.root = storage.location(root)
+        self._kv = storage.open_kvstore(self.root)
         self._beats: dict[str, int] = {}
         self._session = uuid.uuid4().hex[:12]  # a restarted worker of the same id never repeats a beat
         self._seen: dict[str, tuple[object, float]] = {}  # worker -> (its last counter, when it changed)
+        self.attempts: collections.Counter = collections.Counter()  # item -> times assigned (trainer)
 
     def __repr__(self) -> str:
         return f"WorkQueue({self.root!r})"
 
-    def _path(self, sub: str, name: str = "") -> str:
-        return os.path.join(self.root, sub, name) if name else os.path.join(self.root, sub)
+    # --- objects ------------------------------------------------------------------------------------
 
-    def _write(self, path: str, obj) -> None:
-        """Writes JSON to a temporary file in tmp/ and renames it to `path` (same filesystem)."""
-        tmp = self._path(TMP, f"{uuid.uuid4().hex}.part")
+    def _put(self, key: str, obj) -> None:
         try:
-            with open(tmp, "w") as f:
-                json.dump(obj, f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink(tmp)
-            raise
+            self._kv.write(key, json.dumps(obj, separators=(",", ":")).encode()).result(timeout=storage.TIMEOUT_S)
+        except Exception as e:
+            raise OSError(f"{self}: writing {key} failed: {e}") from None
 
-    @staticmethod
-    def _read(path: str):
-        with open(path) as f:
-            return json.load(f)
+    def _get(self, key: str):
+        """The JSON object at `key`, or None if there is none."""
+        try:
+            got = self._kv.read(key).result(timeout=storage.TIMEOUT_S)
+        except Exception as e:
+            raise OSError(f"{self}: reading {key} failed: {e}") from None
+        return json.loads(got.value) if got.state == "value" else None
+
+    def _delete(self, key: str) -> None:
+        try:
+            self._kv.write(key, None).result(timeout=storage.TIMEOUT_S)
+        except Exception as e:
+            raise OSError(f"{self}: deleting {key} failed: {e}") from None
+
+    def _list(self, prefix: str) -> list[str]:
+        """Keys under `prefix` (sorted: item ids sort in submission order)."""
+        try:
+            keys = self._kv.list(range=storage.prefix_range(prefix)).result(timeout=storage.TIMEOUT_S)
+        except Exception as e:
+            raise OSError(f"{self}: listing {prefix} failed: {e}") from None
+        return sorted(k.decode() for k in keys if k.endswith(b".json"))
 
     # --- the trainer's side ------------------------------------------------------------------------
 
     def submit(self, item_id: str, payload: dict) -> None:
-        """Queues a work item (replacing an unclaimed one of the same id)."""
-        self._write(self._path(TODO, f"{check_id(item_id, 'item id')}.json"), payload)
+        """Queues a work item."""
+        self._put(f"{ITEMS}{check_id(item_id, 'item id')}.json", payload)
 
-    def take_results(self) -> dict[str, dict]:
-        """Every finished result, removed from the queue: {item id: result}."""
-        out = {}
-        for name in _entries(self._path(DONE)):
-            path = self._path(DONE, name)
-            try:
-                out[name[:-len(".json")]] = self._read(path)
-            except FileNotFoundError:  # another reader took it
-                continue
-            _unlink(path)
+    def items(self) -> list[str]:
+        return [_name(k, ITEMS) for k in self._list(ITEMS)]
+
+    def assignments(self) -> dict[str, list[str]]:
+        """{worker: the items assigned to it}, oldest first."""
+        out: dict[str, list[str]] = {}
+        for key in self._list(ASSIGNED):
+            worker, _, name = key[len(ASSIGNED):].partition("/")
+            out.setdefault(worker, []).append(name[:-len(".json")])
         return out
 
-    def requeue_dead(self, timeout_s: float) -> list[str]:
-        """Moves back to todo/ the claims of workers whose heartbeat has been still for `timeout_s`
-        seconds (counted from when this queue object first saw it); returns their item ids."""
+    def workers(self) -> dict[str, dict]:
+        """Every worker's last heartbeat: {worker: {"beat", "time", "host", "pid", status fields}}."""
+        out = {}
+        for key in self._list(WORKERS):
+            beat = self._get(key)
+            if beat is not None:
+                out[_name(key, WORKERS)] = beat
+        return out
+
+    def live(self, timeout_s: float, beats: dict[str, dict] | None = None) -> set[str]:
+        """Workers whose heartbeat changed within the last `timeout_s` seconds of this object's clock
+        (a worker is live from the first time this object sees its heartbeat)."""
         now = time.monotonic()
-        out = []
-        for name in _entries(self._path(CLAIMED)):
-            item, _, worker = name[:-len(".json")].partition("@")
-            beat = self.heartbeat_of(worker)
-            beat = None if beat is None else beat.get("beat")
+        beats = self.workers() if beats is None else beats
+        out = set()
+        for worker, info in beats.items():
             last = self._seen.get(worker)
-            if last is None or last[0] != beat:
-                self._seen[worker] = (beat, now)
-            elif now - last[1] > timeout_s:
-                try:
-                    os.rename(self._path(CLAIMED, name), self._path(TODO, f"{item}.json"))
-                    out.append(item)
-                except FileNotFoundError:  # completed or released meanwhile
-                    pass
+            if last is None or last[0] != info.get("beat"):
+                self._seen[worker] = (info.get("beat"), now)
+            if now - self._seen[worker][1] <= timeout_s:
+                out.add(worker)
+        return out
+
+    def dispatch(self, live: set[str], *, slots: int = 1, accept=lambda worker: True) -> dict:
+        """One round of the trainer's bookkeeping: takes back the items of workers not in `live`, and
+        gives each live worker that `accept`s (compatible ones) its share of unassigned items, at most
+        `slots` unfinished at a time. Returns {"assigned": [(item, worker)], "reassigned": [item]}."""
+        items = self.items()
+        held = self.assignments()
+        finished = {tuple(k[len(DONE):-len(".json")].split("/", 1)) for k in self._list(DONE)}
+        reassigned, busy = [], set()
+        for worker, names in held.items():
+            for item in names:
+                if worker not in live or item not in items:  # dead, or the item withdrawn or taken
+                    self._delete(f"{ASSIGNED}{worker}/{item}.json")
+                    if worker not in live and item in items:
+                        reassigned.append(item)
+                else:
+                    busy.add(item)
+        assigned = []
+        pending = [i for i in items if i not in busy]
+        load = {w: sum(1 for i in held.get(w, []) if i in busy and (w, i) not in finished) for w in live}
+        for worker in sorted(live, key=lambda w: (load[w], w)):
+            if not accept(worker):
+                continue
+            while pending and load[worker] < slots:
+                item = pending.pop(0)
+                self.attempts[item] += 1
+                self._put(f"{ASSIGNED}{worker}/{item}.json", {"attempt": self.attempts[item]})
+                load[worker] += 1
+                assigned.append((item, worker))
+        return {"assigned": assigned, "reassigned": reassigned}
+
+    def take_results(self) -> dict[str, dict]:
+        """Every finished result, removed with its item: {item id: result}, the result carrying its
+        worker under "worker". Repeats (an item made twice) are dropped."""
+        out: dict[str, dict] = {}
+        for key in self._list(DONE):
+            worker, _, name = key[len(DONE):].partition("/")
+            item = name[:-len(".json")]
+            result = self._get(key)
+            if result is not None and item not in out:
+                out[item] = {**result, "worker": worker}
+            self._delete(key)
+        for item in out:
+            self._delete(f"{ITEMS}{item}.json")
         return out
 
     def purge(self) -> None:
-        """Removes unclaimed work and untaken results (a new trainer session starts clean) and opens
-        the queue. Claimed items are left to their workers; their results are dropped as unknown."""
-        for sub in (TODO, DONE):
-            for name in _entries(self._path(sub)):
-                _unlink(self._path(sub, name))
-        _unlink(os.path.join(self.root, CLOSED))
+        """Removes all work and results (a new trainer session starts clean) and opens the queue.
+        Heartbeats stay: the workers outlive trainer sessions."""
+        for prefix in (ITEMS, ASSIGNED, DONE):
+            for key in self._list(prefix):
+                self._delete(key)
+        self._delete(CLOSED)
 
     def withdraw(self) -> None:
-        """Removes unclaimed work (the trainer stops)."""
-        for name in _entries(self._path(TODO)):
-            _unlink(self._path(TODO, name))
+        """Removes the items not yet finished (the trainer stops)."""
+        for prefix in (ITEMS, ASSIGNED):
+            for key in self._list(prefix):
+                self._delete(key)
 
     def close(self) -> None:
         """Marks the queue finished: workers exit once idle."""
-        self._write(os.path.join(self.root, CLOSED), {"time": time.time()})
+        self._put(CLOSED, {"time": time.time()})
 
     @property
     def closed(self) -> bool:
-        return os.path.exists(os.path.join(self.root, CLOSED))
+        return self._get(CLOSED) is not None
 
     def counts(self) -> dict[str, int]:
-        """Items waiting, held by workers, and finished (for progress messages)."""
-        return {sub: len(_entries(self._path(sub))) for sub in (TODO, CLAIMED, DONE)}
+        """Items waiting or in progress, assigned, and finished (for progress messages)."""
+        return {"items": len(self._list(ITEMS)), "assigned": len(self._list(ASSIGNED)), "done": len(self._list(DONE))}
 
     # --- the workers' side -------------------------------------------------------------------------
 
-    def claim(self, worker_id: str) -> tuple[str, dict] | None:
-        """The oldest unclaimed item as (item id, payload), now held by `worker_id`; None if none."""
-        check_id(worker_id, "worker id")
-        for name in _entries(self._path(TODO)):
-            item = name[:-len(".json")]
-            held = self._path(CLAIMED, f"{item}@{worker_id}.json")
-            try:
-                os.rename(self._path(TODO, name), held)
-            except FileNotFoundError:
-                # Another worker won. (On NFS a retransmitted rename can fail although the first
-                # attempt moved the file: then the claim is ours after all.)
-                if not os.path.exists(held):
-                    continue
-            try:
-                return item, self._read(held)
-            except FileNotFoundError:  # requeued at once: this worker's heartbeat had gone still
+    def next_item(self, worker_id: str, skip=()) -> tuple[str, dict] | None:
+        """The oldest item assigned to `worker_id` and not in `skip`, as (item id, payload); None if none."""
+        prefix = f"{ASSIGNED}{check_id(worker_id, 'worker id')}/"
+        for key in self._list(prefix):
+            item = _name(key, prefix)
+            if item in skip:
                 continue
+            payload = self._get(f"{ITEMS}{item}.json")
+            if payload is not None:  # else taken back meanwhile
+                return item, payload
         return None
 
     def complete(self, item_id: str, result: dict, worker_id: str) -> None:
-        """Publishes the result of a claimed item and drops the claim."""
-        self._write(self._path(DONE, f"{check_id(item_id, 'item id')}.json"), result)
-        _unlink(self._path(CLAIMED, f"{item_id}@{worker_id}.json"))
-        # Requeued while we were slow: take the copy back so nobody redoes it (if someone already
-        # claimed it, the trainer drops the repeat).
-        _unlink(self._path(TODO, f"{item_id}.json"))
-
-    def release(self, item_id: str, worker_id: str) -> None:
-        """Hands a claimed item back unfinished (a worker stopping mid-item)."""
-        try:
-            os.rename(self._path(CLAIMED, f"{item_id}@{worker_id}.json"), self._path(TODO, f"{item_id}.json"))
-        except FileNotFoundError:
-            pass
-
-    def release_all(self, worker_id: str) -> list[str]:
-        """Hands back every item claimed under `worker_id` (a worker restarting under the same id
-        takes over from its previous life, which cannot finish them); returns their ids."""
-        held = [n[:-len(".json")].partition("@")[0] for n in _entries(self._path(CLAIMED))
-                if n[:-len(".json")].partition("@")[2] == worker_id]
-        for item in held:
-            self.release(item, worker_id)
-        return held
+        """Hands the result of an item to the trainer."""
+        self._put(f"{DONE}{check_id(worker_id, 'worker id')}/{check_id(item_id, 'item id')}.json", result)
 
     def heartbeat(self, worker_id: str, **info) -> None:
-        """Bumps the worker's heartbeat counter (with optional status fields for people to read)."""
+        """Bumps the worker's heartbeat counter (with status fields: the trainer reads "format" and
+        "qedjax" to check compatibility; people read the rest)."""
         n = self._beats[worker_id] = self._beats.get(worker_id, 0) + 1
-        self._write(self._path(WORKERS, f"{check_id(worker_id, 'worker id')}.json"),
-                    {"beat": f"{self._session}-{n}", "time": time.time(), "pid": os.getpid(), **info})
+        self._put(f"{WORKERS}{check_id(worker_id, 'worker id')}.json",
+                  {"beat": f"{self._session}-{n}", "time": time.time(), "pid": os.getpid(), **info})
 
     def heartbeat_of(self, worker_id: str) -> dict | None:
-        try:
-            return self._read(self._path(WORKERS, f"{worker_id}.json"))
-        except (FileNotFoundError, ValueError):
-            return None
+        return self._get(f"{WORKERS}{check_id(worker_id, 'worker id')}.json")
 
     def leave(self, worker_id: str) -> None:
-        """Removes the worker's heartbeat (a clean exit)."""
-        _unlink(self._path(WORKERS, f"{worker_id}.json"))
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        """Removes the worker's heartbeat (a clean exit): the trainer reassigns its items at once."""
+        self._delete(f"{WORKERS}{check_id(worker_id, 'worker id')}.json")

@@ -240,6 +240,14 @@ def summary_stats(results: Sequence[RCResult]) -> dict[str, float]:
     return out
 
 
+def _generate(engine: RolloutEngine, requests, params: SamplingParams, seeds):
+    """engine.generate, passing per-request seeds only when there are any (engines written before the
+    seeds argument still serve the batch-seeded callers)."""
+    if seeds is None:
+        return engine.generate(requests, params)
+    return engine.generate(requests, params, seeds)
+
+
 def run_rc(
     policy: RolloutEngine,
     problems: Sequence[str],
@@ -250,6 +258,7 @@ def run_rc(
     summary_params: SamplingParams | None = None,
     mode: str = "replace",
     summarize_last: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> list[RCResult]:
     """Runs `turns` reasoning turns on every problem, batched across problems.
 
@@ -262,6 +271,9 @@ def run_rc(
         summary_params: the summariser's sampling params; defaults to `params`.
         mode: "replace" or "append".
         summarize_last: also summarise the last turn (to get the state after it).
+        seeds: one seed per problem, replacing the params' seeds: problem i's turns and summaries then
+            draw from streams of seeds[i] alone, so its run is the same in any batch (rollout workers
+            split a step's problems over several calls).
 
     Returns:
         One RCResult per problem, in order.
@@ -277,15 +289,16 @@ def run_rc(
     for turn in range(turns):
         # Turn 0 keeps params.seed, so RC's first turn is exactly a single sample.
         reason_seed = derive_seed(params.seed, "reason", turn) if turn else params.seed
-        completions = policy.generate(
-            [s.messages() for s in states], dataclasses.replace(params, seed=reason_seed)
-        )
+        own = None if seeds is None else [derive_seed(s, "reason", turn) if turn else s for s in seeds]
+        completions = _generate(policy, [s.messages() for s in states], dataclasses.replace(params, seed=reason_seed),
+                                own)
         summaries: list[Completion | None] = [None] * len(states)
         if turn < turns - 1 or summarize_last:
             requests = [summary_request(s, c, mode=mode) for s, c in zip(states, completions)]
             summary_seed = derive_seed(summary_params.seed, "summarize", turn)
             seeded = dataclasses.replace(summary_params, seed=summary_seed)
-            summaries = list(summarizer.generate(requests, seeded))
+            own = None if seeds is None else [derive_seed(s, "summarize", turn) for s in seeds]
+            summaries = list(_generate(summarizer, requests, seeded, own))
         for i, (state, completion, summary) in enumerate(zip(states, completions, summaries)):
             new_summary = next_summary(state.summary, summary, mode=mode) if summary is not None else ""
             history[i].append(RCTurn(state, completion, is_truncated(completion), summary, new_summary))

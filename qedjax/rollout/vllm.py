@@ -253,18 +253,20 @@ class VllmEngine:
         texts = [render(self.tokenizer, r) for r in requests]
         return texts, [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    def sampling_params(self, params: SamplingParams, index: int):
-        """The vllm.SamplingParams of request `index` of a call."""
+    def sampling_params(self, params: SamplingParams, index: int, seed: int | None = None):
+        """The vllm.SamplingParams of request `index` of a call (`seed`: the request's own seed)."""
         return self._vllm.SamplingParams(
             n=1, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k, seed=request_seed(params.seed, index), logprobs=0,
+            top_k=params.top_k, seed=request_seed(params.seed, index) if seed is None else request_seed(seed, 0),
+            logprobs=0,
             stop_token_ids=list(self.stop_ids), detokenize=False, skip_special_tokens=False)
 
-    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+    def generate(self, requests: Sequence[Request], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[Completion]:
         texts, prompts = self.encode(requests)
         if not prompts:
             return []
-        sampling = [self.sampling_params(params, i) for i in range(len(prompts))]
+        sampling = [self.sampling_params(params, i, None if seeds is None else seeds[i]) for i in range(len(prompts))]
         with self._lock:
             version = self._version
             outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)

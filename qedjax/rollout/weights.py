@@ -49,7 +49,7 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
-from qedjax import convert
+from qedjax import convert, storage
 from qedjax.convert import NP_DTYPES, _get, abstract_model, hf_shape, key_table, to_hf
 from qedjax.models.qwen3 import Qwen3, Qwen3Config
 from qedjax.rollout.weight_shards import ShardedTensor, digest
@@ -83,22 +83,6 @@ def _checksum_fn(name: str):
 
 
 DEFAULT_CHECKSUM = "xxh3_64" if xxhash is not None else "crc32"
-
-
-def _kvstore_spec(path: str) -> dict:
-    """A local directory or a kvstore URL -> kvstore JSON spec whose path ends in '/'."""
-    if "://" in path:
-        spec = ts.KvStore.Spec(path).to_json()
-    else:
-        spec = {"driver": "file", "path": os.path.abspath(path)}
-    if spec.get("path", "") and not spec["path"].endswith("/"):
-        spec["path"] += "/"
-    return spec
-
-
-def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
-    """Every key that starts with `prefix`."""
-    return ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
 
 
 def _slices(region) -> tuple[slice, ...]:
@@ -144,7 +128,7 @@ class WeightStore:
         if direct_io:
             context["file_io_mode"] = {"mode": "direct"}
         self._context = ts.Context(context)
-        self._spec = _kvstore_spec(self.path)
+        self._spec = storage.kvstore_spec(self.path)
         self._kv = ts.KvStore.open(self._spec, context=self._context).result()
 
     def __repr__(self) -> str:
@@ -154,7 +138,7 @@ class WeightStore:
 
     def versions(self) -> list[int]:
         """Committed versions, oldest first."""
-        keys = self._kv.list(range=_prefix_range(MANIFESTS), strip_prefix_length=len(MANIFESTS)).result()
+        keys = self._kv.list(range=storage.prefix_range(MANIFESTS), strip_prefix_length=len(MANIFESTS)).result()
         found = (_MANIFEST_KEY.match(k.decode()) for k in keys)
         return sorted(int(m.group(1)) for m in found if m)
 
@@ -275,8 +259,8 @@ class WeightStore:
             if t.shape != (want := _hf_shapes(config)[t.name]):
                 raise ValueError(f"publish: {t.name} has HF shape {t.shape}, the config needs {want}")
         if leader:  # un-commit first, so a reader never pairs an old manifest with new arrays
-            self._kv.delete_range(_prefix_range(_manifest_key(version))).result()
-            self._kv.delete_range(_prefix_range(f"v{version:08d}/")).result()
+            self._kv.delete_range(storage.prefix_range(_manifest_key(version))).result()
+            self._kv.delete_range(storage.prefix_range(f"v{version:08d}/")).result()
         _barrier(f"qedjax_weights_clear_{version}", multihost)
         checksum = DEFAULT_CHECKSUM
         sums = self._write_arrays(version, tensors, leader, _checksum_fn(checksum))
@@ -305,7 +289,7 @@ class WeightStore:
         """Withdraws a committed version from readers by deleting its manifest (how publish and garbage
         collection uncommit too); its arrays go when the version is published again or collected.
         Call it from one process."""
-        self._kv.delete_range(_prefix_range(_manifest_key(version))).result()
+        self._kv.delete_range(storage.prefix_range(_manifest_key(version))).result()
 
     def _write_arrays(self, version: int, tensors: list[ShardedTensor], leader: bool, fn) -> list[dict]:
         """Writes this process's blocks; returns each tensor's {chunk cell: checksum}."""
@@ -383,12 +367,12 @@ class WeightStore:
         kept = set(committed[-self.keep:])
         for v in committed:
             if v not in kept:
-                self._kv.delete_range(_prefix_range(_manifest_key(v))).result()
+                self._kv.delete_range(storage.prefix_range(_manifest_key(v))).result()
         keys = self._kv.list(range=ts.KvStore.KeyRange("v", "w")).result()
         dirs = {int(m.group(1)) for m in (_VERSION_DIR.match(k.decode()) for k in keys) if m}
         for v in sorted(dirs):
             if v not in kept and v < just_committed:
-                self._kv.delete_range(_prefix_range(f"v{v:08d}/")).result()
+                self._kv.delete_range(storage.prefix_range(f"v{v:08d}/")).result()
 
     def _child(self, suffix: str) -> dict:
         return {**self._spec, "path": self._spec.get("path", "") + suffix}
