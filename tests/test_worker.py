@@ -1,7 +1,8 @@
-"""Rollout workers: the file queue (exclusive claims across processes, whole files only, dead-worker
-requeue), Rollouts through JSON, the trainer/worker protocol with a scripted engine, and the RL loop
-with `engine.kind=workers` fed by a worker thread that follows the weight store, and by a vLLM worker
-process (vLLM's CPU build) killed mid-item and replaced."""
+"""Rollout workers: the work queue (the trainer assigns, workers hand back; on a local path and on gs://
+through a Cloud Storage emulator), Rollouts through JSON, a step the same however it is cut into items,
+the trainer/worker protocol with scripted engines (items spread over every worker, a dead worker's
+items given to another, incompatible workers refused), and the RL loop with `engine.kind=workers` fed
+by two worker threads that follow the weight store and share every step."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -18,28 +20,13 @@ from qedjax.benchmarks import Problem
 from qedjax.config_io import build, to_dict
 from qedjax.metrics import read_metrics
 from qedjax.rewards import Grade
-from qedjax.rollout import groups, worker
+from qedjax.rollout import dispatch, groups, items, worker
 from qedjax.rollout.engine import Completion, SamplingParams
 from qedjax.rollout.queue import WorkQueue
 from qedjax.rollout.rc import RCState
 from fakes import FakeEngine, FakeGrader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-CLAIMER = """
-import json, os, sys, time
-from qedjax.rollout.queue import WorkQueue
-root, me, go = sys.argv[1:]
-queue = WorkQueue(root)
-while not os.path.exists(go):
-    time.sleep(0.001)
-got = []
-while (claimed := queue.claim(me)) is not None:
-    item, payload = claimed
-    assert payload == {"n": int(item.split("-")[1])}, (item, payload)
-    got.append(item)
-print(json.dumps(got))
-"""
 
 WRITER = """
 import sys
@@ -50,71 +37,75 @@ for i in range(int(sys.argv[2])):
 """
 
 
-def _python(code, *args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+def _python(code, *args, env=None):
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, env=env, text=True)
 
 
-def test_two_processes_claim_every_item_exactly_once(tmp_path):
-    queue = WorkQueue(tmp_path / "q")
-    items = [f"item-{i:03d}" for i in range(40)]
-    for i, item in enumerate(items):
-        queue.submit(item, {"n": i})
-    go = tmp_path / "go"
-    procs = [_python(CLAIMER, tmp_path / "q", f"w{k}", go) for k in range(2)]
-    time.sleep(0.5)  # both started and waiting
-    go.touch()
-    got = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    assert sorted(got[0] + got[1]) == items  # each item once: no loss, no double claim
-    assert all(g == sorted(g) for g in got)  # oldest first
-    assert queue.counts() == {"todo": 0, "claimed": 40, "done": 0}
+@pytest.fixture(params=["local", "gs"])
+def root(request, tmp_path):
+    """A queue root: a local directory, or a prefix of a bucket on the GCS emulator."""
+    if request.param == "local":
+        return str(tmp_path / "q")
+    return f"{request.getfixturevalue('gcs').bucket()}/run/queue"
 
 
-def test_results_are_never_read_half_written(tmp_path):
-    queue = WorkQueue(tmp_path / "q")
+def test_the_trainer_assigns_items_and_takes_back_a_dead_workers(root):
+    trainer, w = WorkQueue(root), WorkQueue(root)  # each its own clock and memory of heartbeats
+    for i in range(5):
+        trainer.submit(f"i-{i}", {"n": i})
+    assert trainer.dispatch(trainer.live(60)) == {"assigned": [], "reassigned": []}  # nobody joined yet
+    w.heartbeat("a", format=items.FORMAT)
+    w.heartbeat("b", format=items.FORMAT)
+    live = trainer.live(0.3)
+    assert live == {"a", "b"}
+    moved = trainer.dispatch(live, slots=1)
+    assert sorted(moved["assigned"]) == [("i-0", "a"), ("i-1", "b")]  # one each, oldest first
+    assert trainer.dispatch(live, slots=1)["assigned"] == []  # both busy
+    assert w.next_item("a") == ("i-0", {"n": 0}) and w.next_item("b") == ("i-1", {"n": 1})
+    w.complete("i-0", {"ok": 0}, "a")
+    assert trainer.take_results() == {"i-0": {"ok": 0, "worker": "a"}}
+    assert trainer.dispatch(live, slots=1)["assigned"] == [("i-2", "a")]  # "a" is free again
+    assert w.next_item("a", skip={"i-0"}) == ("i-2", {"n": 2})
+    # "b" dies holding i-1: its heartbeat stands still past the timeout while "a"'s moves on.
+    time.sleep(0.4)
+    w.heartbeat("a", format=items.FORMAT)
+    live = trainer.live(0.3)
+    assert live == {"a"}
+    moved = trainer.dispatch(live, slots=2)
+    assert moved == {"assigned": [("i-1", "a")], "reassigned": ["i-1"]}  # i-1 went to "a", next to its i-2
+    assert trainer.assignments() == {"a": ["i-1", "i-2"]} and trainer.attempts["i-1"] == 2
+    # The slow worker delivers after all, and so does the new owner: the first result counts.
+    w.complete("i-1", {"ok": "late"}, "b")
+    w.complete("i-1", {"ok": "new"}, "a")
+    assert list(trainer.take_results()) == ["i-1"]
+    # A worker that leaves (SIGTERM, a clean exit) is dead at once.
+    w.leave("a")
+    assert trainer.live(0.3) == set()  # "b" is still dead, "a" is gone
+    assert trainer.dispatch(set())["reassigned"] == ["i-2"]
+    # A new trainer session starts clean and opens the queue; closing it tells idle workers to go.
+    trainer.close()
+    assert w.closed
+    trainer.purge()
+    assert not w.closed and trainer.counts() == {"items": 0, "assigned": 0, "done": 0}
+    with pytest.raises(ValueError, match="worker id"):
+        w.next_item("bad@id")
+
+
+def test_results_are_never_read_half_written(root, gcs):
+    queue = WorkQueue(root)
     n = 20
-    writer = _python(WRITER, tmp_path / "q", n)
+    writer = _python(WRITER, root, n, env=gcs.env())
     got, deadline = {}, time.monotonic() + 600  # a hang guard, not under test
     while len(got) < n and time.monotonic() < deadline:
-        got.update(queue.take_results())  # a partial file would fail to parse here
-        time.sleep(0.001)
+        got.update(queue.take_results())  # a partial object would fail to parse here
+        time.sleep(0.05)  # fake-gcs-server stalls every request when one client lists in a tight loop
     writer.communicate(timeout=600)
     assert writer.returncode == 0
     assert sorted(got) == [f"r-{i:03d}" for i in range(n)]
     assert all(r["data"] == list(range(100_000)) and r["i"] == int(k[2:]) for k, r in got.items())
-    assert os.listdir(tmp_path / "q" / "tmp") == [] and queue.take_results() == {}
-
-
-def test_claims_of_a_dead_worker_are_requeued(tmp_path):
-    queue = WorkQueue(tmp_path / "q")
-    for i in range(3):
-        queue.submit(f"i-{i}", {"n": i})
-    queue.heartbeat("dead")
-    assert queue.claim("dead") == ("i-0", {"n": 0})
-    queue.heartbeat("alive")
-    assert queue.claim("alive") == ("i-1", {"n": 1})
-    trainer = WorkQueue(tmp_path / "q")  # its own clock and memory of heartbeats
-    assert trainer.requeue_dead(0.2) == []  # first sight of both heartbeats
-    time.sleep(0.3)
-    queue.heartbeat("alive")
-    assert trainer.requeue_dead(0.2) == ["i-0"]  # "dead" stood still; "alive" moved on
-    assert trainer.counts() == {"todo": 2, "claimed": 1, "done": 0}
-    assert queue.claim("other") == ("i-0", {"n": 0})
-    # A worker stopping mid-item hands it back; a finished one leaves no claim behind.
-    queue.release("i-1", "alive")
-    assert queue.claim("alive") == ("i-1", {"n": 1})
-    assert queue.release_all("alive") == ["i-1"]  # the worker restarted under the same id
-    queue.complete("i-0", {"ok": 1}, "other")
-    assert trainer.counts() == {"todo": 2, "claimed": 0, "done": 1}
-    assert trainer.take_results() == {"i-0": {"ok": 1}}
-    # A new trainer session starts clean and opens the queue; closing it tells idle workers to go.
-    queue.close()
-    assert queue.closed
-    trainer.purge()
-    assert not queue.closed and trainer.counts() == {"todo": 0, "claimed": 0, "done": 0}
-    with pytest.raises(ValueError, match="worker id"):
-        queue.claim("bad@id")
+    assert queue.take_results() == {}
 
 
 def _rollouts() -> groups.Rollouts:
@@ -137,37 +128,73 @@ def _rollouts() -> groups.Rollouts:
 
 def test_rollouts_and_work_items_round_trip_through_json():
     ro = _rollouts()
-    back = worker.rollouts_from_json(json.loads(json.dumps(worker.rollouts_to_json(ro))))
+    back = items.rollouts_from_json(json.loads(json.dumps(items.rollouts_to_json(ro))))
     assert back == ro
     assert isinstance(back.completions[0][0].tokens, tuple) and isinstance(back.completions[0][0].logprobs, tuple)
     g = groups.GRPOConfig(group_size=4, rc=groups.RCTrainConfig(enabled=True, turns=2, summarizer="policy"),
                           sampling=SamplingParams(max_new_tokens=64, temperature=0.7, top_k=5, seed=9))
-    payload = json.loads(json.dumps(worker.work_payload(g, ro.problems, step=6, seed=2, version=4)))
-    assert payload["summarizer"] is None  # the policy summarises
-    assert worker.grpo_config(payload) == g == build(groups.GRPOConfig, to_dict(g))
-    own = worker.StoreSummarizer("gs://b/summarizer", 0, "/ckpt/Qwen3-4B-Instruct-2507")
-    payload = json.loads(json.dumps(worker.work_payload(g, ro.problems, step=6, seed=2, version=4,
-                                                        summarizer=own.spec())))
-    assert worker.StoreSummarizer(**payload["summarizer"]) == own
-    assert [worker.problem_from_json(p) for p in payload["problems"]] == ro.problems
+    payload = json.loads(json.dumps(items.work_payload(g, ro.problems, step=6, seed=2, version=4, first=3)))
+    assert payload["summarizer"] is None and payload["first"] == 3  # the policy summarises
+    assert items.grpo_config(payload) == g == build(groups.GRPOConfig, to_dict(g))
+    own = items.StoreSummarizer("gs://b/summarizer", 0, True)
+    payload = json.loads(json.dumps(items.work_payload(g, ro.problems, step=6, seed=2, version=4,
+                                                       summarizer=own.spec())))
+    assert items.StoreSummarizer(**payload["summarizer"]) == own
+    assert [items.problem_from_json(p) for p in payload["problems"]] == ro.problems
     with pytest.raises(ValueError, match="format"):
-        worker.grpo_config({**payload, "format": "other/9"})
-    args = worker.parse_args(["--store", "s", "--queue", "q", "--tokenizer", "t", "--tensor-parallel-size", "2",
-                              "--enforce-eager", "--vllm-arg", "swap_space=8", "--vllm-arg", "kv_cache_dtype=fp8"])
-    assert worker.vllm_options(args) == {"tensor_parallel_size": 2, "enforce_eager": True, "swap_space": 8,
-                                         "kv_cache_dtype": "fp8"}
+        items.grpo_config({**payload, "format": "other/9"})
+    # A worker's own settings, over what the run says (its context length).
+    run = {"max_model_len": 57344}
+    args = worker.parse_args(["--store", "s", "--tensor-parallel-size", "2", "--enforce-eager",
+                              "--vllm-arg", "swap_space=8", "--vllm-arg", "kv_cache_dtype=fp8"])
+    assert worker.vllm_options(args, run=run) == {"max_model_len": 57344, "tensor_parallel_size": 2,
+                                                  "enforce_eager": True, "swap_space": 8, "kv_cache_dtype": "fp8"}
     # The summariser's engine: the policy engine's options, overlaid with --summarizer-vllm-arg.
-    args = worker.parse_args(["--store", "s", "--queue", "q", "--tokenizer", "t", "--gpu-memory-utilization", "0.6",
-                              "--summarizer-vllm-arg", "gpu_memory_utilization=0.25", "--vllm-arg", "dtype=bfloat16"])
-    assert worker.vllm_options(args) == {"gpu_memory_utilization": 0.6, "dtype": "bfloat16"}
-    assert worker.vllm_options(args, summarizer=True) == {"gpu_memory_utilization": 0.25, "dtype": "bfloat16"}
-    # Its tokenizer: the flag, else the directory the trainer named if it is here, else the policy's.
-    assert worker.summarizer_tokenizer(args, own.spec() | {"tokenizer": None}) == "t"
-    assert worker.summarizer_tokenizer(args, own.spec() | {"tokenizer": ROOT}) == ROOT
-    with pytest.raises(FileNotFoundError, match="--summarizer-tokenizer"):
-        worker.summarizer_tokenizer(args, own.spec())
-    args = worker.parse_args(["--store", "s", "--queue", "q", "--tokenizer", "t", "--summarizer-tokenizer", "u"])
-    assert worker.summarizer_tokenizer(args, own.spec()) == "u"
+    args = worker.parse_args(["--store", "s", "--gpu-memory-utilization", "0.6", "--max-model-len", "4096",
+                              "--summarizer-vllm-arg", "gpu_memory_utilization=0.25"])
+    assert worker.vllm_options(args, run=run) == {"gpu_memory_utilization": 0.6, "max_model_len": 4096}
+    assert worker.vllm_options(args, summarizer=True, run=run) == {"gpu_memory_utilization": 0.25,
+                                                                   "max_model_len": 4096}
+    # Its tokenizer: the flag, else the policy's when the summariser has none of its own.
+    assert worker.summarizer_tokenizer(args, own.spec() | {"tokenizer": False}, "t") == "t"
+    args = worker.parse_args(["--store", "s", "--summarizer-tokenizer", "u"])
+    assert worker.summarizer_tokenizer(args, own.spec(), "t") == "u"
+    # The context the engines need: a summary request holds a whole reasoning turn and the summary so far.
+    assert items.max_model_len(g, 4096) == 64 + 2 * 2048 + 4096 + 1024 - (64 + 4096 + 4096) % 1024
+
+
+def test_a_step_is_the_same_however_it_is_cut_into_items(toy_tokenizer):
+    """Every draw is seeded per problem: items of one problem, or of two, make the step's groups exactly
+    (scripted engine with RC, and the JAX sampler on a tiny model)."""
+    from flax import nnx
+
+    from qedjax.models.qwen3 import Qwen3, Qwen3Config
+    from qedjax.rollout.jax_engine import JaxEngine
+
+    problems = [Problem(str(i), f"Show that {i} is {i}.", {}) for i in range(3)]
+    g = groups.GRPOConfig(problems_per_step=3, group_size=3, sampling=SamplingParams(max_new_tokens=40, seed=3),
+                          rc=groups.RCTrainConfig(enabled=True, turns=2, states_per_problem=2, summarizer="policy"))
+    engine = FakeEngine()
+    whole = groups.sample_groups(g, engine, engine, problems, 7, 11)
+    for cut in ([1, 1, 1], [2, 1], [1, 2]):
+        firsts = [sum(cut[:k]) for k in range(len(cut))]
+        parts = [groups.sample_groups(g, engine, engine, problems[f:f + n], 7, 11, first=f) for f, n in zip(firsts, cut)]
+        merged = groups.merge_rollouts(parts)
+        assert (merged.states, merged.completions, merged.summary_tokens, merged.problems) == (
+            whole.states, whole.completions, whole.summary_tokens, whole.problems)
+        assert merged.summary_stats == pytest.approx(whole.summary_stats)
+    assert len({c.text for group in whole.completions for c in group}) == 2 * 3 * 3  # every rollout its own draw
+    tiny = JaxEngine(Qwen3(Qwen3Config.preset("tiny"), rngs=nnx.Rngs(0)), toy_tokenizer)
+    g = groups.GRPOConfig(problems_per_step=3, group_size=2, sampling=SamplingParams(max_new_tokens=6, seed=3))
+    whole = groups.sample_groups(g, tiny, tiny, problems, 7, 11)
+    parts = [groups.sample_groups(g, tiny, tiny, problems[:1], 7, 11),
+             groups.sample_groups(g, tiny, tiny, problems[1:], 7, 11, first=1)]
+    got = [c for group in groups.merge_rollouts(parts).completions for c in group]
+    want = [c for group in whole.completions for c in group]
+    assert [c.tokens for c in got] == [c.tokens for c in want] and len({c.tokens for c in want}) == 6
+    # The logprobs of a row depend on its batch's padded shape by fp32 rounding only: |logp| ~ 7 over a
+    # 512-token vocabulary, a few ulps (~5e-7) of a float32 near 7; 1e-5 leaves room, not slack.
+    np.testing.assert_allclose([c.logprobs for c in got], [c.logprobs for c in want], rtol=0, atol=1e-5)
 
 
 class _Store:
@@ -177,12 +204,12 @@ class _Store:
         return 0
 
 
-def _serve_in_thread(queue_dir, make_engine):
+def _serve_in_thread(queue_dir, make_engine, worker_id="w0"):
     errors = []
 
     def target():
         try:
-            worker.serve(str(queue_dir), _Store(), make_engine, worker_id="w0", poll_s=0.01)
+            worker.serve(str(queue_dir), _Store(), make_engine, worker_id=worker_id, poll_s=0.01, heartbeat_s=0.05)
         except BaseException as e:  # noqa: BLE001 - reported to the test
             errors.append(e)
 
@@ -191,52 +218,97 @@ def _serve_in_thread(queue_dir, make_engine):
     return thread, errors
 
 
-def test_workers_make_the_rollouts_sync_mode_would(tmp_path):
+class _Both(FakeEngine):
+    """Answers only once two workers are generating at the same time (so a step is shared, whatever the load)."""
+
+    def __init__(self, barrier, **kwargs):
+        super().__init__(**kwargs)
+        self.barrier = barrier
+
+    def generate(self, requests, params, seeds=None):
+        self.barrier.wait()
+        return super().generate(requests, params, seeds)
+
+
+def test_workers_share_every_step_and_make_the_rollouts_sync_mode_would(tmp_path):
     problems = [Problem(str(i), f"Show that {i} is {i}.", {}) for i in range(6)]
-    g = groups.GRPOConfig(problems_per_step=2, group_size=2, sampling=SamplingParams(max_new_tokens=40, seed=3),
+    g = groups.GRPOConfig(problems_per_step=4, group_size=2, sampling=SamplingParams(max_new_tokens=40, seed=3),
                           rc=groups.RCTrainConfig(enabled=True, turns=1, states_per_problem=2, summarizer="policy"))
     grader = FakeGrader(lambda item: 7.0 if "1" in item.response else 0.0)
     sampler = groups.ProblemSampler(problems, seed=5)
-    dispatcher = worker.Dispatcher(str(tmp_path / "q"), g, sampler, 11, grader, depth=2, version=lambda: 0, poll_s=0.01)
+    dispatcher = dispatch.Dispatcher(str(tmp_path / "q"), g, sampler, 11, grader, depth=2, version=lambda: 0,
+                                     problems_per_item=2, poll_s=0.01)
     dispatcher.start()
-    thread, errors = _serve_in_thread(tmp_path / "q", lambda version: FakeEngine())
+    barrier = threading.Barrier(2, timeout=300)  # a hang guard, not under test
+    served = [_serve_in_thread(tmp_path / "q", lambda version: _Both(barrier), worker_id=w) for w in ("w0", "w1")]
     got = [dispatcher.get() for _ in range(3)]
-    assert sampler.cursor == 4 * 2  # three steps taken, one more queued ahead (depth 2)
+    assert sampler.cursor == 4 * 4  # three steps taken, one more queued ahead (depth 2)
     reference, engine = groups.ProblemSampler(problems, seed=5), FakeEngine()
     for ro in got:
-        picked = reference.take(2)
+        picked = reference.take(4)
         want = rl.collect(g, engine, engine, grader, picked, reference.cursor, 11)
         assert (ro.problems, ro.states, ro.completions, ro.grades, ro.summary_tokens) == (
             want.problems, want.states, want.completions, want.grades, want.summary_tokens)
         assert {"states_s", "generate_s", "grade_s", "wait_s"} <= set(ro.times)
+        assert ro.workers == {"w0": 4, "w1": 4}  # two items of 2 problems x 2 states, one on each worker
+        metrics = rl.rollout_metrics(ro, 0)
+        assert metrics["rollout_workers"] == 2 and metrics["rollout_share/w0"] == metrics["rollout_share/w1"] == 0.5
     dispatcher.stop()
     dispatcher.close()
-    thread.join(10)
-    assert not thread.is_alive() and not errors  # the closed queue sent the worker home
+    barrier.abort()  # a worker may be waiting on the step queued ahead, which the trainer withdrew
+    for thread, errors in served:
+        thread.join(30)
+        assert not thread.is_alive()  # the closed queue sent the worker home
     counts = WorkQueue(tmp_path / "q").counts()  # the step queued ahead was withdrawn, or finished unused
-    assert counts["todo"] == counts["claimed"] == 0 and counts["done"] <= 1
+    assert counts["items"] == counts["assigned"] == 0
+
+
+def test_a_dead_workers_items_go_to_another_and_a_failure_stops_the_trainer(tmp_path):
+    problems = [Problem(str(i), f"Show that {i} is {i}.", {}) for i in range(6)]
+    g = groups.GRPOConfig(problems_per_step=2, group_size=2, sampling=SamplingParams(max_new_tokens=40, seed=3))
+    grader = FakeGrader(lambda item: 0.0)
+    # A worker interrupted mid-item (SIGTERM raises SystemExit in `main`) leaves; its item goes to the other.
+
+    class Interrupted(FakeEngine):
+        def generate(self, requests, params, seeds=None):
+            raise SystemExit(143)
+
+    sampler = groups.ProblemSampler(problems, seed=5)
+    dispatcher = dispatch.Dispatcher(str(tmp_path / "q"), g, sampler, 11, grader, depth=1, version=lambda: 0,
+                                     problems_per_item=1, poll_s=0.01)
+    dispatcher.start()
+    dying, died = _serve_in_thread(tmp_path / "q", lambda version: Interrupted(), worker_id="dies")
+    got = []
+    getting = threading.Thread(target=lambda: got.append(dispatcher.get()), daemon=True)
+    getting.start()  # submits the step: both items go to the only worker there is, one at a time
+    dying.join(300)
+    assert len(died) == 1 and isinstance(died[0], SystemExit)
+    assert WorkQueue(tmp_path / "q").heartbeat_of("dies") is None
+    thread, errors = _serve_in_thread(tmp_path / "q", lambda version: FakeEngine(), worker_id="w1")
+    getting.join(300)
+    ro = got[0]
+    assert ro.workers == {"w1": 2} and len(ro.completions) == 2
+    assert dispatcher.queue.attempts[f"{dispatcher.session}-00000000-0000"] == 2  # given to "dies", then to w1
+    dispatcher.stop()
+    dispatcher.close()
+    thread.join(30)
+    assert not thread.is_alive() and not errors
     # A worker that fails reports it: the trainer stops with the worker's traceback.
     sampler = groups.ProblemSampler(problems, seed=5)
-    dispatcher = worker.Dispatcher(str(tmp_path / "q2"), g, sampler, 11, grader, depth=1, version=lambda: 0,
-                                   poll_s=0.01)
+    dispatcher = dispatch.Dispatcher(str(tmp_path / "q2"), g, sampler, 11, grader, depth=1, version=lambda: 0,
+                                     poll_s=0.01)
     dispatcher.start()
     thread, errors = _serve_in_thread(tmp_path / "q2", lambda version: FakeEngine(fail_on_call=0))
     with pytest.raises(RuntimeError, match="(?s)rollout worker w0 failed.*engine killed"):
         dispatcher.get()
     thread.join(10)
     assert len(errors) == 1 and "engine killed" in str(errors[0])
-    # A worker interrupted mid-item (SIGTERM raises SystemExit in `main`) hands the item back.
-
-    class Interrupted(FakeEngine):
-        def generate(self, requests, params):
-            raise SystemExit(143)
-
-    queue = WorkQueue(tmp_path / "q3")
-    queue.submit("a-0", worker.work_payload(g, problems[:2], step=2, seed=0, version=0))
-    thread, errors = _serve_in_thread(tmp_path / "q3", lambda version: Interrupted())
-    thread.join(10)
-    assert len(errors) == 1 and isinstance(errors[0], SystemExit)
-    assert queue.counts() == {"todo": 1, "claimed": 0, "done": 0} and queue.heartbeat_of("w0") is None
+    dispatcher.stop()
+    # A worker of another protocol is named before the first step.
+    WorkQueue(tmp_path / "q3").heartbeat("old-worker", format="qedjax-rollout-work/1")
+    dispatcher = dispatch.Dispatcher(str(tmp_path / "q3"), g, sampler, 11, grader, depth=1, version=lambda: 0)
+    with pytest.raises(dispatch.IncompatibleWorkerError, match="old-worker"):
+        dispatcher.start()
 
 
 def _config(tmp_path, name, **grpo):
