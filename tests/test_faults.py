@@ -185,8 +185,8 @@ def test_judge_faults_cost_their_sample_and_a_judge_down_stops_the_run(tmp_path,
     real = jax_engine.JaxEngine.generate
     made = []
 
-    def generate(self, requests, params):  # complete answers, each naming its fault for the server
-        out = real(self, requests, params)
+    def generate(self, requests, params, seeds=None):  # complete answers, each naming its fault for the server
+        out = real(self, requests, params, seeds)
         texts = []
         for c in out:
             k = len(made)

@@ -151,9 +151,9 @@ def test_rc_with_a_tiny_model(toy_tokenizer):
     calls = []
 
     class Counting(JaxEngine):
-        def generate(self, requests, params):
+        def generate(self, requests, params, seeds=None):
             calls.append((self.role, len(requests)))
-            return super().generate(requests, params)
+            return super().generate(requests, params, seeds)
 
     model = Qwen3(Qwen3Config.preset("tiny"), rngs=nnx.Rngs(0))
     policy, summarizer = Counting(model, toy_tokenizer), Counting(model, toy_tokenizer)

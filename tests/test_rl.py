@@ -189,8 +189,8 @@ def _force_answers(fn):
     real = jax_engine.JaxEngine.generate
     made = []
 
-    def generate(self, requests, params):
-        out = real(self, requests, params)
+    def generate(self, requests, params, seeds=None):
+        out = real(self, requests, params, seeds)
         made.extend(out)  # each answer distinct, so the judge's reply cache never answers for the server
         return [dataclasses.replace(c, text=f"<think>\nok\n</think>\n\nProof number {len(made) + i}.",
                                     finish_reason="stop") for i, c in enumerate(out)]

@@ -25,10 +25,12 @@ class Recording(JaxEngine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.calls = []
+        self.seeds = []  # each call's per-request seeds (sample_groups seeds every draw per problem)
 
-    def generate(self, requests, params):
-        out = super().generate(requests, params)
+    def generate(self, requests, params, seeds=None):
+        out = super().generate(requests, params, seeds)
         self.calls.append((list(requests), params, out))
+        self.seeds.append(seeds)
         return out
 
 
@@ -58,8 +60,8 @@ def test_summary_calls_use_the_summarizers_weights_and_sampling(toy_tokenizer):
     assert all((p.temperature, p.top_p, p.top_k, p.max_new_tokens) == (1.0, 1.0, 0, 10) for _, p, _ in policy.calls)
     # The summaries are the summariser model's samples: the same requests and params give the same
     # tokens on an engine over its weights, and other tokens on one over the policy's weights.
-    again = JaxEngine(summary_model, toy_tokenizer).generate(requests, params)
-    other = JaxEngine(policy_model, toy_tokenizer).generate(requests, params)
+    again = JaxEngine(summary_model, toy_tokenizer).generate(requests, params, summarizer.seeds[0])
+    other = JaxEngine(policy_model, toy_tokenizer).generate(requests, params, summarizer.seeds[0])
     assert [c.tokens for c in got] == [c.tokens for c in again]
     assert [c.tokens for c in got] != [c.tokens for c in other]
     stats = ro.summary_stats

@@ -332,32 +332,37 @@ def _config(tmp_path, name, **grpo):
 
 
 @pytest.mark.slow
-def test_rl_loop_with_a_worker_following_the_store(tmp_path):
-    """engine.kind=workers with an RC summariser of its own (the tiny preset with its own random
-    weights): the trainer publishes it once to the summariser store, the worker builds a second engine
-    on it, every summary call goes there with the summary sampling, and the summary counts come back
-    to the trainer's metrics with the rollouts."""
+def test_rl_loop_with_two_workers_following_the_store(tmp_path):
+    """engine.kind=workers in sync mode with two worker threads, each of whose engines answers only while
+    the other generates too (so every step is shared, whatever the load): every step's metrics say
+    rollout_workers == 2 with half the groups each. With an RC summariser of its own (the tiny preset with
+    its own random weights): the trainer publishes it once to the summariser store, each worker builds a
+    second engine on it, every summary call goes there with the summary sampling, and the summary counts
+    come back to the trainer's metrics with the rollouts."""
     from transformers import AutoTokenizer
 
     from qedjax.rollout.weights import WeightStore
 
-    path, run_dir = _config(tmp_path, "workers")
+    path, run_dir = _config(tmp_path, "workers", mode="sync", max_lag=0)
     raw = yaml.safe_load(open(path))
     raw["grpo"]["rc"]["summarizer"] = "tiny"
+    raw["engine"]["problems_per_item"] = 1
     open(path, "w").write(yaml.safe_dump(raw))
     versions, summary_calls, policy_prompts, specs = [], [], [], []
+    both = threading.Barrier(2, timeout=600)  # a hang guard, not under test
 
     class Recording(worker.StoreJaxEngine):
-        def generate(self, requests, params):
+        def generate(self, requests, params, seeds=None):
+            both.wait()
             versions.append(self.version)
             policy_prompts.extend(r[0]["content"] for r in requests)
-            return super().generate(requests, params)
+            return super().generate(requests, params, seeds)
 
     class Summarizer(worker.StoreJaxEngine):
-        def generate(self, requests, params):
+        def generate(self, requests, params, seeds=None):
             summary_calls.append((len(requests), params,
                                   all("summary of an attempt" in r[0]["content"] for r in requests)))
-            return super().generate(requests, params)
+            return super().generate(requests, params, seeds)
 
     def tokenizer():
         return AutoTokenizer.from_pretrained(str(run_dir / "toy" / "tokenizer"))
@@ -378,36 +383,39 @@ def test_rl_loop_with_a_worker_following_the_store(tmp_path):
             errors.append(e)
 
     serve_args = (worker.serve, str(tmp_path / "queue"), str(tmp_path / "weights"), make_engine)
-    serving = threading.Thread(target=run, args=serve_args, daemon=True,
-                               kwargs={"worker_id": "w0", "poll_s": 0.05, "make_summarizer": make_summarizer})
+    serving = [threading.Thread(target=run, args=serve_args, daemon=True,
+                                kwargs={"worker_id": w, "poll_s": 0.05, "make_summarizer": make_summarizer})
+               for w in ("w0", "w1")]
     training = threading.Thread(target=run, args=(launch.main, ["--config", path]), daemon=True)
-    serving.start()
-    training.start()
+    for t in serving + [training]:
+        t.start()
     deadline = time.monotonic() + 1200  # a hang guard, not under test
     while training.is_alive() and not errors and time.monotonic() < deadline:
         time.sleep(0.2)
-    serving.join(30)
+    for t in serving:
+        t.join(30)
     if errors:
         raise errors[0]
-    assert not training.is_alive() and not serving.is_alive()  # finished; the closed queue stopped the worker
+    assert not training.is_alive() and not any(t.is_alive() for t in serving)  # the closed queue stopped them
     rows = [r for r in read_metrics(str(run_dir), "grpo") if "reward_mean" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["lag_max"] <= 1 and r["lag_min"] >= 0 for r in rows)
+    assert all(r["rollout_workers"] == 2 and r["rollout_share/w0"] == r["rollout_share/w1"] == 0.5 for r in rows)
+    assert all(r["lag_max"] == 0 for r in rows)
     assert all(sum(r["score_hist"]) == 2 * 2 * 4 and "wait_s" in r for r in rows)
-    assert versions == sorted(versions) and versions[-1] > 0  # the worker followed the trainer's versions
-    # The summariser: built once, from version 0 of its own store, which holds the tiny preset's own
-    # weights (not the policy's version 0); 2 problems x 1 turn summarised per step, at T 0.7.
-    assert specs == [{"store": str(run_dir / "summarizer_weights"), "version": 0, "tokenizer": None}]
+    assert versions == sorted(versions) and versions[-1] > 0  # the workers followed the trainer's versions
+    # The summariser: built once per worker, from version 0 of its own store, which holds the tiny preset's
+    # own weights (not the policy's version 0); 1 problem x 1 turn summarised per item, at T 0.7.
+    assert specs == 2 * [{"store": str(run_dir / "summarizer_weights"), "version": 0, "tokenizer": False}]
     summarizer_store, policy_store = WeightStore(specs[0]["store"]), WeightStore(tmp_path / "weights")
     assert summarizer_store.versions() == [0]
     first = dict(summarizer_store.read(0))
     assert any((first[k] != v).any() for k, v in policy_store.read(policy_store.versions()[0]) if k in first)
-    assert len(summary_calls) >= 3 and all(n == 2 and p.temperature == 0.7 and p.top_k == 20 and asked
+    assert len(summary_calls) == 6 and all(n == 1 and p.temperature == 0.7 and p.top_k == 20 and asked
                                            for n, p, asked in summary_calls)
     assert not any("summary of an attempt" in prompt for prompt in policy_prompts)  # the policy wrote none
     assert all(r["summaries_attempted"] == 2 for r in rows)  # the counts came back with the rollouts
-    counts = WorkQueue(tmp_path / "queue").counts()  # the step queued ahead: withdrawn, or finished unused
-    assert counts["todo"] == counts["claimed"] == 0 and counts["done"] <= 1 and WorkQueue(tmp_path / "queue").closed
+    queue = WorkQueue(tmp_path / "queue")
+    assert queue.counts() == {"items": 0, "assigned": 0, "done": 0} and queue.closed
 
 
 @pytest.mark.vllm
