@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -36,7 +38,7 @@ MARKER = "qedjax_export.json"
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     checkpoint: str | None = None  # an Orbax checkpoint dir (default: run_dir/grpo, then run_dir/sft)
-    out: str | None = None  # the HF directory to write, local (default: run_dir/hf)
+    out: str | None = None  # the HF directory to write, a path or gs:// URL (default: run_dir/hf)
     dtype: str | None = None  # dtype of the saved tensors (default: model.param_dtype)
     max_shard_bytes: int = convert.DEFAULT_SHARD_BYTES  # weights above this go into several files
     copy_tokenizer: bool = True
@@ -186,10 +188,35 @@ def _with_special_tokens(config: Qwen3Config, tokenizer_path: str | None) -> Qwe
 
 def _read_marker(out: str) -> dict | None:
     try:
+        if "://" in out:
+            from etils import epath
+
+            return json.loads((epath.Path(out) / MARKER).read_text())
         with open(os.path.join(out, MARKER)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def _holds_files(out: str) -> bool:
+    if "://" in out:
+        from etils import epath
+
+        path = epath.Path(out)
+        return path.exists() and any(path.iterdir())
+    return os.path.isdir(out) and bool(os.listdir(out))
+
+
+def _upload(local: str, url: str) -> None:
+    """Copies the files of a local directory to a gs:// (or other fsspec) URL, streamed, the marker last."""
+    from etils import epath
+
+    target = epath.Path(url)
+    target.mkdir(parents=True, exist_ok=True)
+    names = sorted(os.listdir(local), key=lambda n: n == MARKER)
+    for name in names:
+        with open(os.path.join(local, name), "rb") as src, (target / name).open("wb") as dst:
+            shutil.copyfileobj(src, dst, 64 * 2**20)
 
 
 def _agree(code: int) -> int:
@@ -215,10 +242,8 @@ def run(cfg, mesh, run_dir: str, *, checkpoint: str | None = None, out: str | No
     ecfg = getattr(cfg, "export", None) or ExportConfig()
     directory, step = find_checkpoint(cfg.run.checkpoint_dir or run_dir, checkpoint or ecfg.checkpoint)
     out = out or ecfg.out or os.path.join(run_dir, "hf")
-    if "://" in out:
-        raise ValueError(f"export: the output must be a local directory, got {out} (export locally, then "
-                         f"copy it with gsutil/gcloud storage)")
-    out = os.path.abspath(out)
+    remote = "://" in out  # gs://...: written to a local staging directory, then uploaded
+    out = out.rstrip("/") if remote else os.path.abspath(out)
     config, _, target = train.abstract_params(cfg.model, mesh, rules)  # nothing allocated
     dtype = ecfg.dtype or config.param_dtype
     source = {"checkpoint": directory, "step": step, "dtype": dtype}
@@ -229,7 +254,7 @@ def run(cfg, mesh, run_dir: str, *, checkpoint: str | None = None, out: str | No
         previous = _read_marker(out)
         if previous is not None and all(previous.get(k) == v for k, v in source.items()):
             decision = skip
-        elif previous is None and os.path.isdir(out) and os.listdir(out):
+        elif previous is None and _holds_files(out):
             decision = blocked
     decision = _agree(decision)
     if decision == skip:
@@ -246,14 +271,19 @@ def run(cfg, mesh, run_dir: str, *, checkpoint: str | None = None, out: str | No
         config = _with_special_tokens(config, tokenizer_path)
         print(f"[qedjax] export: step {step} of {directory} -> {out} ({dtype})")
     _check_matches(directory, step, target, cfg.model)
+    local = tempfile.mkdtemp(prefix="qedjax_export_") if remote else out
     ckpt = Checkpointer(directory, CheckpointConfig(async_save=False))
     try:
-        convert.save_hf(streamed_params(ckpt, step, target), out, config=config, dtype=dtype,
+        convert.save_hf(streamed_params(ckpt, step, target), local, config=config, dtype=dtype,
                         max_shard_bytes=ecfg.max_shard_bytes, tokenizer_dir=tokenizer_path, overwrite=True)
     finally:
         ckpt.close()
     if lead:
-        with open(os.path.join(out, MARKER), "w") as f:
+        with open(os.path.join(local, MARKER), "w") as f:
             json.dump({**source, "config_hash": config_hash(cfg)}, f, indent=2)
             f.write("\n")
+        if remote:
+            _upload(local, out)
+    if remote:
+        shutil.rmtree(local, ignore_errors=True)
     return out

@@ -125,6 +125,43 @@ def complete_all(config: JudgeConfig, prompts: Sequence[str]) -> list[Reply]:
             client.close()
 
 
+class JudgeUnreachableError(RuntimeError):
+    """The judge endpoint does not answer, refuses the key, or does not serve the model (preflight)."""
+
+
+def probe(config: JudgeConfig, timeout_s: float = 10.0) -> list[str]:
+    """Asks the judge endpoint which models it serves (GET {base_url}/models, what OpenAI-compatible
+    servers answer), before a run spends a step of rollouts on it; returns the model ids.
+
+    Raises JudgeUnreachableError naming the URL when nothing answers within `timeout_s`, the server
+    refuses the key or has no such endpoint (a base_url without its /v1), or it lists models and
+    `config.model` is not among them.
+    """
+    url = config.base_url.rstrip("/") + "/models"
+    api_key = os.environ.get(config.api_key_env)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise JudgeUnreachableError(f"the judge at {config.base_url} does not answer ({type(exc).__name__}: {exc}); "
+                                    f"start it or fix judge.base_url") from None
+    if response.status_code in (401, 403):
+        raise JudgeUnreachableError(f"the judge at {config.base_url} refuses the key in ${config.api_key_env} "
+                                    f"(HTTP {response.status_code})")
+    if response.status_code != 200:
+        raise JudgeUnreachableError(f"the judge at {config.base_url} answers GET {url} with HTTP {response.status_code} "
+                                    f"(an OpenAI-compatible base_url ends in /v1)")
+    try:
+        served = [m["id"] for m in response.json().get("data", [])]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise JudgeUnreachableError(f"the judge at {config.base_url}: {url} is not an OpenAI model list: "
+                                    f"{response.text[:200]}") from None
+    if served and config.model not in served:
+        raise JudgeUnreachableError(f"the judge at {config.base_url} serves {served[:8]}, not judge.model="
+                                    f"{config.model!r}")
+    return served
+
+
 def _complete_one(client: httpx.Client, rng: random.Random, config: JudgeConfig, prompt: str) -> Reply:
     key = cache_key(config, prompt)
     if config.cache_dir:

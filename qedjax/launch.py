@@ -24,8 +24,10 @@ import jax
 from qedjax import export, fit, pipeline, rl, sft, sharding
 from qedjax.config import load_config
 from qedjax.config_io import config_hash
+from qedjax.judge import JudgeUnreachableError
 from qedjax.metrics import MetricsWriter
 from qedjax.provenance import write_run_info
+from qedjax.storage import StorageError
 
 
 def parse_args(argv):
@@ -81,7 +83,7 @@ def input_checks():
     as they are."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, StorageError, JudgeUnreachableError) as e:
         e.bad_input = True
         raise
 
@@ -171,6 +173,7 @@ def main(argv=None) -> int:
         cfg = with_toy_data(cfg, run_dir)
     with input_checks():
         check_problem_files(cfg, stages)
+        pipeline.preflight(cfg, run_dir, stages)  # the judge answers, the stores take writes
     write_run_info(run_dir, cfg, mesh, argv=sys.argv[1:] if argv is None else argv)
     writer = MetricsWriter(run_dir, deterministic=cfg.run.deterministic)
     tokenizer_path = cfg.model.tokenizer or cfg.model.hf_path

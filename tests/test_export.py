@@ -119,3 +119,29 @@ def test_missing_or_mismatched_checkpoints_are_clear_errors(trained, tmp_path):
     (tmp_path / "full" / "keep.txt").write_text("not ours")
     with pytest.raises(FileExistsError, match="full"):
         export.run(cfg, mesh, cfg.run.dir, out=str(tmp_path / "full"))
+
+
+def test_export_reads_and_writes_gs_urls(trained, tmp_path, gcs):
+    """A checkpoint in a bucket exported to a bucket (the GCS emulator): the same files as a local export."""
+    import gcsfs
+
+    cfg, _, _ = trained
+    bucket = gcs.bucket()
+    fs = gcsfs.GCSFileSystem()
+    fs.put(os.path.join(cfg.run.dir, "sft", "checkpoints"), f"{bucket}/run/sft/", recursive=True)
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    local = export.run(cfg, mesh, cfg.run.dir, out=str(tmp_path / "local"), tokenizer_path=cfg.model.tokenizer)
+    remote = export.run(cfg, mesh, cfg.run.dir, checkpoint=f"{bucket}/run/sft/checkpoints", out=f"{bucket}/hf",
+                        tokenizer_path=cfg.model.tokenizer)
+    assert remote == f"{bucket}/hf"
+    fs.get(f"{bucket}/hf/", str(tmp_path / "back"), recursive=True)
+    names = sorted(os.listdir(local))
+    assert sorted(os.listdir(tmp_path / "back")) == names and "config.json" in names
+    for name in names:
+        if name != export.MARKER:  # the marker names the checkpoint it came from
+            assert (tmp_path / "back" / name).read_bytes() == open(os.path.join(local, name), "rb").read(), name
+    marker = json.loads((tmp_path / "back" / export.MARKER).read_text())
+    assert marker["checkpoint"] == f"{bucket}/run/sft/checkpoints" and marker["step"] == 3
+    # A second export of the same step finds the marker in the bucket and skips.
+    assert export.run(cfg, mesh, cfg.run.dir, checkpoint=f"{bucket}/run/sft/checkpoints", out=f"{bucket}/hf",
+                      tokenizer_path=cfg.model.tokenizer) == f"{bucket}/hf"

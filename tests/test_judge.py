@@ -47,6 +47,14 @@ class FakeJudge:
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):  # the model list the launcher's preflight asks for
+                reply = json.dumps({"object": "list", "data": [{"id": "judge", "object": "model"}]}).encode()
+                self.send_response(200 if self.path.endswith("/models") else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt = body["input"] if "input" in body else body["messages"][0]["content"]

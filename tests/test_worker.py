@@ -100,7 +100,7 @@ def test_results_are_never_read_half_written(root, gcs):
     got, deadline = {}, time.monotonic() + 600  # a hang guard, not under test
     while len(got) < n and time.monotonic() < deadline:
         got.update(queue.take_results())  # a partial object would fail to parse here
-        time.sleep(0.05)  # fake-gcs-server stalls every request when one client lists in a tight loop
+        time.sleep(0.001)
     writer.communicate(timeout=600)
     assert writer.returncode == 0
     assert sorted(got) == [f"r-{i:03d}" for i in range(n)]
@@ -416,85 +416,3 @@ def test_rl_loop_with_two_workers_following_the_store(tmp_path):
     assert all(r["summaries_attempted"] == 2 for r in rows)  # the counts came back with the rollouts
     queue = WorkQueue(tmp_path / "queue")
     assert queue.counts() == {"items": 0, "assigned": 0, "done": 0} and queue.closed
-
-
-@pytest.mark.vllm
-@pytest.mark.xdist_group("vllm")
-def test_rl_loop_with_a_vllm_worker_process_killed_and_replaced(tmp_path):
-    """GRPO with engine.kind=workers on CPU and `python -m qedjax.rollout.worker --engine vllm` (vLLM's
-    CPU build) as a separate process. Sync mode (max_lag 0), so the trainer's logprobs of the sampled
-    tokens are those of the very weights vLLM sampled with: the gap is rounding, not policy drift. The
-    worker is SIGKILLed (with its vLLM processes) while it holds an item; a new process under the same
-    worker id hands the claim back to the queue and takes it, so every step is made exactly once."""
-    import signal
-
-    from test_vllm import need_vllm
-
-    need_vllm()
-    steps = 3
-    path, run_dir = _config(tmp_path, "workers", steps=steps, mode="sync", max_lag=0,
-                            sampling={"max_new_tokens": 12, "temperature": 1.0, "seed": 0})
-    raw = yaml.safe_load(open(path))
-    raw["model"] = {"preset": "demo"}  # vLLM's CPU attention needs head_dim >= 32 (the demo model's)
-    raw["grpo"]["checkpoint"]["every"] = 1
-    raw["grpo"]["rc"]["summarizer"] = "frozen"  # a second vLLM engine in the worker, on its own store
-    open(path, "w").write(yaml.safe_dump(raw))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "qedjax.rollout.worker", "--store", str(tmp_path / "weights"),
-               "--queue", str(tmp_path / "queue"), "--tokenizer", str(run_dir / "toy" / "tokenizer"),
-               "--worker-id", "w0", "--poll-s", "0.05", "--engine", "vllm", "--max-model-len", "256",
-               "--max-num-seqs", "16", "--enforce-eager", "--vllm-arg", f"kv_cache_memory_bytes={64 * 2**20}",
-               "--summarizer-vllm-arg", f"kv_cache_memory_bytes={32 * 2**20}"]
-    logs = [open(tmp_path / f"worker{k}.log", "w+") for k in range(2)]
-
-    def start(k):  # its own session: SIGKILL to the group takes vLLM's engine-core and worker processes too
-        return subprocess.Popen(command, stdout=logs[k], stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    errors = []
-
-    def train():
-        try:
-            launch.main(["--config", path])
-        except BaseException as e:  # noqa: BLE001 - reported to the test
-            errors.append(e)
-
-    workers = [start(0)]
-    training = threading.Thread(target=train, daemon=True)
-    training.start()
-    queue = WorkQueue(tmp_path / "queue")
-    try:
-        deadline = time.monotonic() + 600
-        while queue.counts()["claimed"] == 0:
-            assert time.monotonic() < deadline and not errors and workers[0].poll() is None, "no item claimed"
-            time.sleep(0.02)
-        os.killpg(workers[0].pid, signal.SIGKILL)  # mid-item: claimed, not completed
-        workers[0].wait(30)
-        assert queue.counts()["claimed"] == 1 and queue.counts()["done"] == 0
-        workers.append(start(1))
-        training.join(900)
-        assert not training.is_alive(), "the trainer did not finish"
-        if errors:
-            raise errors[0]
-        assert workers[1].wait(120) == 0  # the closed queue sent the new worker home
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                os.killpg(w.pid, signal.SIGKILL)
-                w.wait(30)
-    first, second = (open(tmp_path / f"worker{k}.log").read() for k in range(2))
-    assert "engine vllm" in first and "handed back" in second  # the claim of the killed worker went back
-    assert "loaded version" in second and "rollouts at version" in second
-    assert "built the RC summariser" in second
-    # The summary counts came back from the worker (a random model's summaries never close its think block).
-    assert all(r["summaries_attempted"] == 2 for r in [r for r in read_metrics(str(run_dir), "grpo")
-                                                       if "reward_mean" in r])
-    rows = [r for r in read_metrics(str(run_dir), "grpo") if "reward_mean" in r]
-    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # no step lost, none made twice
-    assert all(sum(r["score_hist"]) == 2 * 2 * 4 for r in rows)
-    assert all(r["lag_max"] == 0 for r in rows)  # max_lag 0
-    # Behaviour logprobs from vLLM, trainer logprobs from the JAX model on the same fp32 weights: they
-    # differ by rounding only (~1e-6 a token, written to metrics.jsonl with 6 decimals; the vLLM tests
-    # bound each token by 1e-4).
-    assert all("logprob_gap" in r and r["logprob_gap"] < 1e-4 for r in rows), [r["logprob_gap"] for r in rows]
-    counts = queue.counts()
-    assert counts == {"todo": 0, "claimed": 0, "done": 0} and queue.closed
