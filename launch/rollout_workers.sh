@@ -6,12 +6,17 @@
 #   launch/rollout_workers.sh --hosts H1,H2,... WORKER_ARGS...   (no SLURM: ssh to each host)
 #   launch/rollout_workers.sh --stop --hosts H1,H2,...           (SIGTERM to the ssh-started workers)
 #
-# WORKER_ARGS go to `python -m qedjax.rollout.worker`: at least --store URL --queue DIR --tokenizer DIR
-# (the trainer's engine.store, engine.queue and tokenizer), plus vLLM options (--max-model-len ...).
-# Each node runs GPUS / TP workers, each on its own TP GPUs (CUDA_VISIBLE_DEVICES) with
-# --tensor-parallel-size TP, named HOST-INDEX in the queue and logging to logs/rollout-worker-HOST-INDEX.log.
-# Workers exit by themselves when the trainer finishes the stage (it closes the queue); SIGTERM
-# (scancel, --stop) makes a worker hand its current item back, then exit.
+# WORKER_ARGS go to `python -m qedjax.rollout.worker`: --store URL (the trainer's engine.store) and this
+# machine's own settings, nothing else: the trainer describes the run in the store (the queue, the
+# context length, the dtype, the tokenizer, the RC summariser). For example, one copy per GPU node:
+#   launch/rollout_workers.sh --store gs://BUCKET/run/weights --gpu-memory-utilization 0.6 \
+#       --summarizer-vllm-arg gpu_memory_utilization=0.3
+# (with an RC summariser of its own each worker runs two vLLM engines: give each its share of the GPU,
+# together under 0.95). Each node runs GPUS / TP workers, each on its own TP GPUs (CUDA_VISIBLE_DEVICES)
+# with --tensor-parallel-size TP, named HOST-INDEX in the queue and logging to
+# logs/rollout-worker-HOST-INDEX.log. Workers exit by themselves when the trainer finishes the stage (it
+# closes the queue); SIGTERM (scancel, --stop) makes a worker leave, and the trainer gives its items to
+# the others. Workers started with --hosts run detached (nohup): an ssh drop leaves them running.
 #
 # Environment:
 #   QEDJAX_TP           GPUs per worker, vLLM's tensor parallelism (default 1: a 4B model fits one GPU)
@@ -28,7 +33,7 @@
 #SBATCH --output=logs/rollout-workers-%j.out
 set -euo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 hosts="" stop=0
 while [[ $# -gt 0 ]]; do

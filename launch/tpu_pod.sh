@@ -2,13 +2,14 @@
 # Runs one qedjax program on every worker of a Cloud TPU VM slice (see launch/README.md).
 #
 #   launch/tpu_pod.sh [--sync] [--setup] [--dry-run] TPU_NAME ZONE -- LAUNCH_ARGS...
-#   launch/tpu_pod.sh --stop|--kill [--dry-run] TPU_NAME ZONE
+#   launch/tpu_pod.sh --stop|--kill|--attach [--dry-run] TPU_NAME ZONE
 #
 #   --sync     copy this checkout (tracked and untracked-but-not-ignored files, and .git so that
 #              run_info.json records the commit and dirty flag) to every worker first
 #   --setup    create the remote virtualenv and install qedjax with its TPU extra
 #   --stop     send SIGTERM to the program on every worker (it saves a checkpoint, then exits)
 #   --kill     send SIGKILL (a run that hangs; it resumes from its last checkpoint)
+#   --attach   follow the running program's logs again (after an ssh drop, which the program survives)
 #   --dry-run  print the gcloud commands instead of running them
 #
 # Every worker runs `python -m qedjax.launch LAUNCH_ARGS` with QEDJAX_DISTRIBUTED=auto: the launcher
@@ -28,15 +29,16 @@
 #       run.dir=runs/qwen3-0.6b-sft run.checkpoint_dir=gs://BUCKET/qwen3-0.6b-sft
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
-sync=0 setup=0 stop=0 dry=0 sig=TERM
+sync=0 setup=0 stop=0 attach=0 dry=0 sig=TERM
 while [[ $# -gt 0 && $1 == --* ]]; do
   case $1 in
     --sync) sync=1 ;;
     --setup) setup=1 ;;
     --stop) stop=1 ;;
     --kill) stop=1 sig=KILL ;;
+    --attach) attach=1 ;;
     --dry-run) dry=1 ;;
     --help|-h) usage ;;
     *) echo "tpu_pod.sh: unknown option $1" >&2; usage ;;
@@ -46,7 +48,7 @@ done
 [[ $# -ge 2 ]] || usage
 tpu=$1 zone=$2
 shift 2
-if [[ $stop == 0 ]]; then
+if [[ $stop == 0 && $attach == 0 ]]; then
   [[ ${1:-} == -- ]] || { echo "tpu_pod.sh: put the launcher's arguments after --" >&2; usage; }
   shift
   [[ $# -gt 0 ]] || { echo "tpu_pod.sh: no launcher arguments (at least --config FILE)" >&2; usage; }
@@ -72,6 +74,10 @@ if [[ $stop == 1 ]]; then
   exit 0
 fi
 
+if [[ $attach == 1 ]]; then
+  on_all_workers "cd $(printf '%q' "$remote_dir") && tail -n 50 -F --pid=\$(cat ~/.qedjax-launch.pid) logs/launch-\$(hostname).log"
+  exit 0
+fi
 if [[ $sync == 1 ]]; then
   repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
   work=$(mktemp -d)
@@ -87,9 +93,13 @@ if [[ $setup == 1 ]]; then
   on_all_workers "cd $(printf '%q' "$remote_dir") && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[tpu]'"
 fi
 
-# Each worker: its own log under logs/, the pid for --stop, and the exit status of the program.
+# Each worker: the program detached from the ssh session (nohup, its own session), so that an ssh drop
+# (a laptop closing) leaves the run going; its own log under logs/, its pid for --stop, its exit status
+# in ~/.qedjax-launch.status. This ssh session follows the log until the program exits and returns its
+# status; after a drop, `--attach` follows the logs again.
 launch_args=$(printf '%q ' "$@")
 on_all_workers "cd $(printf '%q' "$remote_dir") && mkdir -p logs && \
-export QEDJAX_DISTRIBUTED=auto ${QEDJAX_ENV:-} && \
-{ $python -m qedjax.launch $launch_args > >(tee logs/launch-\$(hostname).log) 2>&1 & pid=\$!; \
-echo \$pid > ~/.qedjax-launch.pid; wait \$pid; }"
+export QEDJAX_DISTRIBUTED=auto ${QEDJAX_ENV:-} && log=logs/launch-\$(hostname).log && rm -f ~/.qedjax-launch.status; \
+nohup setsid bash -c '$python -m qedjax.launch $launch_args > \$0 2>&1 & echo \$! > ~/.qedjax-launch.pid; \
+wait \$!; echo \$? > ~/.qedjax-launch.status' \$log < /dev/null > /dev/null 2>&1 & \
+tail -n +1 -F --pid=\$! \$log 2>/dev/null; exit \$(cat ~/.qedjax-launch.status 2>/dev/null || echo 1)"

@@ -5,26 +5,27 @@
 #   launch/tpu_pod_with_gpu_workers.sh [--sync] [--setup] [--dry-run] TPU_NAME ZONE -- LAUNCH_ARGS...
 #
 # LAUNCH_ARGS are the trainer's (`--config C [--mesh ...] [key=value ...]`); the config must say
-# engine.kind=workers, engine.store (a gs:// bucket: the TPU hosts and the GPU nodes share no disk) and
-# engine.queue (a directory mounted at that path on TPU worker 0 and on every GPU node; see
-# qedjax/rollout/queue.py for which filesystems work). The script
-#   1. reads those three values and the tokenizer path from the config (with this checkout's python);
-#   2. starts the workers, on the hosts of QEDJAX_WORKER_HOSTS over ssh (launch/rollout_workers.sh
-#      --hosts), or as a SLURM job submitted from here with the sbatch options in QEDJAX_WORKER_SBATCH;
-#   3. runs the trainer on every TPU worker with launch/tpu_pod.sh (--sync, --setup, --dry-run passed on);
+# engine.kind=workers and engine.store (a gs:// URL: the TPU hosts and the GPU nodes share nothing but
+# the bucket; the work queue defaults to rollout_queue beside the store). The script
+#   1. reads those values from the config (with this checkout's python);
+#   2. starts the workers with `--store URL` and QEDJAX_WORKER_ARGS, on the hosts of QEDJAX_WORKER_HOSTS
+#      over ssh (launch/rollout_workers.sh --hosts), or as a SLURM job submitted from here with the
+#      sbatch options in QEDJAX_WORKER_SBATCH; they wait for the trainer to describe the run;
+#   3. runs the trainer on every TPU worker with launch/tpu_pod.sh (--sync, --setup, --dry-run passed
+#      on); the trainer runs detached there and survives an ssh drop (tpu_pod.sh --attach follows it again);
 #   4. when the trainer has finished the stage it closes the queue and the workers exit by themselves;
 #      if it failed or was stopped, the workers are stopped here (the next run purges the queue).
 #
 # Environment:
 #   QEDJAX_WORKER_HOSTS      h1,h2,...: GPU hosts to start workers on over ssh; or
 #   QEDJAX_WORKER_SBATCH     sbatch options ("--nodes=4 --gpus-per-node=8 --partition=gpu"): one SLURM job
-#   QEDJAX_WORKER_ARGS       more worker options, e.g. "--max-model-len 53248 --vllm-arg dtype=bfloat16"
-#   QEDJAX_WORKER_TOKENIZER  the tokenizer directory on the GPU nodes (default: the config's)
+#   QEDJAX_WORKER_ARGS       the GPU nodes' own settings, e.g. "--gpu-memory-utilization 0.6
+#                            --summarizer-vllm-arg gpu_memory_utilization=0.3"
 #   QEDJAX_LOCAL_PYTHON      the interpreter here that reads the config (default .venv/bin/python)
 #   and those of launch/tpu_pod.sh (trainer) and launch/rollout_workers.sh (workers: QEDJAX_TP, ...).
 set -euo pipefail
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 pod_flags=() dry=0
 while [[ $# -gt 0 && $1 == --* ]]; do
@@ -49,18 +50,16 @@ from qedjax import launch
 from qedjax.config import load_config
 args = launch.parse_args(sys.argv[1:])
 cfg = load_config(args.config, list(args.overrides))
-for value in (cfg.engine.kind, cfg.engine.store, cfg.engine.queue, cfg.model.tokenizer or cfg.model.hf_path):
+for value in (cfg.engine.kind, cfg.engine.store, cfg.engine.queue):
     print(value or "")
 ' "$@")
 kind=${values[0]} store=${values[1]} queue=${values[2]}
-tokenizer=${QEDJAX_WORKER_TOKENIZER:-${values[3]}}
 fail() { echo "tpu_pod_with_gpu_workers.sh: $1" >&2; exit 2; }
 [[ $kind == workers ]] || fail "the config's engine.kind is $kind, not workers"
 [[ $store == gs://* ]] || fail "engine.store must be a gs:// URL both sides reach (got '$store')"
-[[ -n $queue ]] || fail "set engine.queue to a directory TPU worker 0 and the GPU nodes both mount"
-[[ -n $tokenizer ]] || fail "no tokenizer in the config; set QEDJAX_WORKER_TOKENIZER"
+[[ -z $queue || $queue == gs://* ]] || fail "engine.queue must be a gs:// URL both sides reach, or unset (got '$queue')"
 read -r -a extra <<< "${QEDJAX_WORKER_ARGS:-}"
-worker_args=(--store "$store" --queue "$queue" --tokenizer "$tokenizer" "${extra[@]}")
+worker_args=(--store "$store" "${extra[@]}")
 
 # 2. The workers first: they wait for the trainer's first published version.
 job=""
