@@ -49,7 +49,7 @@ class FakeJudge:
 
             def do_GET(self):  # the model list the launcher's preflight asks for
                 reply = json.dumps({"object": "list", "data": [{"id": "judge", "object": "model"}]}).encode()
-                self.send_response(200 if self.path.endswith("/models") else 404)
+                self.send_response(200 if self.path == "/v1/models" else 404)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
@@ -256,6 +256,23 @@ def test_unreachable_server_is_a_judge_error():
     cfg = JudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", max_retries=1, backoff_s=0.01, timeout_s=2.0)
     grades = JudgeGrader(cfg).grade([item("SCRIPT:a")])
     assert grades[0].reason == "judge_error" and grades[0].reward == 0.0
+
+
+def test_the_preflight_probe_names_what_is_wrong_with_the_judge(serve):
+    from qedjax.judge import JudgeUnreachableError, probe
+
+    server = serve(lambda proof, n: ("text", "unused"))
+    assert probe(JudgeConfig(base_url=server.base_url, model="judge")) == ["judge"]
+    assert server.requests == []  # a GET of the model list, no judging call
+    with pytest.raises(JudgeUnreachableError, match="serves \\['judge'\\], not judge.model='gpt'"):
+        probe(JudgeConfig(base_url=server.base_url, model="gpt"))
+    with pytest.raises(JudgeUnreachableError, match="HTTP 404.*ends in /v1"):
+        probe(JudgeConfig(base_url=server.base_url[:-len("/v1")] + "/api", model="judge"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    with pytest.raises(JudgeUnreachableError, match=f"127.0.0.1:{port}/v1 does not answer"):
+        probe(JudgeConfig(base_url=f"http://127.0.0.1:{port}/v1"))
 
 
 def test_concurrency_limit_is_respected(serve):

@@ -1,6 +1,7 @@
 """Weight-store publish and read time against the raw bandwidth of the same disk, measured in one run.
 
   python tools/bench_weight_sync.py [--dir DIR] [--preset qwen3-0.6b] [--repeats 3] [--vllm] [--dtype float32]
+                                    [--param-dtype float32] [--gcs]
 
 The model: random bf16 parameters of the preset's shapes, made leaf by leaf directly in bf16 (never a
 second fp32 copy of the model). Each repeat, alternating so that load from other processes hits both
@@ -18,6 +19,11 @@ serving the new version:
   vllm load  VllmEngine.load_weights: WeightStore.read (cold, checksummed) into vLLM's worker through
              the layerwise reload, kernel repacking, and the prefix-cache reset
   sync       publish + vllm load, against raw write + raw read of the same bytes
+With `--param-dtype float32 --dtype bfloat16` the parameters are a trainer's fp32 master weights of a
+bf16 model, published in the engine's dtype (what engine.kind=vllm/workers do); the bytes of a version
+are printed either way. With `--gcs` the store is a bucket of the fake-gcs-server emulator on 127.0.0.1
+(tests/gcs.py; the raw figures stay those of the local disk, the page-cache eviction of the store is
+skipped).
 Page cache: before every read phase, each file that is about to be read is evicted from the page
 cache with posix_fadvise(DONTNEED) (it has been fsync'd, so its pages are clean and do get dropped;
 this needs no root, unlike /proc/sys/vm/drop_caches). A warm re-read of the raw file is printed too,
@@ -30,6 +36,7 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -47,7 +54,7 @@ BLOCK = 64 * 2**20
 
 
 def random_params(config: Qwen3Config) -> dict:
-    """Parameters of the config's shapes and dtype, each leaf drawn directly in that dtype."""
+    """Parameters of the config's shapes and param dtype, each leaf drawn directly in that dtype."""
     shapes = nnx.to_pure_dict(abstract_model(config)[1])
     leaves, treedef = jax.tree.flatten(shapes)
     dtype = jnp.dtype(config.param_dtype)
@@ -68,6 +75,11 @@ def evict_tree(root: str) -> None:
     for parent, _, files in os.walk(root):
         for f in files:
             evict(os.path.join(parent, f))
+
+
+def evict_store(store_dir: str) -> None:
+    if "://" not in store_dir:  # a bucket has no page cache here
+        evict_tree(store_dir)
 
 
 def raw_write(path: str, leaves: list[np.ndarray]) -> float:
@@ -116,16 +128,29 @@ def main():
     parser.add_argument("--concurrency", type=int, default=None, help="tensorstore file I/O concurrency")
     parser.add_argument("--direct-io", action="store_true", help="WeightStore(direct_io=True)")
     parser.add_argument("--vllm", action="store_true", help="also time loading each version into vLLM")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="the engine's dtype: what a version is published in")
+    parser.add_argument("--param-dtype", choices=("bfloat16", "float32"),
+                        help="the trainer's parameters (default: --dtype)")
+    parser.add_argument("--gcs", action="store_true", help="the store on the fake-gcs-server emulator")
     args = parser.parse_args()
 
-    config = Qwen3Config.preset(args.preset, param_dtype=args.dtype, dtype=args.dtype)
+    config = Qwen3Config.preset(args.preset, param_dtype=args.param_dtype or args.dtype, dtype=args.dtype)
     params = random_params(config)
-    host = [np.asarray(x) for x in jax.tree.leaves(params)]  # CPU arrays: views, not copies
+    host = [np.asarray(x).astype(args.dtype) if str(x.dtype) != args.dtype else np.asarray(x)
+            for x in jax.tree.leaves(params)]  # the published bytes, for the raw figures
     nbytes = sum(x.nbytes for x in host)
     root = tempfile.mkdtemp(prefix="bench_weight_sync_", dir=args.dir)
     raw_file = os.path.join(root, "raw.bin")
-    store_dir = os.path.join(root, "store")
+    emulator = None
+    if args.gcs:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+        from gcs import Emulator
+
+        emulator = Emulator()
+        store_dir = f"{emulator.bucket()}/store"
+    else:
+        store_dir = os.path.join(root, "store")
     store = WeightStore(store_dir, keep=2, chunk_bytes=args.chunk_mb * 2**20, concurrency=args.concurrency,
                         direct_io=args.direct_io)
     gb = nbytes / 1e9
@@ -148,12 +173,12 @@ def main():
             times["raw_read_fresh"].append(raw_read_fresh(raw_file, host))
             os.remove(raw_file)
             start = time.perf_counter()
-            store.publish(params, rep, config=config)
+            store.publish(params, rep, config=config, dtype=args.dtype)
             times["publish"].append(time.perf_counter() - start)
-            evict_tree(store_dir)
+            evict_store(store_dir)
             times["read"].append(store_read(store, rep))
             if engine is not None:
-                evict_tree(store_dir)
+                evict_store(store_dir)
                 start = time.perf_counter()
                 engine.load_weights(rep)
                 times["vllm_load"].append(time.perf_counter() - start)
@@ -164,9 +189,15 @@ def main():
         raw_read(raw_file, nbytes)
         warm = raw_read(raw_file, nbytes)
         print(f"  (warm raw re-read, page cache kept: {gb / warm:.2f} GB/s)")
+        stored = sum(np.prod(t["shape"]) * np.dtype(weights.NP_DTYPES[t["dtype"]]).itemsize
+                     for t in store.manifest(args.repeats)["tensors"])
+        print(f"  a version: {stored / 1e9:.3f} GB ({args.dtype}, from {config.param_dtype} parameters of "
+              f"{sum(x.nbytes for x in jax.tree.leaves(params)) / 1e9:.3f} GB)")
     finally:
         if engine is not None:
             engine.close()
+        if emulator is not None:
+            emulator.stop()
         shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"median of {args.repeats}:")
@@ -192,7 +223,7 @@ def start_vllm(store: WeightStore, params, config: Qwen3Config, root: str):
     from qedjax import toy
     from qedjax.rollout.vllm import VllmEngine
 
-    store.publish(params, 0, config=config)
+    store.publish(params, 0, config=config, dtype=config.dtype)
     tokenizer = toy.build_tokenizer(os.path.join(root, "tokenizer"), vocab_size=512)
     t0 = time.perf_counter()
     engine = VllmEngine(store, tokenizer, version=0, max_model_len=256, max_num_seqs=4)
