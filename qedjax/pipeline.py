@@ -51,6 +51,9 @@ class EngineConfig:
     # workers: the engines' context length (default: grpo.sampling.max_new_tokens, plus the RC
     # summaries, plus PROMPT_TOKENS for the problem and the template; rollout.items.max_model_len)
     max_model_len: int | None = None
+    # workers: items a worker holds at once, one running and the next waiting (so it never idles between
+    # items); 1 spreads a step's items as widely as possible, which suits steps of few items
+    worker_slots: int = 2
     heartbeat_s: float = 10.0  # workers: seconds between a worker's heartbeats
     worker_timeout_s: float = 300.0  # workers: a worker whose heartbeat is still this long is dead
 
@@ -59,8 +62,10 @@ class EngineConfig:
             raise ValueError(f"engine.kind must be one of {ENGINES}, got {self.kind!r}")
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"engine.dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.problems_per_item < 1 or self.heartbeat_s <= 0 or self.worker_timeout_s <= self.heartbeat_s:
-            raise ValueError("engine needs problems_per_item >= 1, heartbeat_s > 0 and worker_timeout_s > heartbeat_s")
+        if (self.problems_per_item < 1 or self.worker_slots < 1 or self.heartbeat_s <= 0
+                or self.worker_timeout_s <= self.heartbeat_s):
+            raise ValueError("engine needs problems_per_item >= 1, worker_slots >= 1, heartbeat_s > 0 and "
+                             "worker_timeout_s > heartbeat_s")
 
 
 class PublishingEngine:
@@ -210,7 +215,7 @@ def engine_factory(cfg, tokenizer, mesh, run_dir: str):
         store = WeightStore(store_url(cfg, run_dir))
         queue = queue_url(cfg, run_dir)
         e = cfg.engine
-        dispatch = {"problems_per_item": e.problems_per_item, "dead_after_s": e.worker_timeout_s}
+        dispatch = {"problems_per_item": e.problems_per_item, "slots": e.worker_slots, "dead_after_s": e.worker_timeout_s}
 
         def publisher(model, version):
             if jax.process_index() == 0:  # what the workers need beyond the store's URL (rollout.items)

@@ -84,4 +84,4 @@ def test_the_trainer_describes_the_run_and_publishes_in_the_engine_dtype(tmp_pat
     again = AutoTokenizer.from_pretrained(got)
     chat = [{"role": "user", "content": "1 2 3"}]
     assert again.apply_chat_template(chat, tokenize=False) == toy_tokenizer.apply_chat_template(chat, tokenize=False)
-    assert publisher.dispatch == {"problems_per_item": 2, "dead_after_s": 300.0}
+    assert publisher.dispatch == {"problems_per_item": 2, "slots": 2, "dead_after_s": 300.0}

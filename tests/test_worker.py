@@ -237,7 +237,7 @@ def test_workers_share_every_step_and_make_the_rollouts_sync_mode_would(tmp_path
     grader = FakeGrader(lambda item: 7.0 if "1" in item.response else 0.0)
     sampler = groups.ProblemSampler(problems, seed=5)
     dispatcher = dispatch.Dispatcher(str(tmp_path / "q"), g, sampler, 11, grader, depth=2, version=lambda: 0,
-                                     problems_per_item=2, poll_s=0.01)
+                                     problems_per_item=2, slots=1, poll_s=0.01)  # one item at a time each
     dispatcher.start()
     barrier = threading.Barrier(2, timeout=300)  # a hang guard, not under test
     served = [_serve_in_thread(tmp_path / "q", lambda version: _Both(barrier), worker_id=w) for w in ("w0", "w1")]
@@ -346,7 +346,7 @@ def test_rl_loop_with_two_workers_following_the_store(tmp_path):
     path, run_dir = _config(tmp_path, "workers", mode="sync", max_lag=0)
     raw = yaml.safe_load(open(path))
     raw["grpo"]["rc"]["summarizer"] = "tiny"
-    raw["engine"]["problems_per_item"] = 1
+    raw["engine"].update(problems_per_item=1, worker_slots=1)  # a worker holds one item at a time
     open(path, "w").write(yaml.safe_dump(raw))
     versions, summary_calls, policy_prompts, specs = [], [], [], []
     both = threading.Barrier(2, timeout=600)  # a hang guard, not under test

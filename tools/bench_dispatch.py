@@ -92,8 +92,9 @@ def main():
     p.add_argument("--item-s", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--slots", type=int, default=2)
-    p.add_argument("--poll-s", type=float, default=0.5, help="the trainer's dispatch period")
-    p.add_argument("--worker-poll-s", type=float, default=1.0, help="a worker's look at the queue while idle")
+    p.add_argument("--poll-s", type=float, default=0.25, help="the trainer's dispatch period (Dispatcher's default)")
+    p.add_argument("--worker-poll-s", type=float, default=0.25,
+                   help="a worker's look at the queue while idle (the worker command's default)")
     p.add_argument("--gcs", action="store_true", help="the queue on a bucket of the fake-gcs-server emulator")
     args = p.parse_args()
     print_header(f"{args.problems} problems x {args.group_size} per step, items of {args.per_item} problems "

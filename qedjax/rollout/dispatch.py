@@ -33,6 +33,7 @@ from qedjax.rollout.queue import DEAD_AFTER_S, WorkQueue
 MAX_REQUEUES = 3  # an item whose workers keep dying stops the run instead of killing every worker
 BROADCAST_BYTES = 64 * 2**20  # multi-host trainers share a result in pieces this big
 REPORT_S = 120.0  # a trainer waiting this long for a step says what the queue holds
+BEATS_S = 1.0  # the dispatch thread reads the workers' heartbeats this often at most
 
 
 class IncompatibleWorkerError(RuntimeError):
@@ -52,15 +53,16 @@ class Dispatcher:
       depth: steps of work kept queued.
       version: () -> the trainer's policy version (the least version an item may be made with).
       problems_per_item: problems of a step per work item.
-      slots: items a worker holds at once (one running, the rest waiting on it).
-      poll_s: seconds between rounds of the dispatch thread.
+      slots: items a worker holds at once: one running and the next waiting, so that a worker never
+        idles between items for want of a dispatch round.
+      poll_s: seconds between rounds of the dispatch thread (a submitted step starts a round at once).
       dead_after_s: a worker whose heartbeat is still this long is dead; its items go to others.
       summarizer: the RC summariser the workers run, when it is a model of its own.
     """
 
     def __init__(self, queue_root: str, g: groups.GRPOConfig, sampler: groups.ProblemSampler, seed: int, grader, *,
-                 depth: int, version: Callable[[], int], problems_per_item: int = 1, slots: int = 1,
-                 poll_s: float = 0.5, dead_after_s: float = DEAD_AFTER_S,
+                 depth: int, version: Callable[[], int], problems_per_item: int = 1, slots: int = 2,
+                 poll_s: float = 0.25, dead_after_s: float = DEAD_AFTER_S,
                  summarizer: items.StoreSummarizer | None = None):
         self.g, self.sampler, self.seed, self.grader = g, sampler, seed, grader
         self.summarizer = summarizer.spec() if summarizer is not None else None
@@ -76,7 +78,9 @@ class Dispatcher:
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._wake = threading.Event()  # new items: a round now, not at the next poll
         self._thread: threading.Thread | None = None
+        self._beats: tuple[float, dict] = (-1e9, {})  # (when read, heartbeats): read once a second at most
 
     # --- process 0's thread --------------------------------------------------------------------------
 
@@ -103,8 +107,9 @@ class Dispatcher:
     def _run(self) -> None:
         try:
             while not self._stopped.is_set():
+                self._wake.clear()
                 self.round()
-                self._stopped.wait(self.poll_s)
+                self._wake.wait(self.poll_s)
         except BaseException as e:  # surfaced in the trainer thread by get()
             self.error = e
 
@@ -114,7 +119,9 @@ class Dispatcher:
         with self._lock:
             wanted = {i for step in self.pending for i in step}
             self.results.update({k: v for k, v in taken.items() if k in wanted})
-        beats = self.queue.workers()
+        if time.monotonic() - self._beats[0] > BEATS_S:  # heartbeats change every few seconds only
+            self._beats = (time.monotonic(), self.queue.workers())
+        beats = self._beats[1]
         for w, b in beats.items():
             if not compatible(b) and w not in self.warned:
                 self.warned.add(w)
@@ -143,6 +150,7 @@ class Dispatcher:
             names.append(name)
         with self._lock:
             self.pending.append(names)
+        self._wake.set()
 
     def _wait(self, names: list[str]) -> dict:
         """The step's merged result as JSON: {"rollouts", "workers": {worker: groups}} or {"error", "worker"}."""
@@ -190,6 +198,7 @@ class Dispatcher:
     def stop(self) -> None:
         """Stops the thread and withdraws the work nobody finished (the trainer is stopping)."""
         self._stopped.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(60)
         if self.lead:

@@ -243,7 +243,7 @@ def parse_args(argv):
     p.add_argument("--queue", help="the work queue's path or URL (default: the one the trainer names in the store)")
     p.add_argument("--tokenizer", help="a Hugging Face tokenizer directory (default: the one the trainer put in the store)")
     p.add_argument("--worker-id", default=re.sub(r"[^A-Za-z0-9_.-]", "_", f"{socket.gethostname()}-{os.getpid()}"))
-    p.add_argument("--poll-s", type=float, default=1.0, help="seconds between looks at the queue while idle")
+    p.add_argument("--poll-s", type=float, default=0.25, help="seconds between looks at the queue while idle")
     p.add_argument("--wait-s", type=float, default=3600.0, help="how long to wait for a trainer to describe the run")
     p.add_argument("--max-items", type=int, help="exit after this many items")
     p.add_argument("--engine", choices=("vllm", "jax"), default="vllm",
