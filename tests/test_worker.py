@@ -160,7 +160,8 @@ def test_rollouts_and_work_items_round_trip_through_json():
     args = worker.parse_args(["--store", "s", "--summarizer-tokenizer", "u"])
     assert worker.summarizer_tokenizer(args, own.spec(), "t") == "u"
     # The context the engines need: a summary request holds a whole reasoning turn and the summary so far.
-    assert items.max_model_len(g, 4096) == 64 + 2 * 2048 + 4096 + 1024 - (64 + 4096 + 4096) % 1024
+    # 64 new tokens + 2 x 2,048 (the summary so far in the prompt, the new one out) + 4,096 = 8,256 -> 9,216.
+    assert items.max_model_len(g, 4096) == 9216
 
 
 def test_a_step_is_the_same_however_it_is_cut_into_items(toy_tokenizer):

@@ -140,14 +140,13 @@ class Dispatcher:
         problems = self.sampler.take(self.g.problems_per_step)
         step = f"{self.session}-{self.submitted:08d}"
         self.submitted += 1
-        names = []
-        for k, first in enumerate(range(0, len(problems), self.per_item)):
-            name = f"{step}-{k:04d}"
-            if self.lead:
-                self.queue.submit(name, items.work_payload(
-                    self.g, problems[first:first + self.per_item], step=self.sampler.cursor, seed=self.seed,
-                    version=self.version(), summarizer=self.summarizer, first=first))
-            names.append(name)
+        payloads = {f"{step}-{k:04d}": items.work_payload(
+            self.g, problems[first:first + self.per_item], step=self.sampler.cursor, seed=self.seed,
+            version=self.version(), summarizer=self.summarizer, first=first)
+            for k, first in enumerate(range(0, len(problems), self.per_item))}
+        if self.lead:
+            self.queue.submit_all(payloads)
+        names = list(payloads)
         with self._lock:
             self.pending.append(names)
         self._wake.set()

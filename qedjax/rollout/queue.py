@@ -79,10 +79,24 @@ class WorkQueue:
     # --- objects ------------------------------------------------------------------------------------
 
     def _put(self, key: str, obj) -> None:
-        try:
-            self._kv.write(key, json.dumps(obj, separators=(",", ":")).encode()).result(timeout=storage.TIMEOUT_S)
-        except Exception as e:
-            raise OSError(f"{self}: writing {key} failed: {e}") from None
+        self._put_all({key: obj})
+
+    def _put_all(self, objects: dict) -> None:
+        """Writes every {key: JSON object} at once (an object store's requests overlap, not queue)."""
+        self._wait({key: self._kv.write(key, json.dumps(obj, separators=(",", ":")).encode())
+                    for key, obj in objects.items()}, "writing")
+
+    def _delete_all(self, keys) -> None:
+        self._wait({key: self._kv.write(key, None) for key in keys}, "deleting")
+
+    def _wait(self, futures: dict, doing: str) -> dict:
+        out = {}
+        for key, future in futures.items():
+            try:
+                out[key] = future.result(timeout=storage.TIMEOUT_S)
+            except Exception as e:
+                raise OSError(f"{self}: {doing} {key} failed: {e}") from None
+        return out
 
     def _get(self, key: str):
         """The JSON object at `key`, or None if there is none."""
@@ -93,10 +107,7 @@ class WorkQueue:
         return json.loads(got.value) if got.state == "value" else None
 
     def _delete(self, key: str) -> None:
-        try:
-            self._kv.write(key, None).result(timeout=storage.TIMEOUT_S)
-        except Exception as e:
-            raise OSError(f"{self}: deleting {key} failed: {e}") from None
+        self._delete_all([key])
 
     def _list(self, prefix: str) -> list[str]:
         """Keys under `prefix` (sorted: item ids sort in submission order)."""
@@ -110,7 +121,11 @@ class WorkQueue:
 
     def submit(self, item_id: str, payload: dict) -> None:
         """Queues a work item."""
-        self._put(f"{ITEMS}{check_id(item_id, 'item id')}.json", payload)
+        self.submit_all({item_id: payload})
+
+    def submit_all(self, payloads: dict[str, dict]) -> None:
+        """Queues work items {item id: payload}, written at once."""
+        self._put_all({f"{ITEMS}{check_id(i, 'item id')}.json": p for i, p in payloads.items()})
 
     def items(self) -> list[str]:
         return [_name(k, ITEMS) for k in self._list(ITEMS)]
@@ -153,16 +168,17 @@ class WorkQueue:
         items = self.items()
         held = self.assignments()
         finished = {tuple(k[len(DONE):-len(".json")].split("/", 1)) for k in self._list(DONE)}
-        reassigned, busy = [], set()
+        reassigned, busy, gone = [], set(), []
         for worker, names in held.items():
             for item in names:
                 if worker not in live or item not in items:  # dead, or the item withdrawn or taken
-                    self._delete(f"{ASSIGNED}{worker}/{item}.json")
+                    gone.append(f"{ASSIGNED}{worker}/{item}.json")
                     if worker not in live and item in items:
                         reassigned.append(item)
                 else:
                     busy.add(item)
-        assigned = []
+        self._delete_all(gone)
+        assigned, writes = [], {}
         pending = [i for i in items if i not in busy]
         load = {w: sum(1 for i in held.get(w, []) if i in busy and (w, i) not in finished) for w in live}
         for worker in sorted(live, key=lambda w: (load[w], w)):
@@ -171,39 +187,34 @@ class WorkQueue:
             while pending and load[worker] < slots:
                 item = pending.pop(0)
                 self.attempts[item] += 1
-                self._put(f"{ASSIGNED}{worker}/{item}.json", {"attempt": self.attempts[item]})
+                writes[f"{ASSIGNED}{worker}/{item}.json"] = {"attempt": self.attempts[item]}
                 load[worker] += 1
                 assigned.append((item, worker))
+        self._put_all(writes)
         return {"assigned": assigned, "reassigned": reassigned}
 
     def take_results(self) -> dict[str, dict]:
         """Every finished result, removed with its item: {item id: result}, the result carrying its
         worker under "worker". Repeats (an item made twice) are dropped."""
+        keys = self._list(DONE)
+        got = self._wait({key: self._kv.read(key) for key in keys}, "reading")
         out: dict[str, dict] = {}
-        for key in self._list(DONE):
+        for key in keys:
             worker, _, name = key[len(DONE):].partition("/")
             item = name[:-len(".json")]
-            result = self._get(key)
-            if result is not None and item not in out:
-                out[item] = {**result, "worker": worker}
-            self._delete(key)
-        for item in out:
-            self._delete(f"{ITEMS}{item}.json")
+            if got[key].state == "value" and item not in out:
+                out[item] = {**json.loads(got[key].value), "worker": worker}
+        self._delete_all(keys + [f"{ITEMS}{item}.json" for item in out])
         return out
 
     def purge(self) -> None:
         """Removes all work and results (a new trainer session starts clean) and opens the queue.
         Heartbeats stay: the workers outlive trainer sessions."""
-        for prefix in (ITEMS, ASSIGNED, DONE):
-            for key in self._list(prefix):
-                self._delete(key)
-        self._delete(CLOSED)
+        self._delete_all([key for prefix in (ITEMS, ASSIGNED, DONE) for key in self._list(prefix)] + [CLOSED])
 
     def withdraw(self) -> None:
         """Removes the items not yet finished (the trainer stops)."""
-        for prefix in (ITEMS, ASSIGNED):
-            for key in self._list(prefix):
-                self._delete(key)
+        self._delete_all([key for prefix in (ITEMS, ASSIGNED) for key in self._list(prefix)])
 
     def close(self) -> None:
         """Marks the queue finished: workers exit once idle."""
