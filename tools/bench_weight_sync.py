@@ -147,7 +147,7 @@ def main():
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
         from gcs import Emulator
 
-        emulator = Emulator()
+        emulator = Emulator(backend="filesystem")  # GBs of versions: see tests/gcs.py
         store_dir = f"{emulator.bucket()}/store"
     else:
         store_dir = os.path.join(root, "store")
