@@ -28,7 +28,8 @@ importing this module never needs it. The vLLM APIs used:
   - generation_config="vllm": sampling defaults come from SamplingParams only, never from the
     checkpoint's generation_config.json;
   - SamplingParams(seed=...): one seed per request, derived from (params.seed, request index), so
-    identical requests in one call draw independent samples and a call is reproducible.
+    identical requests in one call draw independent samples and a call is reproducible; with the
+    `seeds` argument, from the request's own seed alone, so it draws the same in any call.
 Prompts are tokenized here (chat templates rendered by the tokenizer, as in JaxEngine) and sent as
 token ids, and completions are decoded here, so both engines produce the same texts and tokens.
 """
