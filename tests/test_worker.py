@@ -310,6 +310,11 @@ def test_a_dead_workers_items_go_to_another_and_a_failure_stops_the_trainer(tmp_
     dispatcher = dispatch.Dispatcher(str(tmp_path / "q3"), g, sampler, 11, grader, depth=1, version=lambda: 0)
     with pytest.raises(dispatch.IncompatibleWorkerError, match="old-worker"):
         dispatcher.start()
+    # ... unless its heartbeat is long stale (a worker killed without leaving, by its own clock).
+    WorkQueue(tmp_path / "q4").heartbeat("long-gone", format="qedjax-rollout-work/1", time=0.0)
+    dispatcher = dispatch.Dispatcher(str(tmp_path / "q4"), g, sampler, 11, grader, depth=1, version=lambda: 0)
+    dispatcher.start()
+    dispatcher.stop()
 
 
 def _config(tmp_path, name, **grpo):

@@ -95,9 +95,11 @@ class Dispatcher:
 
     def check_workers(self) -> dict[str, dict]:
         """The heartbeats of the workers that joined; raises IncompatibleWorkerError naming any that
-        runs another work protocol (its items would fail or, worse, differ)."""
+        runs another work protocol (its items would fail or, worse, differ). A heartbeat older than
+        dead_after_s by its own clock is a worker long gone (killed without leaving), not a check."""
         beats = self.queue.workers()
-        bad = {w: b.get("format") for w, b in beats.items() if not compatible(b)}
+        bad = {w: b.get("format") for w, b in beats.items()
+               if not compatible(b) and time.time() - b.get("time", 0) < self.dead_after_s}
         if bad:
             raise IncompatibleWorkerError(
                 f"{self.queue}: rollout worker(s) {sorted(bad)} speak {sorted(set(map(str, bad.values())))}, this "
