@@ -144,7 +144,8 @@ def fault_point(name: str) -> None:
 
 class StopRequest:
     """Turns SIGTERM and Ctrl-C into a flag the train loop checks between steps (then it saves and
-    stops). A second Ctrl-C interrupts at once."""
+    stops), and that a generation or a wait in progress acts on too (qedjax/preempt.py). A second
+    Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.requested = False
@@ -157,11 +158,14 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        from qedjax import preempt
+
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        if jax.process_index() == 0:
-            print(f"\n[qedjax] got signal {signum}: saving a checkpoint after this step, then stopping")
+        preempt.request()  # a generation or a wait in progress stops too (qedjax/preempt.py)
+        print(f"\n[qedjax] process {jax.process_index()} got signal {signum}: saving a checkpoint, then stopping",
+              flush=True)
 
     def agreed(self) -> bool:
         """Whether any process was asked to stop. Every process must stop (and save) at the same step:
@@ -173,6 +177,9 @@ class StopRequest:
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def __exit__(self, *exc):
+        from qedjax import preempt
+
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        preempt.clear()
         return False

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qedjax import preempt
 from qedjax.benchmarks import Problem
 from qedjax.config_io import build, to_dict
 from qedjax.convert import _get, _set, abstract_model, key_table, to_ours
@@ -355,10 +356,11 @@ class Dispatcher:
                                                  version=self.version(), summarizer=self.summarizer))
         self.pending.append(item)
 
-    def _wait(self, item: str) -> dict:
+    def _wait(self, item: str, check=lambda: None) -> dict:
         wanted = set(self.pending) | {item}
         t0 = noted = time.monotonic()
         while item not in self.results:
+            check()  # raises preempt.Preempted when any trainer process was asked to stop
             self.results.update({k: v for k, v in self.queue.take_results().items() if k in wanted})
             if item in self.results:
                 break
@@ -379,7 +381,7 @@ class Dispatcher:
             self._submit()
         item = self.pending.popleft()
         t0 = time.perf_counter()
-        result = self._wait(item) if self.lead else None
+        result = preempt.lead_waits(lambda check: self._wait(item, check))  # None on processes other than 0
         if jax.process_count() > 1:
             result = _broadcast_json(result)
         if "error" in result:
