@@ -35,6 +35,7 @@ STOP_KEY = "qedjax/stop"
 POLL_S = 0.05
 
 _flag = threading.Event()
+_when: float | None = None  # time.monotonic() of this process's request
 _announced = False
 _waits = itertools.count()
 
@@ -45,7 +46,15 @@ class Preempted(Exception):
 
 def request() -> None:
     """This process was asked to stop (called from the signal handler)."""
+    global _when
+    if _when is None:
+        _when = time.monotonic()
     _flag.set()
+
+
+def since() -> str:
+    """How long ago this process was asked to stop, for messages ("" if it was not: another was)."""
+    return "" if _when is None else f", {time.monotonic() - _when:.2f} s after the stop request"
 
 
 def requested() -> bool:
@@ -54,9 +63,9 @@ def requested() -> bool:
 
 
 def clear() -> None:
-    global _announced
+    global _announced, _when
     _flag.clear()
-    _announced = False
+    _announced, _when = False, None
 
 
 def _client():
@@ -92,7 +101,7 @@ def check() -> None:
     """Raises Preempted if a stop was requested (a wait's poll, on the process that decides)."""
     _announce()
     if any_requested():
-        raise Preempted("a stop was requested")
+        raise Preempted("stopped waiting" + since())
 
 
 def lead_waits(work: Callable[[Callable[[], None]], T]) -> T | None:
@@ -118,7 +127,7 @@ def lead_waits(work: Callable[[Callable[[], None]], T]) -> T | None:
         _announce()
         verdict = _try_get(key)
         if verdict == "stop":
-            raise Preempted("a stop was requested")
+            raise Preempted("stopped waiting" + since())
         if verdict == "go":
             return None
         time.sleep(POLL_S)

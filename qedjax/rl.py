@@ -271,6 +271,8 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     # the stage's starting policy, in a resumed run too.
     own_summarizer = g.rc.enabled and g.rc.summarizer != "policy"
     summarizer = (make_summarizer or make_engine)(nnx.merge(graphdef, params), 0) if own_summarizer else None
+    # The KL penalty's reference is the stage's starting policy too, in a resumed run as well.
+    ref_logp = make_ref_logprobs(graphdef, params, g, mesh, rules) if g.loss.kl_coef else None
     del params
     if start:
         state, data_state = ckpt.restore(jax.tree.map(
@@ -284,7 +286,6 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     rows = train_rows(g, mesh, rules)
     local_rows = train.process_rows(mesh, rules, rows // g.micro_batches)  # this process's rows of a micro-batch
     step_fn = make_step(g, graphdef, optimizer, shardings, mesh, rules)
-    ref_logp = make_ref_logprobs(graphdef, state["params"], g, mesh, rules) if g.loss.kl_coef else None
     pad_id = tokenizer.pad_token_id or 0
 
     def next_rollouts():

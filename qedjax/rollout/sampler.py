@@ -394,7 +394,7 @@ class Sampler:
             fault_point(f"generate:chunk:{_chunks}")
             carry, finished, stop = self._decode(params, carry, controls, rows, steps, flags(), use_top_k, use_top_p)
             if bool(stop):
-                raise preempt.Preempted(f"stopped generating after {int(carry[0])} of {new} tokens")
+                raise preempt.Preempted(f"stopped generating after {int(carry[0])} of {new} tokens{preempt.since()}")
             if bool(finished):
                 break
         out_tokens, out_logp, length = jax.device_get(self._gather(carry[3], carry[4], carry[6]))
