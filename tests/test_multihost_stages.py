@@ -100,7 +100,7 @@ def _assert_parity(two_dir, one_dir):
             assert r["train_sequences"] == r["sequences_trained"] > 0, r
             assert r["train_tokens"] == r["tokens_expected"] > 0, r
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=parity.GRAD_RTOL, atol=0)
-    for key in ("reward_mean", "train_tokens", "rollout_tokens", "train_sequences"):
+    for key in ("reward_mean", "train_tokens", "rollout_tokens", "train_sequences", "summary_tokens_mean"):
         assert [r[key] for r in two] == [r[key] for r in one], key
     return two
 
@@ -149,7 +149,7 @@ def test_grpo_rc_kl_and_eval_on_two_processes_like_one_with_a_sigterm_mid_genera
 
     rows = _assert_parity(two, one)
     assert all(r["kl_ref"] > 0 for r in rows[1:])  # the reference logprobs reached the loss
-    assert all(r["states_with_summary"] > 0 for r in rows)  # RC states with summaries were trained on
+    assert all(r["summaries_attempted"] > 0 for r in rows)  # the RC summariser generated on both processes
     # The eval stage: process 0 wrote the records; every response and grade is the one process's.
     samples = [[json.loads(x) for x in open(d / "eval" / "grpo" / "samples.jsonl")] for d in (two, one)]
     key = lambda r: (r["key"], r["response"], r["score"])  # noqa: E731
@@ -214,11 +214,7 @@ def test_grpo_with_a_rollout_worker_on_two_processes_like_one_with_a_sigterm_whi
                 assert _wait_all(procs) == [0, 0], _tails(procs)
                 assert "resuming from the checkpoint of step 1" in _logs(procs)[0]
             else:
-                env = _child_env(8)
-                with open(tmp_path / "one.log", "w") as log:
-                    assert subprocess.run([sys.executable, "-m", "qedjax.launch", "--config", run_config],
-                                          env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                          timeout=TIMEOUT_S).returncode == 0, (tmp_path / "one.log").read_text()[-3000:]
+                assert launch.main(["--config", run_config]) == 0  # this process: 8 devices
             assert worker.wait(timeout=TIMEOUT_S) == 0  # the finished stage closed the queue
         finally:
             if worker.poll() is None:
