@@ -47,6 +47,7 @@ class SafetensorsFile:
         self._base = 8 + n
         self.metadata = header.pop("__metadata__", {}) or {}
         self._header = header
+        self.bytes_read = 0  # bytes copied out by `read`
 
     def names(self) -> list[str]:
         return list(self._header)
@@ -68,6 +69,13 @@ class SafetensorsFile:
         arr = np.frombuffer(self._map, dtype=DTYPES[code], count=(end - start) // DTYPES[code].itemsize,
                             offset=self._base + start)
         return arr.reshape(entry["shape"])
+
+    def read(self, name: str, index: tuple = ()) -> np.ndarray:
+        """A copy of `get(name)[index]` in host memory: only the bytes of that slice are read from the
+        file (page granularity aside); `bytes_read` adds them up."""
+        out = np.array(self.get(name)[index], copy=True)
+        self.bytes_read += out.nbytes
+        return out
 
     def close(self):
         try:

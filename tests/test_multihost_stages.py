@@ -220,3 +220,63 @@ def test_grpo_with_a_rollout_worker_on_two_processes_like_one_with_a_sigterm_whi
             if worker.poll() is None:
                 worker.kill()
     _assert_parity(two, one)
+
+
+# Each of the two processes (argv: model dir, coordinator, process id) loads the checkpoint into the
+# fsdp=8 training layout, checks its own shards against the whole tensors, and prints what it read.
+LOAD_SCRIPT = """
+import json, sys
+import jax
+jax.distributed.initialize(sys.argv[2], 2, int(sys.argv[3]))
+import numpy as np
+from qedjax import convert, sharding
+from qedjax.safetensors_io import SafetensorsFile
+mesh = sharding.make_mesh("fsdp=8")
+_, abstract = convert.abstract_model(convert.read_config(sys.argv[1]))
+stats = {}
+config, _, params = convert.load_params(sys.argv[1], shardings=sharding.state_shardings(abstract, mesh,
+                                        sharding.TRAIN_RULES), stats=stats)
+f = SafetensorsFile(sys.argv[1] + "/model.safetensors")
+for key in convert.key_table(config):
+    x = convert._get(params, key.path)
+    whole = convert.to_ours(f.get(key.hf), key.layout, x.shape)
+    for shard in x.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index], err_msg=key.hf)
+replicated = sum(f.get(k.hf).nbytes for k in convert.key_table(config)
+                 if convert._get(params, k.path).sharding.is_fully_replicated)
+print("LOADED " + json.dumps({**stats, "replicated": replicated}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_each_read_only_the_checkpoint_bytes_their_devices_hold(tmp_path):
+    from flax import nnx
+
+    from qedjax import convert
+    from qedjax.models.qwen3 import Qwen3, Qwen3Config
+
+    model = Qwen3(Qwen3Config.preset("tiny"), rngs=nnx.Rngs(0))
+    convert.save_hf(model, tmp_path / "hf")
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        log = str(tmp_path / f"load_p{i}.log")
+        with open(log, "w") as f:
+            procs.append((subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path / "hf"),
+                                            f"127.0.0.1:{port}", str(i)], env=_child_env(4), cwd=ROOT,
+                                           stdout=f, stderr=subprocess.STDOUT), log))
+    assert _wait_all(procs) == [0, 0], _tails(procs)
+    read = [json.loads(re.search(r"LOADED (.*)", log).group(1)) for log in _logs(procs)]
+    total, replicated = read[0]["bytes_total"], read[0]["replicated"]
+    assert total == sum(np.asarray(x).nbytes for x in jax_leaves(model))
+    # Sharded tensors: each process read its half; replicated ones (the q/k norms): both read all.
+    assert read[0]["bytes_read"] + read[1]["bytes_read"] == total + replicated
+    assert all(r["bytes_read"] == (total - replicated) // 2 + replicated for r in read), read
+    assert replicated < 0.01 * total
+
+
+def jax_leaves(model):
+    import jax
+    from flax import nnx
+
+    return jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
