@@ -134,8 +134,10 @@ def fault_point(name: str) -> None:
 
     Then this process SIGKILLs itself here, so that a drill (tests/test_faults.py, tools/fault_drill.py)
     kills a run at a chosen point of a chosen step instead of guessing with timers. The points:
-    `STAGE:step:K` (sft, grpo) while optimizer step K is in flight, and `STAGE:save:K` just after the
-    asynchronous save of step K started (its files not yet complete). `POINT/TERM` sends SIGTERM instead.
+    `STAGE:step:K` (sft, grpo) while optimizer step K is in flight, `STAGE:save:K` just after the
+    asynchronous save of step K started (its files not yet complete), and `generate:chunk:K` before
+    this process's K-th decode call of the JAX sampler (in the middle of a generation).
+    `POINT/TERM` sends SIGTERM instead.
     """
     point, _, sig = os.environ.get(FAULT_ENV, "").partition("/")
     if point == name:

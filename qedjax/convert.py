@@ -208,9 +208,8 @@ def _load_tensor(f: SafetensorsFile, name: str, hf_arr: np.ndarray, layout: str,
     are read (`f.bytes_read` counts them): each distinct shard's slice of the HF tensor is copied out
     of the mapped file once, put on its devices, and transposed / split / cast there by XLA (a
     strided numpy transpose of a large matrix was most of the load time)."""
-    if sharding is None:  # one device: straight from the mapped file into its buffer
-        f.bytes_read += hf_arr.nbytes
-        return _to_ours_on_device(jax.device_put(hf_arr), layout, shape, np_dtype)
+    if sharding is None:
+        return _to_ours_on_device(jax.device_put(f.read(name)), layout, shape, np_dtype)
     shards, cache = [], {}
     for device, index in sharding.addressable_devices_indices_map(shape).items():
         key = tuple((sl.start, sl.stop) for sl in index)
