@@ -158,6 +158,7 @@ def load_params(path: str | os.PathLike, *, dtype: str = "float32", compute_dtyp
     params: dict = {}
     np_dtype = NP_DTYPES[dtype]
     total = 0
+    staging = _Staging()
     try:
         for key in table:
             file = files[key.hf]
@@ -172,7 +173,7 @@ def load_params(path: str | os.PathLike, *, dtype: str = "float32", compute_dtyp
                 raise ValueError(f"{file}: tensor {key.hf} has shape {hf_arr.shape}, expected "
                                  f"{hf_shape(shape, key.layout)} for the config in {path}")
             sharding = None if shardings is None else _get(shardings, key.path)
-            _set(params, key.path, _load_tensor(f, key.hf, hf_arr, key.layout, shape, np_dtype, sharding))
+            _set(params, key.path, _load_tensor(f, key.hf, hf_arr, key.layout, shape, np_dtype, sharding, staging))
     finally:
         for f in opened.values():
             f.close()
@@ -202,34 +203,58 @@ def hf_slices(index: tuple[slice, ...], layout: str, shape: tuple[int, ...]) -> 
     return d_index, slice(h.start * head, h.stop * head)
 
 
+class _Staging:
+    """One host buffer, grown as needed and reused for every tensor that is transposed or cast on its
+    way in: the file's bytes land in memory that is already faulted in, and only the parameter's own
+    buffer is fresh (allocating and zeroing fresh pages was most of a load's time)."""
+
+    def __init__(self):
+        self.buf = np.zeros(0, np.uint8)
+
+    def get(self, nbytes: int) -> np.ndarray:
+        if self.buf.nbytes < nbytes:
+            from qedjax.safetensors_io import aligned_empty
+
+            self.buf = aligned_empty((nbytes,), np.uint8)
+        return self.buf
+
+
 def _load_tensor(f: SafetensorsFile, name: str, hf_arr: np.ndarray, layout: str, shape: tuple[int, ...],
-                 np_dtype: np.dtype, sharding) -> jax.Array:
+                 np_dtype: np.dtype, sharding, staging: _Staging) -> jax.Array:
     """One parameter into its shards. Only the parts of the file that this process's devices hold
-    are read (`f.bytes_read` counts them): each distinct shard's slice of the HF tensor is copied out
-    of the mapped file once, put on its devices, and transposed / split / cast there by XLA (a
-    strided numpy transpose of a large matrix was most of the load time)."""
-    if sharding is None:
-        return _to_ours_on_device(jax.device_put(f.read(name)), layout, shape, np_dtype)
-    shards, cache = [], {}
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
+    are read (`f.bytes_read` counts them): each distinct shard's slice of the HF tensor is read once
+    and put on its devices, then transposed / split / cast there by XLA (a strided numpy transpose of
+    a large matrix took most of the load time). A slice that needs no change is read into memory of
+    its own and handed over as it is (without a copy on CPU, where device_put takes aligned arrays)."""
+    devices = ([(None, tuple(slice(None) for _ in shape))] if sharding is None
+               else list(sharding.addressable_devices_indices_map(shape).items()))
+    keep = layout == "same" and hf_arr.dtype == np_dtype
+    shards, done = [], {}
+    for device, index in devices:
         key = tuple((sl.start, sl.stop) for sl in index)
-        if key not in cache:
-            sub = tuple((sl.stop if sl.stop is not None else n) - (sl.start or 0) for sl, n in zip(index, shape))
-            cache[key] = (f.read(name, hf_slices(index, layout, shape)), sub)
-        host, sub = cache[key]
-        shards.append(_to_ours_on_device(jax.device_put(host, device), layout, sub, np_dtype))
+        sub = tuple((sl.stop if sl.stop is not None else n) - (sl.start or 0) for sl, n in zip(index, shape))
+        if key in done:  # a replica of a slice this process has read already
+            shards.append(jax.device_put(done[key], device))
+            continue
+        hf_index = hf_slices(index, layout, shape)
+        if keep:
+            done[key] = f.read(name, hf_index)
+            shards.append(jax.device_put(done[key], device))
+            continue
+        host = f.read(name, hf_index, out=staging.get(hf_arr[hf_index].nbytes))
+        x = jax.device_put(host, device)
+        y = done[key] = _to_ours_jit(x, layout, sub, jnp.dtype(np_dtype))
+        y.block_until_ready()  # the staging buffer is read again by the next tensor
+        del x
+        shards.append(y)
+    if sharding is None:
+        return shards[0]
     return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _to_ours_jit(x, layout: str, shape: tuple[int, ...], dtype):
     return (x if layout == "same" else x.T.reshape(shape)).astype(dtype)
-
-
-def _to_ours_on_device(x: jax.Array, layout: str, shape: tuple[int, ...], np_dtype: np.dtype) -> jax.Array:
-    if layout == "same" and x.dtype == np_dtype:
-        return x
-    return _to_ours_jit(x, layout, tuple(shape), jnp.dtype(np_dtype))
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32", **kwargs) -> Qwen3:

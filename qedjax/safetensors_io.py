@@ -79,15 +79,19 @@ class SafetensorsFile:
                             offset=self._base + start)
         return arr.reshape(entry["shape"])
 
-    def read(self, name: str, index: tuple = ()) -> np.ndarray:
+    def read(self, name: str, index: tuple = (), out: np.ndarray | None = None) -> np.ndarray:
         """A copy of `get(name)[index]` (a tuple of slices) in fresh, 64-byte aligned host memory: only
         the bytes of that slice are read from the file (page granularity aside); `bytes_read` adds
         them up. A run of whole rows is one read() from the file; other slices are gathered from the
-        map. (On CPU, jax.device_put takes a 64-byte aligned array without copying it.)"""
+        map. (On CPU, jax.device_put takes a 64-byte aligned array without copying it.) `out`: a
+        buffer of at least that many bytes to read into instead (its start must be 64-byte aligned)."""
         view = self.get(name)
         index = tuple(index) + (slice(None),) * (view.ndim - len(index))
         sub = view[index]
-        out = aligned_empty(sub.shape, sub.dtype)
+        if out is None:
+            out = aligned_empty(sub.shape, sub.dtype)
+        else:
+            out = out.reshape(-1).view(np.uint8)[:sub.nbytes].view(sub.dtype).reshape(sub.shape)
         rows = index[0] if view.ndim else slice(None)
         whole_rows = all(sl == slice(None) or (sl.start in (None, 0) and sl.stop in (None, n))
                          for sl, n in zip(index[1:], view.shape[1:]))
