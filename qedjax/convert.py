@@ -119,8 +119,11 @@ def read_config(path: str | os.PathLike, **overrides) -> Qwen3Config:
     return Qwen3Config.from_hf(hf, source=file, **overrides)
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_model(config: Qwen3Config):
-    """(graphdef, abstract state) of the model, no memory allocated."""
+    """(graphdef, abstract state) of the model, no memory allocated. Cached per config: tracing the
+    initialisation takes seconds at Qwen3 sizes (nnx updates its random stream once per parameter),
+    and a launch asks for it several times (shardings, then the load). Read-only to its callers."""
     return nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))))
 
 
