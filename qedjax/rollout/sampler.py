@@ -2,7 +2,11 @@
 
 Prompts of different lengths are left-padded to a shared length (padding is segment 0, so no real
 token attends to it), the cache is filled by one prefill pass, and a `lax.while_loop` decodes one
-token per step for the whole batch until every row has hit a stop id or the token limit. Each row
+token per step for the whole batch until every row has hit a stop id or the token limit. The loop
+runs `decode_chunk` steps per program call (the carry, KV cache included, is donated from call to
+call); between calls every process learns whether any was asked to stop (qedjax/preempt.py), so a
+preempted generation ends within one call. On several processes every process calls the sampler with
+the same prompts; each places its own devices' rows and all read back every row. Each row
 samples from its own random stream (seed, row), so a prompt draws the same tokens alone or in any
 batch. Shapes are bucketed (batch to a power of two; prompt and generation lengths to powers of
 two, then multiples of 1024), so a run with mixed lengths compiles a bounded number of programs.
