@@ -11,8 +11,9 @@ A benchmark is a list of `Problem`s. Each carries the references its grader need
 | rules           | rule grader               | rubric (JSON)           | category, level   |
 
 Rows come from a CSV, JSONL/JSON or Parquet file, or a dataset directory saved with the `datasets`
-library (`save_to_disk`). Column names default to those of the IMO-Bench CSVs (see
-../shared/data/imobench/README.md) and can be remapped per field in the config.
+library (`save_to_disk`). Column names default to those of the IMO-Bench CSVs and can be remapped
+per field in the config. IMO-Bench v2 itself ships in qedjax/imobench/ (with its source and licence,
+CC-BY 4.0): an imo-proofbench or imo-answerbench section without a `path` reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import json
 import os
 import random
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from qedjax.rows import BAD_ROWS, BadRowError, read_jsonl
@@ -61,13 +63,16 @@ FORMATS: dict[str, dict[str, str]] = {
 # Fields a row may lack: the id falls back to the row number, groups to "".
 OPTIONAL_FIELDS = ("id", "category", "level")
 JUDGE_STYLES = {"imo-proofbench": "proofbench", "proofbench": "rubric"}
+# The IMO-Bench v2 CSVs shipped with the package: the default file of their formats.
+IMOBENCH_DIR = Path(__file__).resolve().parent / "imobench"
+SHIPPED = {"imo-proofbench": "proofbench_v2.csv", "imo-answerbench": "answerbench_v2.csv"}
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkConfig:
     """Which benchmark file to read and which of its problems to keep."""
 
-    path: str = "../shared/data/imobench/proofbench_v2.csv"
+    path: str = ""  # the rows' file or directory; "" for imo-* formats: the shipped IMO-Bench v2 CSV
     format: str = "imo-proofbench"  # a key of FORMATS
     name: str = ""  # label in reports; defaults to the format
     split: str = ""  # for a saved DatasetDict: which split ("" = the only one)
@@ -81,6 +86,8 @@ class BenchmarkConfig:
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"benchmark format must be one of {sorted(FORMATS)}, got {self.format!r}")
+        if not self.path and self.format in SHIPPED:
+            object.__setattr__(self, "path", str(IMOBENCH_DIR / SHIPPED[self.format]))
         unknown = set(self.columns) - set(FORMATS[self.format]) - set(OPTIONAL_FIELDS)
         if unknown:
             raise ValueError(f"unknown fields in benchmark columns for {self.format}: {sorted(unknown)}")
@@ -246,6 +253,11 @@ def load_benchmark(cfg: BenchmarkConfig) -> list[Problem]:
     Returns:
         The selected problems. Problem ids are unique (resuming relies on them).
     """
+    if not cfg.path:
+        raise FileNotFoundError(f"no benchmark file is set (format {cfg.format!r}; only {sorted(SHIPPED)} ship "
+                                f"with qedjax)")
+    if not os.path.exists(cfg.path):
+        raise FileNotFoundError(f"benchmark file {cfg.path!r} does not exist")
     skipped: list[str] | None = [] if cfg.bad_rows == "skip" else None
     if os.fspath(cfg.path).endswith(".jsonl"):
         rows, where, bad = read_jsonl(cfg.path, skip_bad=skipped is not None)

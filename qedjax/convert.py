@@ -30,8 +30,6 @@ from qedjax.safetensors_io import SafetensorsFile, read_index, shard_plan, write
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 READABLE = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float64)}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 DEFAULT_SHARD_BYTES = 4 * 2**30
 
 
@@ -297,6 +295,20 @@ def params_and_config(model_or_params, config: Qwen3Config | None, caller: str):
     return config, model_or_params
 
 
+# Keys of Qwen3Config.to_hf() that transformers' Qwen3Config does not take as arguments (it sets the
+# architecture itself, writes the dtype it is given, and reads RoPE from rope_parameters).
+_NOT_HF_ARGS = ("architectures", "model_type", "torch_dtype", "dtype", "rope_theta", "rope_scaling")
+
+
+def hf_config(config: Qwen3Config, dtype: str | None = None):
+    """transformers' own Qwen3Config for `config`, with `dtype` (default: the parameters') as its dtype:
+    what save_hf writes as config.json."""
+    import transformers
+
+    kwargs = {k: v for k, v in config.to_hf().items() if k not in _NOT_HF_ARGS}
+    return transformers.Qwen3Config(**kwargs, dtype=dtype or config.param_dtype, architectures=["Qwen3ForCausalLM"])
+
+
 def save_hf(model: Qwen3 | dict, out_dir: str | os.PathLike, *, config: Qwen3Config | None = None,
             dtype: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
             tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> str:
@@ -306,7 +318,7 @@ def save_hf(model: Qwen3 | dict, out_dir: str | os.PathLike, *, config: Qwen3Con
       model: a Qwen3 module, or a params pure dict together with `config`.
       dtype: dtype of the saved tensors (default: the model's param dtype).
       max_shard_bytes: above this the weights are split into shards with an index.
-      tokenizer_dir: if given, its tokenizer files are copied alongside.
+      tokenizer_dir: if given, its tokenizer is loaded and saved alongside (transformers' save_pretrained).
       overwrite: replace an existing non-empty out_dir.
     The directory is written to a temporary sibling and renamed into place, so a failed save leaves
     nothing half-written. Only process 0 writes; every process must call it (gathers are collective).
@@ -339,16 +351,13 @@ def save_hf(model: Qwen3 | dict, out_dir: str | os.PathLike, *, config: Qwen3Con
             total = sum(int(np.prod(s)) * d.itemsize for s, d in specs.values())
             _write_json(os.path.join(tmp, "model.safetensors.index.json"),
                         {"metadata": {"total_size": total}, "weight_map": weight_map})
-        hf_config = config.to_hf()
-        if dtype:
-            hf_config["torch_dtype"] = hf_config["dtype"] = dtype
-        _write_json(os.path.join(tmp, "config.json"), hf_config)
-        _write_json(os.path.join(tmp, "generation_config.json"),
-                    {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
+        import transformers
+
+        hf_config(config, dtype).save_pretrained(tmp)
+        transformers.GenerationConfig(bos_token_id=config.bos_token_id,
+                                      eos_token_id=config.eos_token_id).save_pretrained(tmp)
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(tokenizer_dir, name)):
-                    shutil.copy2(os.path.join(tokenizer_dir, name), tmp)
+            transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)

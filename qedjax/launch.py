@@ -12,7 +12,9 @@ TPU topology on this machine and reports whether they fit (qedjax/fit.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -44,6 +46,8 @@ def parse_args(argv):
                    "plus grpo.rc.summary_max_new_tokens with RC)")
     p.add_argument("--fit-layers", help="--compile-only: A,B compiles the model cut to A and B blocks and "
                    "extrapolates to its depth: a faster triage, not a verdict (docs/FIT.md)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="qedjax's log level on process 0 (the other processes log warnings and errors only)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sft.steps=4 run.dir=/tmp/x")
     return p.parse_args(argv)
 
@@ -54,6 +58,32 @@ def init_distributed(args) -> None:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif os.environ.get("QEDJAX_DISTRIBUTED") == "auto":
         jax.distributed.initialize()
+
+
+def setup_logging(level: str) -> None:
+    """One handler for the whole process, each line naming its process: qedjax's loggers at `level`
+    on process 0 and at WARNING on the others (a pod's hosts would repeat every line); other
+    libraries' loggers (Orbax, absl, httpx) at WARNING."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s [qedjax p{jax.process_index()}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    ours = logging.getLevelName(level)
+    logging.getLogger("qedjax").setLevel(ours if jax.process_index() == 0 else max(ours, logging.WARNING))
+
+
+@contextlib.contextmanager
+def input_checks():
+    """Marks the errors raised inside as mistakes in the config or its files: the command line
+    (`cli`) reports them by their message alone, not with a traceback; callers of `main` get them
+    as they are."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        e.bad_input = True
+        raise
 
 
 def validate(cfg, mesh, stages, check_paths: bool = True) -> None:
@@ -84,10 +114,13 @@ def check_problem_files(cfg, stages) -> None:
     file and line, before anything compiles (the SFT data is read before SFT compiles anything)."""
     from qedjax.benchmarks import load_benchmark
 
-    if "grpo" in stages:
-        load_benchmark(cfg.grpo.problems)
-    if "eval" in stages:
-        load_benchmark(cfg.eval.benchmark)
+    for stage, key, section in (("grpo", "grpo.problems", cfg.grpo), ("eval", "eval.benchmark", cfg.eval)):
+        if stage in stages:
+            bench = section.problems if stage == "grpo" else section.benchmark
+            try:
+                load_benchmark(bench)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{key}.path: {e}") from None
 
 
 def with_toy_data(cfg, run_dir: str):
@@ -118,21 +151,26 @@ def with_toy_data(cfg, run_dir: str):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides) + ([f"run.mesh={args.mesh}"] if args.mesh else [])
-    cfg = load_config(args.config, overrides)
+    with input_checks():
+        cfg = load_config(args.config, overrides)
     stages = tuple(args.stage or cfg.run.stages)
     if args.compile_only:  # proof of fit before renting the hardware: compile, run nothing
-        mesh = fit.target_mesh(args.compile_only, cfg.run.mesh)
-        validate(cfg, mesh, stages, check_paths=False)
+        with input_checks():
+            mesh = fit.target_mesh(args.compile_only, cfg.run.mesh)
+            validate(cfg, mesh, stages, check_paths=False)
         layers = tuple(int(x) for x in args.fit_layers.split(",")) if args.fit_layers else None
         return fit.report(cfg, mesh, stages, args.compile_only, prompt_tokens=args.prompt_tokens, layers=layers)
     init_distributed(args)
-    mesh = sharding.make_mesh(cfg.run.mesh)
-    validate(cfg, mesh, stages)
+    setup_logging(args.log_level)
+    with input_checks():
+        mesh = sharding.make_mesh(cfg.run.mesh)
+        validate(cfg, mesh, stages)
     run_dir = cfg.run.dir
     os.makedirs(run_dir, exist_ok=True)
     if cfg.toy is not None:
         cfg = with_toy_data(cfg, run_dir)
-    check_problem_files(cfg, stages)
+    with input_checks():
+        check_problem_files(cfg, stages)
     write_run_info(run_dir, cfg, mesh, argv=sys.argv[1:] if argv is None else argv)
     writer = MetricsWriter(run_dir, deterministic=cfg.run.deterministic)
     tokenizer_path = cfg.model.tokenizer or cfg.model.hf_path
@@ -166,5 +204,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> int:
+    try:
+        return main()
+    except (ValueError, FileNotFoundError) as e:
+        if getattr(e, "bad_input", False):
+            raise SystemExit(f"qedjax.launch: {e}") from None
+        raise
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -305,7 +305,8 @@ def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict
     for target in cfg.run.eval_targets:
         graphdef, params = target_params(cfg, target, mesh, run_dir, len(tokenizer))
         engine = make_engine(nnx.merge(graphdef, params), 0)
-        out[target] = run_eval(ev, engine, grader, run_dir, label=target, judge=judge, summarizer=summarizer)
+        out[target] = run_eval(ev, engine, grader, run_dir, label=target, judge=judge, summarizer=summarizer,
+                               progress=lead)
         close_engine(engine)
         del engine, params
     if summarizer is not None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import transformers
 
+from qedjax import convert
 from qedjax.models.qwen3 import Qwen3Config
 
 
 def hf_config(cfg: Qwen3Config) -> transformers.Qwen3Config:
-    return transformers.Qwen3Config(**{k: v for k, v in cfg.to_hf().items()
-                                       if k not in ("architectures", "torch_dtype", "dtype")})
+    return convert.hf_config(cfg)
 
 
 def random_hf_model(cfg: Qwen3Config, seed: int = 0) -> transformers.Qwen3ForCausalLM:

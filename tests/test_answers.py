@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from imobench import IMOBENCH, needs_data
+from qedjax.benchmarks import IMOBENCH_DIR as IMOBENCH
 from qedjax import answers
 from qedjax.answers import check_answer, clean, compare_answers, last_boxed, split_items
 
@@ -125,7 +125,6 @@ def _accepted(pairs: list[tuple[str, str]]) -> list[bool]:
         return list(pool.map(lambda pair: check_answer(boxed(pair[0]), pair[1]), pairs))
 
 
-@needs_data
 def test_answerbench_gold_accepts_itself():
     golds = _golds()
     as_written = _accepted([(gold, gold) for gold in golds])
@@ -134,7 +133,6 @@ def test_answerbench_gold_accepts_itself():
     assert sum(rewritten) / len(golds) >= 0.95, [g for g, ok in zip(golds, rewritten) if not ok]
 
 
-@needs_data
 def test_answerbench_gold_rejects_other_golds():
     golds = _golds()
     rng = random.Random(0)

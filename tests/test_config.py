@@ -4,6 +4,7 @@ import dataclasses
 import glob
 import os
 import re
+import sys
 import types
 import typing
 
@@ -63,6 +64,19 @@ def test_launch_fails_before_compiling(tmp_path, monkeypatch):
                      f"run.dir={tmp_path}"])
 
 
+def test_eval_configs_select_their_stage_and_a_missing_file_ends_the_command_cleanly(tmp_path, monkeypatch, capsys):
+    """The shipped eval configs run the eval stage alone; a benchmark file that is not there stops the
+    command line with one message naming the key, before any model or engine loads."""
+    for name in ("eval-imo-proofbench.yaml", "eval-imo-answerbench.yaml"):
+        assert load_config(os.path.join(ROOT, "configs", name)).run.stages == ("eval",)
+    monkeypatch.setattr("qedjax.sft.load_tokenizer", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(sys, "argv", ["qedjax.launch", "--config", os.path.join(ROOT, "configs/eval-imo-answerbench.yaml"),
+                                      f"model.hf_path={tmp_path}", f"eval.benchmark.path={tmp_path}/gone.csv",
+                                      f"run.dir={tmp_path}/run"])
+    with pytest.raises(SystemExit, match=r"^qedjax.launch: eval.benchmark.path: benchmark file '.*gone.csv' does not exist$"):
+        launch.cli()
+
+
 def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"),
@@ -94,3 +108,26 @@ def test_every_path_like_key_is_resolved():
     keys = {key for key, tp in _fields(Config) if str in (typing.get_args(tp) or (tp,))
             and looks_like_a_path.search(key.rsplit(".", 1)[-1])}
     assert keys == set(PATH_KEYS)
+
+
+def test_logging_names_the_process_and_is_quiet_beyond_process_0(monkeypatch, capsys):
+    """The launcher's logging: qedjax's INFO lines shown on process 0 with the process in the prefix,
+    other libraries' INFO dropped; on another process only warnings and errors."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("qedjax").level
+    try:
+        for index, shown in ((0, {"info", "warning"}), (1, {"warning"})):
+            monkeypatch.setattr("jax.process_index", lambda: index)
+            launch.setup_logging("INFO")
+            logging.getLogger("qedjax.eval.run").info("info")
+            logging.getLogger("qedjax.judge").warning("warning")
+            logging.getLogger("orbax").info("orbax")
+            lines = capsys.readouterr().err.splitlines()
+            assert {line.rsplit(" ", 1)[-1] for line in lines} == shown
+            assert all(f"[qedjax p{index}]" in line for line in lines)
+    finally:
+        root.handlers[:], _, _ = saved
+        root.setLevel(saved[1])
+        logging.getLogger("qedjax").setLevel(saved[2])

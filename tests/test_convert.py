@@ -63,7 +63,7 @@ def test_sharded_checkpoints_both_ways(tmp_path):
 def test_bf16_export_keeps_dtype(tmp_path):
     model = Qwen3(Qwen3Config(**TINY, param_dtype="bfloat16", dtype="bfloat16"), rngs=nnx.Rngs(0))
     convert.save_hf(model, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     f = SafetensorsFile(tmp_path / "out" / "model.safetensors")
     assert {f.dtype_code(n) for n in f.names()} == {"BF16"}
     back = convert.load_hf(tmp_path / "out", dtype="bfloat16")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from imobench import IMOBENCH, needs_data
+from qedjax.benchmarks import IMOBENCH_DIR as IMOBENCH
 from qedjax.benchmarks import BenchmarkConfig, load_benchmark, read_rows, select, to_problems
 
 
@@ -17,7 +17,6 @@ def answerbench(**kwargs) -> BenchmarkConfig:
     return BenchmarkConfig(path=str(IMOBENCH / "answerbench_v2.csv"), format="imo-answerbench", **kwargs)
 
 
-@needs_data
 def test_imo_proofbench_loads_all_rows_with_their_fields():
     problems = load_benchmark(proofbench())
     assert len(problems) == 60
@@ -33,7 +32,6 @@ def test_imo_proofbench_loads_all_rows_with_their_fields():
     assert all(p.problem and p.references["solution"] and p.references["guidelines"] for p in problems)
 
 
-@needs_data
 def test_imo_answerbench_loads_all_rows_with_their_fields():
     problems = load_benchmark(answerbench())
     assert len(problems) == 400
@@ -45,7 +43,6 @@ def test_imo_answerbench_loads_all_rows_with_their_fields():
     assert len({p.id for p in problems}) == 400
 
 
-@needs_data
 def test_filters_and_fixed_subset():
     easy_algebra = load_benchmark(proofbench(categories=("Algebra",), levels=("IMO-easy",)))
     assert easy_algebra and all(p.category == "Algebra" and p.level == "IMO-easy" for p in easy_algebra)
@@ -59,7 +56,6 @@ def test_filters_and_fixed_subset():
     assert [p.id for p in subset] == sorted(p.id for p in subset)  # kept in file order
 
 
-@needs_data
 def test_subcategory_can_be_mapped_as_level():
     problems = load_benchmark(answerbench(columns={"level": "Subcategory"}))
     assert problems[0].level == "Operation"

@@ -1,7 +1,6 @@
 """The eval run: grading, report files, resuming after interruptions, configs, the AnswerBench oracle."""
 
 import csv
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fakes import FakeEngine, FakeGrader
-from imobench import IMOBENCH, needs_data
+from qedjax.benchmarks import IMOBENCH_DIR as IMOBENCH
 
 from qedjax.benchmarks import BenchmarkConfig, load_benchmark
 from qedjax.eval.run import EvalConfig, read_jsonl, run_eval
@@ -193,12 +192,11 @@ def test_yaml_configs_build_an_eval_config(name):
     dsm = cfg.dsm
     assert (dsm.pool, dsm.verifications, dsm.refine_top, dsm.worst_analyses, dsm.rounds) == (4, 4, 4, 2, 2)
     assert cfg.sampling.max_new_tokens == 49152 and cfg.grader in ("judge", "answer")
-    if IMOBENCH is not None:  # the configured file is one of the real CSVs
-        local = dataclasses.replace(cfg.benchmark, path=str(IMOBENCH / Path(cfg.benchmark.path).name))
-        assert len(load_benchmark(local)) in (60, 400)
+    # no path: the IMO-Bench CSV shipped with the package
+    assert Path(cfg.benchmark.path).parent == IMOBENCH
+    assert len(load_benchmark(cfg.benchmark)) == {"imo-proofbench": 60, "imo-answerbench": 400}[cfg.benchmark.format]
 
 
-@needs_data
 def test_answerbench_oracle_scores_the_gold_answers(tmp_path):
     """The harness end to end with the real answer grader: answering with the gold answer itself
     must score (nearly) 100%, or the loader, the prompts or the grading lose answers on the way."""

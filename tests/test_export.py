@@ -96,7 +96,8 @@ def test_bf16_export_keeps_dtypes_in_sharded_files(trained, tmp_path):
     codes = {SafetensorsFile(f).dtype_code(n) for n, f in files.items()}
     assert codes == {"BF16"}
     hf_cfg = json.loads(open(os.path.join(out, "config.json")).read())
-    assert hf_cfg["torch_dtype"] == "bfloat16"
+    # written by transformers' own Qwen3Config.save_pretrained, not by hand
+    assert hf_cfg["dtype"] == "bfloat16" and hf_cfg["transformers_version"] == transformers.__version__
     up = np.array(SafetensorsFile(files["model.layers.1.mlp.up_proj.weight"]).get("model.layers.1.mlp.up_proj.weight"))
     np.testing.assert_array_equal(up, params["layers"][1]["mlp"]["up_proj"].T.astype(up.dtype))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from imobench import IMOBENCH, needs_data
+from qedjax.benchmarks import IMOBENCH_DIR as IMOBENCH
 from qedjax.judge import JudgeConfig, cache_key
 from qedjax.rewards import Grade, GradeItem, JudgeGrader, parse_score, render_judge_prompt
 
@@ -353,7 +353,6 @@ def _proofbench_rows():
     return rows
 
 
-@needs_data
 def test_proofbench_rows_render_with_all_fields():
     for row in _proofbench_rows():
         references = {"solution": row["Solution"], "guidelines": row["Grading guidelines"]}
@@ -366,7 +365,6 @@ def test_proofbench_rows_render_with_all_fields():
         assert positions == sorted(positions) and prompt.rindex("My proof.") > positions[-1]
 
 
-@needs_data
 def test_prompt_never_drops_a_missing_field():
     row = _proofbench_rows()[0]
     with pytest.raises(ValueError, match="guidelines"):

@@ -26,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from qedjax import answers  # noqa: E402
 from qedjax.answers import check_answer, clean, split_items  # noqa: E402
 
-DEFAULT_CSV = pathlib.Path(__file__).resolve().parents[2] / "shared/data/imobench/answerbench_v2.csv"
+DEFAULT_CSV = pathlib.Path(__file__).resolve().parents[1] / "qedjax/imobench/answerbench_v2.csv"
 
 
 def rewrite(gold: str) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
+from tqdm import tqdm
 
 from qedjax import multihost
 from qedjax.benchmarks import (
@@ -213,6 +214,7 @@ def run_eval(
     judge: Grader | None = None,
     problems: Sequence[Problem] | None = None,
     summarizer: RolloutEngine | None = None,
+    progress: bool = True,
 ) -> dict:
     """Evaluates `engine` under `cfg`, resuming whatever `run_dir/eval/<label>/` already holds.
 
@@ -227,6 +229,7 @@ def run_eval(
         problems: the problems to use instead of loading `cfg.benchmark` (tests, callers that
             already hold them).
         summarizer: the RC scaffold's summariser engine when eval.rc.summarizer names a model.
+        progress: show a progress bar of graded samples (the launcher: process 0 only).
 
     Returns:
         The summary: score (mean %), stderr, tokens_per_problem, by_group, length, ... (on process 0;
@@ -252,6 +255,9 @@ def run_eval(
     # it what a resumed run still has to generate, generate along, and wait (see the README).
     resume = multihost.broadcast_json({"generated": sorted(generated), "done": sorted(done)})
     have, done = set(resume["generated"]), set(resume["done"])
+    wanted = {_key(*u) for u in units}
+    bar = tqdm(total=len(units), initial=len(done & wanted), desc=f"eval {label}", unit="sample",
+               disable=not (progress and lead), dynamic_ncols=True, mininterval=2.0)
     for chunk_index in range(0, len(units), cfg.batch_size):
         chunk = [u for u in units[chunk_index : chunk_index + cfg.batch_size] if _key(*u) not in done]
         if not chunk:
@@ -276,12 +282,14 @@ def run_eval(
         records = [{**r, **g} for r, g in zip(answered, grades)]
         append_jsonl(samples_path, records)
         graded.update((r["key"], r) for r in records)
+        before = len(done & wanted)
         done.update(r["key"] for r in records if r["reason"] not in RETRY_REASONS)
-        logger.info("eval %s: %d/%d graded", label, len(done), len(units))
+        bar.update(len(done & wanted) - before)
+        logger.debug("eval %s: %d/%d graded", label, len(done & wanted), len(units))
+    bar.close()
 
     if not lead:
         return {}
-    wanted = {_key(*u) for u in units}
     final = [r for k, r in graded.items() if k in wanted]
     name = cfg.benchmark.name or cfg.benchmark.format
     return write_report(
