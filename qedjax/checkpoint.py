@@ -134,8 +134,10 @@ def fault_point(name: str) -> None:
 
     Then this process SIGKILLs itself here, so that a drill (tests/test_faults.py, tools/fault_drill.py)
     kills a run at a chosen point of a chosen step instead of guessing with timers. The points:
-    `STAGE:step:K` (sft, grpo) while optimizer step K is in flight, and `STAGE:save:K` just after the
-    asynchronous save of step K started (its files not yet complete). `POINT/TERM` sends SIGTERM instead.
+    `STAGE:step:K` (sft, grpo) while optimizer step K is in flight, `STAGE:save:K` just after the
+    asynchronous save of step K started (its files not yet complete), and `generate:chunk:K` before
+    this process's K-th decode call of the JAX sampler (in the middle of a generation).
+    `POINT/TERM` sends SIGTERM instead.
     """
     point, _, sig = os.environ.get(FAULT_ENV, "").partition("/")
     if point == name:
@@ -144,7 +146,8 @@ def fault_point(name: str) -> None:
 
 class StopRequest:
     """Turns SIGTERM and Ctrl-C into a flag the train loop checks between steps (then it saves and
-    stops). A second Ctrl-C interrupts at once."""
+    stops), and that a generation or a wait in progress acts on too (qedjax/preempt.py). A second
+    Ctrl-C interrupts at once."""
 
     def __init__(self):
         self.requested = False
@@ -157,11 +160,14 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        from qedjax import preempt
+
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        if jax.process_index() == 0:
-            print(f"\n[qedjax] got signal {signum}: saving a checkpoint after this step, then stopping")
+        preempt.request()  # a generation or a wait in progress stops too (qedjax/preempt.py)
+        print(f"\n[qedjax] process {jax.process_index()} got signal {signum}: saving a checkpoint, then stopping",
+              flush=True)
 
     def agreed(self) -> bool:
         """Whether any process was asked to stop. Every process must stop (and save) at the same step:
@@ -173,6 +179,9 @@ class StopRequest:
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def __exit__(self, *exc):
+        from qedjax import preempt
+
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        preempt.clear()
         return False

@@ -12,6 +12,7 @@ read one at a time from memory-mapped files and put straight into their shards.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -116,13 +117,16 @@ def read_config(path: str | os.PathLike, **overrides) -> Qwen3Config:
     return Qwen3Config.from_hf(hf, source=file, **overrides)
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_model(config: Qwen3Config):
-    """(graphdef, abstract state) of the model, no memory allocated."""
+    """(graphdef, abstract state) of the model, no memory allocated. Cached per config: tracing the
+    initialisation takes seconds at Qwen3 sizes (nnx updates its random stream once per parameter),
+    and a launch asks for it several times (shardings, then the load). Read-only to its callers."""
     return nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))))
 
 
 def load_params(path: str | os.PathLike, *, dtype: str = "float32", compute_dtype: str | None = None,
-                shardings: Any = None, config: Qwen3Config | None = None):
+                shardings: Any = None, config: Qwen3Config | None = None, stats: dict | None = None):
     """Reads a HF directory tensor by tensor into a params pure dict.
 
     Args:
@@ -131,6 +135,8 @@ def load_params(path: str | os.PathLike, *, dtype: str = "float32", compute_dtyp
       shardings: optional pure dict of NamedShardings (qedjax.sharding.state_shardings); each tensor is
         then placed straight into its shards (only the addressable shards touch this host's devices).
       config: optional config overriding `path/config.json` (e.g. to set remat).
+      stats: if given, filled with `bytes_read` (the tensor bytes this process read: with shardings,
+        only the slices its devices hold) and `bytes_total` (every tensor's bytes).
     Returns:
       (config, graphdef, params)
     """
@@ -151,11 +157,15 @@ def load_params(path: str | os.PathLike, *, dtype: str = "float32", compute_dtyp
                          f"{' ...' if len(extra) > 8 else ''}")
     opened: dict[str, SafetensorsFile] = {}
     params: dict = {}
+    np_dtype = NP_DTYPES[dtype]
+    total = 0
+    staging = _Staging()
     try:
         for key in table:
             file = files[key.hf]
             f = opened.setdefault(file, SafetensorsFile(file))
             hf_arr = f.get(key.hf)
+            total += hf_arr.nbytes
             if hf_arr.dtype not in READABLE:
                 raise ValueError(f"{file}: tensor {key.hf} has dtype {hf_arr.dtype}; qedjax loads only "
                                  f"float checkpoints (float32/float16/bfloat16)")
@@ -163,18 +173,89 @@ def load_params(path: str | os.PathLike, *, dtype: str = "float32", compute_dtyp
             if hf_arr.shape != hf_shape(shape, key.layout):
                 raise ValueError(f"{file}: tensor {key.hf} has shape {hf_arr.shape}, expected "
                                  f"{hf_shape(shape, key.layout)} for the config in {path}")
-            host = to_ours(hf_arr, key.layout, shape).astype(NP_DTYPES[dtype])
-            _set(params, key.path, _place(host, None if shardings is None else _get(shardings, key.path)))
+            sharding = None if shardings is None else _get(shardings, key.path)
+            _set(params, key.path, _load_tensor(f, key.hf, hf_arr, key.layout, shape, np_dtype, sharding, staging))
     finally:
         for f in opened.values():
             f.close()
+    if stats is not None:
+        stats["bytes_read"] = sum(f.bytes_read for f in opened.values())
+        stats["bytes_total"] = total
     return config, graphdef, params
 
 
-def _place(host: np.ndarray, sharding) -> jax.Array:
+def hf_slices(index: tuple[slice, ...], layout: str, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The slice of the HF tensor that holds `index` of our `shape` (a device's shard); its to_ours
+    is that shard. Heads are split whole (never inside a head's H entries)."""
+    full = lambda sl, n: slice(sl.start or 0, n if sl.stop is None else sl.stop)  # noqa: E731
+    index = tuple(full(sl, n) for sl, n in zip(index, shape))
+    if layout == "same":
+        return index
+    if layout == "linear":
+        return index[::-1]
+    if layout == "heads_in":  # ours [D, heads, H] <- HF [heads*H, D]
+        d, h, k = index
+        head = shape[2]
+        assert (k.start, k.stop) == (0, head), f"a shard splits a head: {index}"
+        return slice(h.start * head, h.stop * head), d
+    d_index, (h, k) = index[-1], index[:2]  # heads_out: ours [heads, H, D] <- HF [D, heads*H]
+    head = shape[1]
+    assert (k.start, k.stop) == (0, head), f"a shard splits a head: {index}"
+    return d_index, slice(h.start * head, h.stop * head)
+
+
+class _Staging:
+    """One host buffer, grown as needed and reused for every tensor that is transposed or cast on its
+    way in: the file's bytes land in memory that is already faulted in, and only the parameter's own
+    buffer is fresh (allocating and zeroing fresh pages was most of a load's time)."""
+
+    def __init__(self):
+        self.buf = np.zeros(0, np.uint8)
+
+    def get(self, nbytes: int) -> np.ndarray:
+        if self.buf.nbytes < nbytes:
+            from qedjax.safetensors_io import aligned_empty
+
+            self.buf = aligned_empty((nbytes,), np.uint8)
+        return self.buf
+
+
+def _load_tensor(f: SafetensorsFile, name: str, hf_arr: np.ndarray, layout: str, shape: tuple[int, ...],
+                 np_dtype: np.dtype, sharding, staging: _Staging) -> jax.Array:
+    """One parameter into its shards. Only the parts of the file that this process's devices hold
+    are read (`f.bytes_read` counts them): each distinct shard's slice of the HF tensor is read once
+    and put on its devices, then transposed / split / cast there by XLA (a strided numpy transpose of
+    a large matrix took most of the load time). A slice that needs no change is read into memory of
+    its own and handed over as it is (without a copy on CPU, where device_put takes aligned arrays)."""
+    devices = ([(None, tuple(slice(None) for _ in shape))] if sharding is None
+               else list(sharding.addressable_devices_indices_map(shape).items()))
+    keep = layout == "same" and hf_arr.dtype == np_dtype
+    shards, done = [], {}
+    for device, index in devices:
+        key = tuple((sl.start, sl.stop) for sl in index)
+        sub = tuple((sl.stop if sl.stop is not None else n) - (sl.start or 0) for sl, n in zip(index, shape))
+        if key in done:  # a replica of a slice this process has read already
+            shards.append(jax.device_put(done[key], device))
+            continue
+        hf_index = hf_slices(index, layout, shape)
+        if keep:
+            done[key] = f.read(name, hf_index)
+            shards.append(jax.device_put(done[key], device))
+            continue
+        host = f.read(name, hf_index, out=staging.get(hf_arr[hf_index].nbytes))
+        x = jax.device_put(host, device)
+        y = done[key] = _to_ours_jit(x, layout, sub, jnp.dtype(np_dtype))
+        y.block_until_ready()  # the staging buffer is read again by the next tensor
+        del x
+        shards.append(y)
     if sharding is None:
-        return jnp.asarray(host)
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        return shards[0]
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _to_ours_jit(x, layout: str, shape: tuple[int, ...], dtype):
+    return (x if layout == "same" else x.T.reshape(shape)).astype(dtype)
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32", **kwargs) -> Qwen3:

@@ -205,4 +205,5 @@ def summarize_step(m: dict) -> dict:
         "approx_kl": float(m["approx_kl_sum"]) / n,
         "logprob_gap": float(m["logprob_gap_sum"]) / n,
         "train_tokens": int(m["tokens"]),
+        "train_sequences": int(m["sequences"]),  # rows the step trained on, counted on the devices
     }

@@ -10,16 +10,15 @@ import atexit
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import jax
 from flax import nnx
 
-from qedjax import storage, train
+from qedjax import multihost, storage, train
 from qedjax.checkpoint import restore_params
 from qedjax.metrics import plot_metrics
-from qedjax.rewards import Grade, Grader, make_grader
+from qedjax.rewards import Grader, make_grader
 from qedjax.sharding import ROLLOUT_RULES, SUMMARIZER_RULES
 
 ENGINES = ("jax", "vllm", "workers")
@@ -33,6 +32,7 @@ class EngineConfig:
     # "workers": rollout workers elsewhere (qedjax.rollout.worker; weights via the store, work via the queue)
     kind: str = "jax"
     max_batch: int = 256  # JAX sampler: rows decoded together
+    decode_chunk: int = 64  # JAX sampler: decode steps per program call; a stop request is honoured between calls
     store: str | None = None  # vllm, workers: the weight store path or URL (default run_dir/weights)
     queue: str | None = None  # workers: the work queue directory, shared with them (default run_dir/rollout_queue)
     vllm_args: dict = dataclasses.field(default_factory=dict)  # vLLM: extra vllm.LLM arguments
@@ -66,6 +66,8 @@ class EngineConfig:
                 or self.worker_timeout_s <= self.heartbeat_s):
             raise ValueError("engine needs problems_per_item >= 1, worker_slots >= 1, heartbeat_s > 0 and "
                              "worker_timeout_s > heartbeat_s")
+        if self.decode_chunk < 1:
+            raise ValueError(f"engine.decode_chunk must be >= 1, got {self.decode_chunk}")
 
 
 class PublishingEngine:
@@ -253,7 +255,7 @@ def engine_factory(cfg, tokenizer, mesh, run_dir: str):
     from qedjax.rollout.jax_engine import JaxEngine
 
     return lambda model, version: JaxEngine(model, tokenizer, mesh=mesh, max_batch=cfg.engine.max_batch,
-                                            version=version)
+                                            version=version, decode_chunk=cfg.engine.decode_chunk)
 
 
 def summarizer_factory(name: str, cfg, tokenizer, mesh, run_dir: str):
@@ -289,7 +291,8 @@ def summarizer_factory(name: str, cfg, tokenizer, mesh, run_dir: str):
         if kind == "jax":  # weights sharded as in training (sharding.SUMMARIZER_RULES)
             from qedjax.rollout.jax_engine import JaxEngine
 
-            return JaxEngine(model, tok, mesh=mesh, rules=SUMMARIZER_RULES, max_batch=cfg.engine.max_batch, version=0)
+            return JaxEngine(model, tok, mesh=mesh, rules=SUMMARIZER_RULES, max_batch=cfg.engine.max_batch, version=0,
+                             decode_chunk=cfg.engine.decode_chunk)
         from qedjax.rollout.weights import WeightStore
 
         store = WeightStore(cfg.engine.summarizer_store or storage.join(run_dir, "summarizer_weights"))
@@ -351,19 +354,15 @@ def target_params(cfg, target: str, mesh, run_dir: str, vocab_size: int):
     return graphdef, restore_params(directory, target_tree)
 
 
-class _Discard:
-    """The grader of processes other than 0 in a multi-process eval: they take part in generation
-    (an SPMD program) but their records are thrown away, so they must not call the judge."""
-
-    def grade(self, items):
-        return [Grade(0.0, 0.0, "ok", "") for _ in items]
-
-
 def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict]:
     """Evaluates every target of run.eval_targets with the eval section; returns their summaries.
 
-    Only process 0 grades and writes; the others generate along (every JAX process must run the
-    same programs) into a scratch directory.
+    On several processes, every process generates every response (each generation is one SPMD
+    program over the whole mesh: the processes' devices decode their shares of the rows together),
+    and process 0 alone grades, writes the records and the report; the others wait for it at the end.
+    Grading in one place costs little beside generating (a judge is a remote service with its own
+    concurrency, answer checks are cheap) and keeps one writer per file, so a resumed evaluation reads
+    one set of records; process 0 tells the others what is left to generate (qedjax.eval.run).
     """
     from qedjax.eval.run import run_eval
 
@@ -371,10 +370,9 @@ def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict
         raise ValueError("the eval stage generates in this process: run it with engine.kind=jax or vllm "
                          "(rollout workers serve the grpo stage only)")
     ev = cfg.eval
-    writer = jax.process_index() == 0
-    grader = build_grader(ev.grader, cfg, run_dir, style=ev.judge_style) if writer else _Discard()
-    judge = build_grader("judge", cfg, run_dir, style="proofbench") if ev.confirm_with_judge and writer else None
-    out_dir = run_dir if writer else tempfile.mkdtemp(prefix="qedjax_eval_")
+    lead = jax.process_index() == 0
+    grader = build_grader(ev.grader, cfg, run_dir, style=ev.judge_style) if lead else None
+    judge = build_grader("judge", cfg, run_dir, style="proofbench") if ev.confirm_with_judge and lead else None
     out = {}
     summarizer = None  # RC with a summariser of its own: one engine for every target
     if ev.scaffold == "rc" and ev.rc.summarizer not in ("policy", "frozen"):
@@ -382,13 +380,13 @@ def run_evals(cfg, mesh, run_dir: str, tokenizer, make_engine) -> dict[str, dict
     for target in cfg.run.eval_targets:
         graphdef, params = target_params(cfg, target, mesh, run_dir, len(tokenizer))
         engine = make_engine(nnx.merge(graphdef, params), 0)
-        out[target] = run_eval(ev, engine, grader, out_dir, label=target,
-                               judge=judge if writer else (_Discard() if ev.confirm_with_judge else None),
-                               summarizer=summarizer, progress=writer)
+        out[target] = run_eval(ev, engine, grader, run_dir, label=target, judge=judge, summarizer=summarizer,
+                               progress=lead)
         close_engine(engine)
         del engine, params
     if summarizer is not None:
         close_engine(summarizer)
+    multihost.sync("qedjax eval written")
     return out
 
 

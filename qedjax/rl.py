@@ -21,6 +21,7 @@ steps 2-3 and the grading of step 4) is in qedjax.rollout.groups; this file is t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import queue
 import threading
@@ -32,7 +33,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from qedjax import grpo, train
+from qedjax import grpo, preempt, train
 from qedjax.benchmarks import Problem, load_benchmark
 from qedjax.checkpoint import Checkpointer, StopRequest, fault_point, restore_params
 from qedjax.metrics import MetricsWriter
@@ -84,8 +85,14 @@ def batch_shapes(g: GRPOConfig, mesh, rules, seq_len: int) -> dict[str, jax.Shap
     return out
 
 
-def build_batch(ro: Rollouts, cfg: GRPOConfig, rows: int, pad_id: int):
-    """Host arrays [micro, rows/micro, T] of every sequence with signal, plus row statistics."""
+def build_batch(ro: Rollouts, cfg: GRPOConfig, rows: int, pad_id: int, local: slice | None = None):
+    """Host arrays [micro, rows/micro, T] of every sequence with signal, plus row statistics.
+
+    `local`: the rows along the second axis that this process's devices hold (train.process_rows);
+    only those are built (the others are never materialised on this host), so the result is
+    [micro, local rows, T], this process's share for train.put_batch. Every process sees every
+    rollout (the advantages and the padded length need them all) and picks the same sequences.
+    """
     seqs, advantages = [], []
     zero_var = 0
     for comps, grades in zip(ro.completions, ro.grades):
@@ -100,23 +107,31 @@ def build_batch(ro: Rollouts, cfg: GRPOConfig, rows: int, pad_id: int):
             advantages.append(a)
     longest = max([len(c.prompt_tokens) + len(c.tokens) - 1 for c in seqs], default=1)
     t = train_seq_len(longest)
-    out = {k: np.zeros((rows, t), np.float32 if k in FLOAT_KEYS else np.int32) for k in BATCH_KEYS}
+    m = cfg.micro_batches
+    per_micro = rows // m
+    local = slice(0, per_micro) if local is None else local
+    width = local.stop - local.start
+    out = {k: np.zeros((m, width, t), np.float32 if k in FLOAT_KEYS else np.int32) for k in BATCH_KEYS}
     out["tokens"][:] = pad_id
-    out["advantage"] = np.zeros((rows,), np.float32)
+    out["advantage"] = np.zeros((m, width), np.float32)
+    tokens = 0
     for r, (c, a) in enumerate(zip(seqs, advantages)):
         full = list(c.prompt_tokens) + list(c.tokens)
         n, p = len(full) - 1, len(c.prompt_tokens)
-        out["tokens"][r, :n] = full[:-1]
-        out["targets"][r, :n] = full[1:]
-        out["positions"][r, :n] = np.arange(n)
-        out["segment_ids"][r, :n] = 1
-        out["loss_mask"][r, p - 1:n] = 1
-        out["behaviour_logp"][r, p - 1:n] = c.logprobs
-        out["advantage"][r] = a
+        tokens += n - (p - 1)
+        micro, j = divmod(r, per_micro)
+        if not local.start <= j < local.stop:
+            continue  # another process's row
+        at = (micro, j - local.start)
+        out["tokens"][at][:n] = full[:-1]
+        out["targets"][at][:n] = full[1:]
+        out["positions"][at][:n] = np.arange(n)
+        out["segment_ids"][at][:n] = 1
+        out["loss_mask"][at][p - 1:n] = 1
+        out["behaviour_logp"][at][p - 1:n] = c.logprobs
+        out["advantage"][at] = a
     out["weight"] = grpo.token_weights(out["loss_mask"], cfg.loss.aggregation)
-    m = cfg.micro_batches
-    batch = {k: v.reshape(m, rows // m, *v.shape[1:]) for k, v in out.items()}
-    return batch, {"sequences_trained": len(seqs), "zero_variance_groups": zero_var}
+    return out, {"sequences_trained": len(seqs), "tokens_expected": tokens, "zero_variance_groups": zero_var}
 
 
 def rollout_metrics(ro: Rollouts, version: int) -> dict:
@@ -209,6 +224,8 @@ class Producer(threading.Thread):
             self.permits.release()
         self.gets += 1
         while True:
+            if isinstance(self.error, preempt.Preempted):
+                raise preempt.Preempted(str(self.error))
             if self.error is not None:
                 raise RuntimeError("rollout producer failed") from self.error
             try:
@@ -257,6 +274,8 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     # the stage's starting policy, in a resumed run too.
     own_summarizer = g.rc.enabled and g.rc.summarizer != "policy"
     summarizer = (make_summarizer or make_engine)(nnx.merge(graphdef, params), 0) if own_summarizer else None
+    # The KL penalty's reference is the stage's starting policy too, in a resumed run as well.
+    ref_logp = make_ref_logprobs(graphdef, params, g, mesh, rules) if g.loss.kl_coef else None
     del params
     if start:
         state, data_state = ckpt.restore(jax.tree.map(
@@ -268,8 +287,8 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     engine = make_engine(nnx.merge(graphdef, state["params"]), version)
     summarizer = summarizer if own_summarizer else engine
     rows = train_rows(g, mesh, rules)
+    local_rows = train.process_rows(mesh, rules, rows // g.micro_batches)  # this process's rows of a micro-batch
     step_fn = make_step(g, graphdef, optimizer, shardings, mesh, rules)
-    ref_logp = make_ref_logprobs(graphdef, state["params"], g, mesh, rules) if g.loss.kl_coef else None
     pad_id = tokenizer.pad_token_id or 0
 
     def next_rollouts():
@@ -300,7 +319,13 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
     try:
         with StopRequest() as stop:
             while step < g.steps and not stopping:
-                ro = producer.get() if producer is not None else next_rollouts()
+                try:  # a stop requested mid-generation or mid-wait is agreed there (qedjax/preempt.py)
+                    ro = producer.get() if producer is not None else next_rollouts()
+                except preempt.Preempted as e:
+                    print(f"[qedjax] grpo: preempted during the rollouts of step {step + 1} ({e})", flush=True)
+                    if step:  # the last finished step, with the data position before this step's problems
+                        ckpt.save(step, state, sampler.state(), force=True)
+                    break
                 sampler.consumed()
                 version = int(state["step"])
                 ro, stale = drop_stale(ro, version, g.max_lag)
@@ -308,15 +333,16 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer, grader: Gr
                 if not ro.completions:
                     continue
                 update_difficulty(sampler, ro, g)
-                batch, stats = build_batch(ro, g, rows, pad_id)
+                batch, stats = build_batch(ro, g, rows, pad_id, local_rows)
                 row = {**rollout_metrics(ro, version), **stats, "dropped_stale": dropped,
                        "zero_variance_frac": stats["zero_variance_groups"] / len(ro.grades),
                        "problems_removed": len(sampler.removed), "lr": float(lr(version))}
                 t0 = time.perf_counter()
                 if stats["sequences_trained"]:  # no group with signal: no update (Adam would still move)
+                    batch = train.put_batch(batch, mesh, rules)
                     if ref_logp is not None:
                         batch["ref_logp"] = ref_logp(batch)
-                    state, m = step_fn(state, train.put_batch(batch, mesh, rules))
+                    state, m = step_fn(state, batch)
                     fault_point(f"grpo:step:{step + 1}")
                     row.update(grpo.summarize_step(jax.device_get(m)))
                     engine.load_weights(int(state["step"]), state["params"])
@@ -374,10 +400,12 @@ def drop_stale(ro: Rollouts, version: int, max_lag: int) -> tuple[Rollouts, int]
 
 
 def make_ref_logprobs(graphdef, params, g: GRPOConfig, mesh, rules):
-    """Logprobs of the frozen reference policy (the starting point) for the KL penalty."""
+    """Logprobs of the frozen reference policy (the starting point) for the KL penalty: device batch
+    (train.put_batch's) -> ref_logp [micro, rows, T], sharded like the batch. It never leaves the
+    devices (on several processes no host holds the whole batch)."""
     ref = jax.tree.map(lambda x: x.copy(), params)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=train.micro_batch_sharding(mesh, rules, 3))
     def fn(ref_params, batch):
         model = nnx.merge(graphdef, ref_params)
 
@@ -390,4 +418,4 @@ def make_ref_logprobs(graphdef, params, g: GRPOConfig, mesh, rules):
         return jax.lax.map(one, batch)
 
     keys = ("tokens", "targets", "positions", "segment_ids")
-    return lambda batch: np.asarray(fn(ref, train.put_batch({k: batch[k] for k in keys}, mesh, rules)))
+    return lambda batch: fn(ref, {k: batch[k] for k in keys})

@@ -32,6 +32,15 @@ DTYPES: dict[str, np.dtype] = {
 CODES = {v: k for k, v in DTYPES.items()}
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts at a multiple of `align` bytes."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
 class SafetensorsFile:
     """A memory-mapped safetensors file: `names()`, `shape(name)`, `dtype(name)`, `get(name)`."""
 
@@ -47,6 +56,7 @@ class SafetensorsFile:
         self._base = 8 + n
         self.metadata = header.pop("__metadata__", {}) or {}
         self._header = header
+        self.bytes_read = 0  # bytes copied out by `read`
 
     def names(self) -> list[str]:
         return list(self._header)
@@ -68,6 +78,36 @@ class SafetensorsFile:
         arr = np.frombuffer(self._map, dtype=DTYPES[code], count=(end - start) // DTYPES[code].itemsize,
                             offset=self._base + start)
         return arr.reshape(entry["shape"])
+
+    def read(self, name: str, index: tuple = (), out: np.ndarray | None = None) -> np.ndarray:
+        """A copy of `get(name)[index]` (a tuple of slices) in fresh, 64-byte aligned host memory: only
+        the bytes of that slice are read from the file (page granularity aside); `bytes_read` adds
+        them up. A run of whole rows is one read() from the file; other slices are gathered from the
+        map. (On CPU, jax.device_put takes a 64-byte aligned array without copying it.) `out`: a
+        buffer of at least that many bytes to read into instead (its start must be 64-byte aligned)."""
+        view = self.get(name)
+        index = tuple(index) + (slice(None),) * (view.ndim - len(index))
+        sub = view[index]
+        if out is None:
+            out = aligned_empty(sub.shape, sub.dtype)
+        else:
+            out = out.reshape(-1).view(np.uint8)[:sub.nbytes].view(sub.dtype).reshape(sub.shape)
+        rows = index[0] if view.ndim else slice(None)
+        whole_rows = all(sl == slice(None) or (sl.start in (None, 0) and sl.stop in (None, n))
+                         for sl, n in zip(index[1:], view.shape[1:]))
+        if view.ndim and whole_rows and rows.step in (None, 1):
+            start = self._header[name]["data_offsets"][0] + self._base
+            row_bytes = view.itemsize * int(np.prod(view.shape[1:], dtype=np.int64))
+            first = range(view.shape[0])[rows].start if len(range(view.shape[0])[rows]) else 0
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(start + first * row_bytes)
+                got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+            if got != out.nbytes:
+                raise ValueError(f"{self.path}: tensor {name!r} is cut short ({got} of {out.nbytes} bytes)")
+        else:
+            np.copyto(out, sub)
+        self.bytes_read += out.nbytes
+        return out
 
     def close(self):
         try:

@@ -147,6 +147,18 @@ def micro_batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec((None, "batch") + (None,) * (ndim - 2), rules))
 
 
+def process_rows(mesh: Mesh, rules, rows: int) -> slice:
+    """The rows of a [micro, rows, ...] batch that this process's devices hold: a contiguous range
+    (all of them when the batch axes do not span processes). Each process builds and feeds only these."""
+    spans = {(i[1].start or 0, rows if i[1].stop is None else i[1].stop)
+             for i in micro_batch_sharding(mesh, rules, 2).addressable_devices_indices_map((1, rows)).values()}
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != stop - start:
+        raise ValueError(f"this process's devices hold rows {sorted(spans)} of the batch, not one range: "
+                         f"order the mesh's devices by process")
+    return slice(start, stop)
+
+
 def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
     """This process's rows of a [micro, batch, ...] batch -> global sharded arrays."""
     return {k: jax.make_array_from_process_local_data(micro_batch_sharding(mesh, rules, v.ndim), v)

@@ -179,7 +179,7 @@ def test_compiles_are_bounded_by_buckets(hf_and_ours):
         sampler.generate(prompts, max_new_tokens=int(rng.randint(4, 30)), temperature=0.0)
     assert bucket(3, 1) == 4 and bucket(17) == 32 and bucket(1500) == 2048 and bucket(3000) == 3072
     assert len(sampler.compiled_shapes) <= 4 * 2 * 2  # batch 1..8 x prompt 16/32 x new 16/32
-    assert sampler._generate._cache_size() == len(sampler.compiled_shapes)
+    assert sampler._prefill._cache_size() == len(sampler.compiled_shapes)
 
 
 def test_sharded_sampler_gives_the_same_tokens():

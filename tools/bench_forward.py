@@ -26,6 +26,7 @@ down more than XLA does.
 Usage:
   .venv/bin/python tools/bench_forward.py                      # bench-100m, 4x256 and 1x1024, load test
   .venv/bin/python tools/bench_forward.py --batch 8 --seq 128 --repeats 9 --skip-load
+  .venv/bin/python tools/bench_forward.py --skip-forward --load-dtype bfloat16  # the load alone
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="cores for both frameworks (default: all this process may use)")
     p.add_argument("--skip-load", action="store_true", help="skip the load-time benchmark")
+    p.add_argument("--skip-forward", action="store_true", help="skip the forward benchmark (load only)")
     p.add_argument("--load-preset", default="qwen3-0.6b", help="model shape of the load benchmark")
     p.add_argument("--load-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype of the checkpoint on disk and of both loaded models")
@@ -306,7 +308,8 @@ def main(argv=None):
         load_child(args)
         return
     print_header()
-    bench_forward(args)
+    if not args.skip_forward:
+        bench_forward(args)
     if not args.skip_load:
         bench_load(args)
     print_footer()

@@ -27,8 +27,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jax
 from tqdm import tqdm
 
+from qedjax import multihost
 from qedjax.benchmarks import (
     BenchmarkConfig,
     Problem,
@@ -230,11 +232,14 @@ def run_eval(
         progress: show a progress bar of graded samples (the launcher: process 0 only).
 
     Returns:
-        The summary: score (mean %), stderr, tokens_per_problem, by_group, length, ...
+        The summary: score (mean %), stderr, tokens_per_problem, by_group, length, ... (on process 0;
+        {} on the others of a multi-process run, which generate along and write nothing)
     """
+    lead = jax.process_index() == 0
     out_dir = Path(run_dir) / "eval" / label
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_config(out_dir, cfg)
+    if lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _check_config(out_dir, cfg)
     problems = list(problems) if problems is not None else load_benchmark(cfg.benchmark)
     if cfg.confirm_with_judge and judge is None and is_answer_format(cfg.benchmark.format):
         raise ValueError("eval.confirm_with_judge needs a judge grader")
@@ -242,26 +247,36 @@ def run_eval(
     units = [(sample, p) for sample in range(cfg.samples) for p in problems]
 
     responses_path, samples_path = out_dir / "responses.jsonl", out_dir / "samples.jsonl"
-    generated = {r["key"]: r for r in read_jsonl(responses_path)}
-    graded = {r["key"]: r for r in read_jsonl(samples_path)}
+    generated = {r["key"]: r for r in read_jsonl(responses_path)} if lead else {}
+    graded = {r["key"]: r for r in read_jsonl(samples_path)} if lead else {}
     done = {k for k, r in graded.items() if r["reason"] not in RETRY_REASONS}
+    # Several processes: each generation is one SPMD program, so every process must make the same
+    # scaffold calls. Process 0 alone reads and writes the records and grades; the others learn from
+    # it what a resumed run still has to generate, generate along, and wait (see the README).
+    resume = multihost.broadcast_json({"generated": sorted(generated), "done": sorted(done)})
+    have, done = set(resume["generated"]), set(resume["done"])
     wanted = {_key(*u) for u in units}
     bar = tqdm(total=len(units), initial=len(done & wanted), desc=f"eval {label}", unit="sample",
-               disable=not progress, dynamic_ncols=True, mininterval=2.0)
+               disable=not (progress and lead), dynamic_ncols=True, mininterval=2.0)
     for chunk_index in range(0, len(units), cfg.batch_size):
         chunk = [u for u in units[chunk_index : chunk_index + cfg.batch_size] if _key(*u) not in done]
         if not chunk:
             continue
-        fresh = [u for u in chunk if _key(*u) not in generated]
+        fresh = [u for u in chunk if _key(*u) not in have]
         if fresh:
             seed = derive_seed(cfg.sampling.seed, "chunk", chunk_index)
             params = dataclasses.replace(cfg.sampling, seed=seed)
             texts = [task_text(p, cfg.benchmark.format) for _, p in fresh]
             extra = {"summarizer": summarizer} if summarizer is not None else {}
             results = SCAFFOLDS[cfg.scaffold](cfg, engine, texts, params, **extra)
+            have.update(_key(*u) for u in fresh)
+            if not lead:
+                continue  # process 0 grades and writes
             records = [_generation_record(_key(s, p), p, s, cfg, r) for (s, p), r in zip(fresh, results)]
             append_jsonl(responses_path, records)
             generated.update((r["key"], r) for r in records)
+        if not lead:
+            continue
         answered = [generated[_key(*u)] for u in chunk]
         grades = _grade(cfg, grader, judge, [p for _, p in chunk], answered)
         records = [{**r, **g} for r, g in zip(answered, grades)]
@@ -273,6 +288,8 @@ def run_eval(
         logger.debug("eval %s: %d/%d graded", label, len(done & wanted), len(units))
     bar.close()
 
+    if not lead:
+        return {}
     final = [r for k, r in graded.items() if k in wanted]
     name = cfg.benchmark.name or cfg.benchmark.format
     return write_report(

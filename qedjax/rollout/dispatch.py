@@ -27,6 +27,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from qedjax import preempt
 from qedjax.rollout import groups, items
 from qedjax.rollout.queue import DEAD_AFTER_S, WorkQueue
 
@@ -153,10 +154,12 @@ class Dispatcher:
             self.pending.append(names)
         self._wake.set()
 
-    def _wait(self, names: list[str]) -> dict:
-        """The step's merged result as JSON: {"rollouts", "workers": {worker: groups}} or {"error", "worker"}."""
+    def _wait(self, names: list[str], check: Callable[[], None] = lambda: None) -> dict:
+        """The step's merged result as JSON: {"rollouts", "workers": {worker: groups}} or {"error", "worker"}.
+        `check` raises preempt.Preempted when any trainer process was asked to stop."""
         t0 = noted = time.monotonic()
         while True:
+            check()
             if self.error is not None:
                 raise RuntimeError("the rollout dispatcher failed") from self.error
             with self._lock:
@@ -185,7 +188,7 @@ class Dispatcher:
             self._submit()
         names = self.pending[0]
         t0 = time.perf_counter()
-        result = self._wait(names) if self.lead else None
+        result = preempt.lead_waits(lambda check: self._wait(names, check))  # None on processes other than 0
         with self._lock:
             self.pending.popleft()
         if jax.process_count() > 1:

@@ -14,7 +14,7 @@ from flax import nnx
 
 from qedjax.models.qwen3 import Qwen3
 from qedjax.rollout.engine import Completion, Request, SamplingParams
-from qedjax.rollout.sampler import Sampler
+from qedjax.rollout.sampler import DECODE_CHUNK, Sampler
 from qedjax.sharding import ROLLOUT_RULES
 from qedjax.text import THINK_OPEN
 
@@ -41,14 +41,14 @@ class JaxEngine:
     Args:
       model: the policy (its current weights are version 0).
       tokenizer: a Hugging Face tokenizer with a chat template.
-      mesh, rules, max_batch: passed to the Sampler (rules: its parameter and cache layout).
+      mesh, rules, max_batch, decode_chunk: passed to the Sampler (rules: its parameter and cache layout).
     """
 
     def __init__(self, model: Qwen3, tokenizer, *, mesh=None, rules=ROLLOUT_RULES, max_batch: int = 256,
-                 version: int = 0):
+                 version: int = 0, decode_chunk: int = DECODE_CHUNK):
         self.tokenizer = tokenizer
         self.sampler = Sampler(model, mesh=mesh, rules=rules, max_batch=max_batch,
-                               pad_id=tokenizer.pad_token_id or 0)
+                               pad_id=tokenizer.pad_token_id or 0, decode_chunk=decode_chunk)
         self.stop_ids = stop_token_ids(tokenizer)
         self._version = version
         self._lock = threading.Lock()  # load_weights may run while another thread generates

@@ -2,7 +2,11 @@
 
 Prompts of different lengths are left-padded to a shared length (padding is segment 0, so no real
 token attends to it), the cache is filled by one prefill pass, and a `lax.while_loop` decodes one
-token per step for the whole batch until every row has hit a stop id or the token limit. Each row
+token per step for the whole batch until every row has hit a stop id or the token limit. The loop
+runs `decode_chunk` steps per program call (the carry, KV cache included, is donated from call to
+call); between calls every process learns whether any was asked to stop (qedjax/preempt.py), so a
+preempted generation ends within one call. On several processes every process calls the sampler with
+the same prompts; each places its own devices' rows and all read back every row. Each row
 samples from its own random stream (seed, row), so a prompt draws the same tokens alone or in any
 batch. Shapes are bucketed (batch to a power of two; prompt and generation lengths to powers of
 two, then multiples of 1024), so a run with mixed lengths compiles a bounded number of programs.
@@ -23,11 +27,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from qedjax import preempt
+from qedjax.checkpoint import fault_point
 from qedjax.models.qwen3 import KVCache, Qwen3
 from qedjax.rollout.engine import FINISH_LENGTH, FINISH_STOP
 from qedjax.sharding import ROLLOUT_RULES, activation_sharding, logical_to_spec, state_shardings
 
 MAX_STOP_IDS = 8
+# Decode steps per program call. Between calls every process learns whether any was asked to stop
+# (qedjax/preempt.py), so a preempted generation stops within one chunk; each call costs a host sync.
+DECODE_CHUNK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,61 +132,112 @@ def _sample(logits, keys, temperature, top_k, top_p, use_top_k, use_top_p):
     return jax.lax.cond(jnp.all(greedy), lambda: (argmax, pick(logp_all, argmax)), draw)
 
 
+def _prefill(model, config, mesh, rules, pad_id, tokens, positions, segments, controls, keys, max_new,
+             use_top_k, use_top_p):
+    """Fills the cache with the prompts and samples the first token: the decode loop's carry."""
+    b, p = tokens.shape
+    cache = KVCache.init(config, b, p + max_new)
+    if mesh is not None:
+        spec = logical_to_spec(("batch", None, "act_heads", None), rules)
+        kv = NamedSharding(mesh, spec)
+        cache = dataclasses.replace(
+            cache, k=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.k),
+            v=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.v))
+    hidden, cache = model.hidden(tokens, positions, segments, cache)
+    logits = model.logits(hidden[:, -1])
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)
+    token, logp = _sample(logits, step_keys, controls["temperature"], controls["top_k"], controls["top_p"],
+                          use_top_k, use_top_p)
+    out_tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(token)
+    out_logp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(logp)
+    done = jnp.any(token[:, None] == controls["stop_ids"][None, :], axis=-1) | (controls["limit"] <= 1)
+    length = jnp.ones((b,), jnp.int32)
+    return (jnp.int32(1), cache, token, out_tokens, out_logp, done, length, positions[:, -1] + 1)
+
+
+def _decode(model, pad_id, carry, controls, keys, end, use_top_k, use_top_p):
+    """Decodes one token per step for every row until step `end`, the token limit or every row done."""
+    temperature, top_k, top_p, stop_ids, limit = (controls["temperature"], controls["top_k"], controls["top_p"],
+                                                  controls["stop_ids"], controls["limit"])
+    b, max_new = carry[3].shape
+    end = jnp.minimum(end, max_new)
+
+    def cond(carry):
+        i, _, _, _, _, done, _, _ = carry
+        return (i < end) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, token, out_tokens, out_logp, done, length, pos = carry
+        hidden, cache = model.hidden(token[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32), cache)
+        logits = model.logits(hidden[:, 0])
+        keys_i = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+        new, logp = _sample(logits, keys_i, temperature, top_k, top_p, use_top_k, use_top_p)
+        new = jnp.where(done, pad_id, new)
+        out_tokens = out_tokens.at[:, i].set(new)
+        out_logp = out_logp.at[:, i].set(jnp.where(done, 0.0, logp))
+        length = length + (~done).astype(jnp.int32)
+        done = done | jnp.any(new[:, None] == stop_ids[None, :], axis=-1) | (length >= limit)
+        return i + 1, cache, new, out_tokens, out_logp, done, length, pos + 1
+
+    return jax.lax.while_loop(cond, body, carry)
+
+
 def make_generate(config, graphdef, mesh: Mesh | None, rules, pad_id: int):
-    """The jitted prefill + decode program:
+    """The jitted prefill + decode program in one piece:
     `(params, tokens, positions, segments, controls, keys, max_new, use_top_k, use_top_p)
     -> (tokens [B, max_new], logprobs [B, max_new], lengths [B])`, the last three arguments static.
-    One compiled program per (batch, prompt, generation) bucket and sampling-filter flags.
+    The sampler runs the same computation as a prefill program and decode programs of `decode_chunk`
+    steps (make_programs); this whole form is what qedjax.fit compiles for its memory.
     """
     def generate(params, tokens, positions, segments, controls, keys, max_new: int, use_top_k: bool,
                  use_top_p: bool):
         """tokens/positions/segments [B, P]; controls: temperature, top_k, top_p, stop ids, limits."""
-        b, p = tokens.shape
         model = nnx.merge(graphdef, params)
-        ctx = activation_sharding(mesh, rules) if mesh is not None else _null()
-        with ctx:
-            cache = KVCache.init(config, b, p + max_new)
-            if mesh is not None:
-                spec = logical_to_spec(("batch", None, "act_heads", None), rules)
-                kv = NamedSharding(mesh, spec)
-                cache = dataclasses.replace(
-                    cache, k=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.k),
-                    v=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.v))
-            hidden, cache = model.hidden(tokens, positions, segments, cache)
-            logits = model.logits(hidden[:, -1])
-            temperature, top_k, top_p, stop_ids, limit = (controls["temperature"], controls["top_k"],
-                                                          controls["top_p"], controls["stop_ids"],
-                                                          controls["limit"])
-            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)
-            token, logp = _sample(logits, step_keys, temperature, top_k, top_p, use_top_k, use_top_p)
-            out_tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(token)
-            out_logp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(logp)
-            done = jnp.any(token[:, None] == stop_ids[None, :], axis=-1) | (limit <= 1)
-            length = jnp.ones((b,), jnp.int32)
-            pos = positions[:, -1] + 1
-
-            def cond(carry):
-                i, _, _, _, _, done, _, _ = carry
-                return (i < max_new) & ~jnp.all(done)
-
-            def body(carry):
-                i, cache, token, out_tokens, out_logp, done, length, pos = carry
-                hidden, cache = model.hidden(token[:, None], pos[:, None], jnp.ones((b, 1), jnp.int32), cache)
-                logits = model.logits(hidden[:, 0])
-                keys_i = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-                new, logp = _sample(logits, keys_i, temperature, top_k, top_p, use_top_k, use_top_p)
-                new = jnp.where(done, pad_id, new)
-                out_tokens = out_tokens.at[:, i].set(new)
-                out_logp = out_logp.at[:, i].set(jnp.where(done, 0.0, logp))
-                length = length + (~done).astype(jnp.int32)
-                done = done | jnp.any(new[:, None] == stop_ids[None, :], axis=-1) | (length >= limit)
-                return i + 1, cache, new, out_tokens, out_logp, done, length, pos + 1
-
-            carry = (jnp.int32(1), cache, token, out_tokens, out_logp, done, length, pos)
-            _, _, _, out_tokens, out_logp, _, length, _ = jax.lax.while_loop(cond, body, carry)
+        with activation_sharding(mesh, rules) if mesh is not None else _null():
+            carry = _prefill(model, config, mesh, rules, pad_id, tokens, positions, segments, controls, keys,
+                             max_new, use_top_k, use_top_p)
+            carry = _decode(model, pad_id, carry, controls, keys, max_new, use_top_k, use_top_p)
+        _, _, _, out_tokens, out_logp, _, length, _ = carry
         return out_tokens, out_logp, length
 
     return jax.jit(generate, static_argnums=(6, 7, 8))
+
+
+def make_programs(config, graphdef, mesh: Mesh | None, rules, pad_id: int):
+    """(prefill, decode, gather): the sampler's programs.
+
+    prefill(params, tokens, positions, segments, controls, key_data, max_new, use_top_k, use_top_p)
+      -> (carry, keys): the cache filled and the first token drawn;
+    decode(params, carry, controls, keys, steps, stop_flags, use_top_k, use_top_p)
+      -> (carry, finished, stop): up to `steps` more tokens (the carry, its cache included, is donated);
+      `finished` when every row is done, `stop` the OR of `stop_flags` (preempt.device_flags);
+    gather(tokens, logprobs, lengths) -> the same, replicated on every device (every process reads them).
+    """
+    def ctx():
+        return activation_sharding(mesh, rules) if mesh is not None else _null()
+
+    def prefill(params, tokens, positions, segments, controls, key_data, max_new: int, use_top_k: bool,
+                use_top_p: bool):
+        keys = jax.random.wrap_key_data(key_data)
+        with ctx():
+            carry = _prefill(nnx.merge(graphdef, params), config, mesh, rules, pad_id, tokens, positions, segments,
+                             controls, keys, max_new, use_top_k, use_top_p)
+        return carry, keys
+
+    def decode(params, carry, controls, keys, steps, stop_flags, use_top_k: bool, use_top_p: bool):
+        with ctx():
+            carry = _decode(nnx.merge(graphdef, params), pad_id, carry, controls, keys, carry[0] + steps,
+                            use_top_k, use_top_p)
+        i, _, _, out_tokens, _, done, _, _ = carry
+        finished, stop = jnp.all(done) | (i >= out_tokens.shape[1]), jnp.any(stop_flags > 0)
+        if mesh is not None:  # scalars every process reads
+            finished, stop = (jax.lax.with_sharding_constraint(x, replicated) for x in (finished, stop))
+        return carry, finished, stop
+
+    replicated = None if mesh is None else NamedSharding(mesh, P())
+    return (jax.jit(prefill, static_argnums=(6, 7, 8)),
+            jax.jit(decode, static_argnums=(6, 7), donate_argnums=(1,)),
+            jax.jit(lambda *xs: xs, out_shardings=replicated))
 
 
 def padded_shape(n: int, longest_prompt: int, max_new_tokens: int, mesh: Mesh | None, rules) -> tuple[int, int, int]:
@@ -230,8 +290,9 @@ class Sampler:
     """
 
     def __init__(self, model: Qwen3, *, mesh: Mesh | None = None, rules=ROLLOUT_RULES, max_batch: int = 256,
-                 pad_id: int = 0):
+                 pad_id: int = 0, decode_chunk: int = DECODE_CHUNK):
         self.config = model.config
+        self.decode_chunk = decode_chunk
         self.graphdef, state = nnx.split(model)
         self.mesh, self.rules = mesh, rules
         self.max_batch = max_batch
@@ -242,7 +303,7 @@ class Sampler:
         self.params = None
         self.update(nnx.to_pure_dict(state))
         self.compiled_shapes: set[tuple[int, int, int]] = set()
-        self._generate = make_generate(self.config, self.graphdef, mesh, rules, pad_id)
+        self._prefill, self._decode, self._gather = make_programs(self.config, self.graphdef, mesh, rules, pad_id)
 
     def update(self, params) -> None:
         """New parameter values (a pure dict as from nnx.to_pure_dict, any layout). They are copied
@@ -297,7 +358,15 @@ class Sampler:
                                             max_new_tokens, temperature, top_p, top_k, stop_ids)
         return results
 
+    def _global(self, x: np.ndarray, sharding):
+        """A host array every process holds whole -> a global array (each process places its devices' part)."""
+        if sharding is None:
+            return x
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
     def _generate_chunk(self, params, prompts, keys, max_new_tokens, temperature, top_p, top_k, stop_ids):
+        """Every process of a multi-process run calls this with the same prompts (one SPMD program over
+        the mesh); each places its own devices' rows, and all read back every row."""
         n = len(prompts)
         b, p, new = padded_shape(n, max(len(x) for x in prompts), max_new_tokens, self.mesh, self.rules)
         tokens = np.full((b, p), self.pad_id, np.int32)
@@ -312,14 +381,27 @@ class Sampler:
         controls = {"temperature": np.full((b,), temperature, np.float32), "top_k": np.full((b,), top_k, np.int32),
                     "top_p": np.full((b,), top_p, np.float32), "stop_ids": stops,
                     "limit": np.full((b,), max_new_tokens, np.int32)}
-        keys = jnp.stack(list(keys) + [keys[0]] * (b - n))
-        if self.mesh is not None:
-            row = self._row_sharding
-            tokens, positions, segments = (jax.device_put(x, row(2)) for x in (tokens, positions, segments))
-            keys = jax.device_put(keys, row(1))
+        key_data = np.asarray(jax.random.key_data(jnp.stack(list(keys) + [keys[0]] * (b - n))))
+        rep = None if self.mesh is None else NamedSharding(self.mesh, P())
+        tokens, positions, segments = (self._global(x, self._row_sharding(2)) for x in (tokens, positions, segments))
+        key_data = self._global(key_data, self._row_sharding(2))
+        controls = {k: self._global(v, rep) for k, v in controls.items()}
         self.compiled_shapes.add((b, p, new))
-        out_tokens, out_logp, length = jax.device_get(self._generate(
-            params, tokens, positions, segments, controls, keys, new, top_k > 0, top_p < 1.0))
+        flags = (lambda: preempt.device_flags(self.mesh)) if self.mesh is not None else (
+            lambda: np.full((1,), int(preempt.requested()), np.int32))
+        use_top_k, use_top_p = top_k > 0, top_p < 1.0
+        carry, rows = self._prefill(params, tokens, positions, segments, controls, key_data, new, use_top_k, use_top_p)
+        steps = np.int32(self.decode_chunk)
+        while True:  # decode in chunks; between them every process learns whether any was asked to stop
+            global _chunks
+            _chunks += 1
+            fault_point(f"generate:chunk:{_chunks}")
+            carry, finished, stop = self._decode(params, carry, controls, rows, steps, flags(), use_top_k, use_top_p)
+            if bool(stop):
+                raise preempt.Preempted(f"stopped generating after {int(carry[0])} of {new} tokens{preempt.since()}")
+            if bool(finished):
+                break
+        out_tokens, out_logp, length = jax.device_get(self._gather(carry[3], carry[4], carry[6]))
         stop_set = set(int(s) for s in stop_ids)
         results = []
         for r in range(n):
@@ -328,6 +410,9 @@ class Sampler:
             reason = FINISH_STOP if toks and toks[-1] in stop_set else FINISH_LENGTH
             results.append(SampleResult(toks, out_logp[r, :k].astype(float).tolist(), reason))
         return results
+
+
+_chunks = 0  # decode chunks run by this process (fault points `generate:chunk:K` count them)
 
 
 def _axes(axes):
