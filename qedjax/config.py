@@ -19,7 +19,7 @@ from qedjax.data import DataConfig
 from qedjax.eval.run import EvalConfig
 from qedjax.export import ExportConfig
 from qedjax.judge import JudgeConfig
-from qedjax.models.qwen3 import DTYPES, PRESETS
+from qedjax.models.qwen3 import ATTENTION_KINDS, DTYPES, PRESETS
 from qedjax.optim import OptimConfig
 from qedjax.pipeline import TARGETS, EngineConfig
 from qedjax.rollout.groups import GRPOConfig
@@ -72,10 +72,14 @@ class ModelConfig:
     # rows longer than this many tokens take the blockwise (flash) attention, in query/key blocks of
     # up to this size; shorter rows attend densely; 0: dense attention only
     attention_block: int = 512
+    # auto: the platform's kernel (splash on TPU, cuDNN on GPU, the XLA path on CPU); or xla | splash | cudnn
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.attention_block < 0:
             raise ValueError(f"model.attention_block must be >= 0, got {self.attention_block}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"model.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.hf_path is None and self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r} is not a preset ({sorted(PRESETS)}); "
                              f"set model.hf_path to load a checkpoint instead")

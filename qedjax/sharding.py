@@ -185,6 +185,11 @@ def activation_sharding(mesh: Mesh, rules: Rules):
         _ACTIVATION_CONTEXT.reset(token)
 
 
+def activation_context() -> tuple[Mesh, Rules] | None:
+    """(mesh, rules) of the enclosing activation_sharding, or None outside one."""
+    return _ACTIVATION_CONTEXT.get()
+
+
 # Activations name their model dim `embed`/`mlp` in the model file; they map to the act_* rules so
 # that parameter and activation layouts can differ (batch and params both use `fsdp`).
 _ACTIVATION_NAMES = {"embed": "act_embed", "mlp": "act_mlp", "heads": "act_heads", "vocab": "act_vocab"}

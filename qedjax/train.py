@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from qedjax.models import kernels
 from qedjax.sharding import activation_sharding, logical_to_spec
 
 Batch = Mapping[str, jax.Array]
@@ -244,7 +245,7 @@ def model_config(model_cfg):
     from qedjax.models.qwen3 import Qwen3Config
 
     dtypes = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, remat=model_cfg.remat,
-                  attention_block=model_cfg.attention_block)
+                  attention_block=model_cfg.attention_block, attention=model_cfg.attention)
     if model_cfg.hf_path:
         return convert.read_config(model_cfg.hf_path, **dtypes)
     return Qwen3Config.preset(model_cfg.preset, **dtypes)
@@ -259,6 +260,7 @@ def abstract_params(model_cfg, mesh: Mesh, rules, *, layers: int | None = None):
     from qedjax.sharding import state_shardings
 
     config = model_config(model_cfg)
+    kernels.check(config.attention, mesh.devices.flat[0].platform)  # model.attention=splash off a TPU: now
     if layers is not None:
         config = dataclasses.replace(config, num_hidden_layers=layers)
     graphdef, abstract = convert.abstract_model(config)
@@ -280,6 +282,7 @@ def init_params(model_cfg, mesh: Mesh, rules, *, seed: int = 0, vocab_size: int 
     from qedjax.sharding import init_sharded, state_shardings
 
     config = model_config(model_cfg)
+    kernels.check(config.attention, mesh.devices.flat[0].platform)  # before the init compiles
     if model_cfg.hf_path:
         _, abstract = convert.abstract_model(config)
         config, graphdef, params = convert.load_params(

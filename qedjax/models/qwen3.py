@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qedjax.models.attention import dense_attention, flash_attention
+from qedjax.models import kernels
 from qedjax.sharding import constrain
 
 # Hugging Face config.json values. Qwen3-4B-Thinking-2507 (the paper's base model) differs from
@@ -67,7 +67,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 DTYPES = ("float32", "bfloat16")
 # Qwen3Config's fields that say how the model runs, not what it is (no config.json carries them)
-RUN_FIELDS = frozenset({"param_dtype", "dtype", "remat", "attention_block"})
+RUN_FIELDS = frozenset({"param_dtype", "dtype", "remat", "attention_block", "attention"})
+# model.attention: which attention runs (models/kernels.py): the platform's kernel, or one named
+ATTENTION_KINDS = ("auto", "xla", "splash", "cudnn")
 
 
 def flash_block(t: int, block: int) -> int:
@@ -109,7 +111,8 @@ class Qwen3Config:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations and matmuls
     remat: bool = False  # recompute each block in the backward pass (long sequences)
-    attention_block: int = 512  # rows longer than this take flash_attention, in blocks of up to it (0: dense only)
+    attention_block: int = 512  # the XLA path: rows longer than this go blockwise, in blocks of up to it (0: dense only)
+    attention: str = "auto"  # ATTENTION_KINDS: auto = splash on TPU, cuDNN on GPU, XLA elsewhere (models/kernels.py)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -123,6 +126,8 @@ class Qwen3Config:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.attention_block < 0:
             raise ValueError(f"attention_block must be >= 0, got {self.attention_block}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"Qwen3Config.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"Qwen3Config.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -313,13 +318,10 @@ class Attention(nnx.Module):
         n, h = q.shape[2:]
         q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, h)  # [B, T, K, G, H]
         q_slots = jnp.broadcast_to(q_slots, (b, t))
-        args = (q, k_all.astype(dt), v_all.astype(dt), q_segments, kv_segments, q_slots, kv_slots)
-        # Long rows take the blockwise path (with its own backward pass), short ones the dense one.
-        block = flash_block(t, cfg.attention_block)
-        if block:
-            out = flash_attention(*args, block=block)
-        else:
-            out = dense_attention(*args)
+        # The platform's kernel over whole rows (train steps, log-probs); the XLA path for cache
+        # prefills and decoding, blockwise above attention_block tokens (models/kernels.py).
+        out = kernels.attention(q, k_all.astype(dt), v_all.astype(dt), q_segments, kv_segments, q_slots, kv_slots,
+                                kind=cfg.attention, block=flash_block(t, cfg.attention_block), full_row=kv is None)
         out = out.reshape(b * t, n, h)  # [M, N, H]
         return project("MNH,NHD->MD", out, self.o_proj[...].astype(dt)).reshape(b, t, d), new_kv
 
