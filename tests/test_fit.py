@@ -58,7 +58,9 @@ def _shard_bytes(leaf, layout=None):
 def test_sft_step_memory_is_its_arrays(mesh):
     import jax
 
-    cfg = load_config(None, SMALL)
+    # The XLA attention: splash's block tables are constants, which jax hoists into extra arguments
+    # of the executable (over 32 bytes each), outside the step's own arguments counted here.
+    cfg = load_config(None, SMALL + ["model.attention=xla"])
     [program] = fit.programs(cfg, mesh, ("sft",))
     fit.compile_program(program)
     assert not program.error, program.error
@@ -140,3 +142,19 @@ def test_async_step_is_compiled_after_the_rollout_it_runs_beside():
     rollout.memory, rollout.peak = fit.Memory(5, 0, 0, 0, 12), 12
     fit._add_alongside(step, [step, rollout])
     assert step.held == {"rollout running alongside (async): temporaries + outputs": 7}
+
+
+def test_a_tpu_compile_gets_splash_attention_whatever_the_host(mesh):
+    """The kernel follows the platform the program is compiled for: the SFT step lowered for the
+    v5e chips on this CPU host calls the Pallas splash kernel (a Mosaic `tpu_custom_call`: forward,
+    dQ and dK/dV), and with model.attention=xla it does not."""
+    texts = {}
+    for kind in ("auto", "xla"):
+        cfg = load_config(None, SMALL + [f"model.attention={kind}"])
+        [program] = fit.programs(cfg, mesh, ("sft",))
+        texts[kind] = program.fn.lower(*program.args).as_text()
+    assert texts["auto"].count("tpu_custom_call") >= 3
+    assert "tpu_custom_call" not in texts["xla"]
+    # and the TPU compiler takes it
+    [program] = fit.programs(load_config(None, SMALL), mesh, ("sft",))
+    assert not fit.compile_program(program).error, program.error
