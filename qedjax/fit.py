@@ -1,7 +1,8 @@
 """Proof of fit: compile a config's programs for a TPU topology on this (CPU) machine, no TPU needed.
 
-`python -m qedjax.launch --config C [--mesh ...] --compile-only v5p:2x2x2` builds the mesh of the
-run over the chips of a TPU topology description (libtpu's compiler, loaded by
+`python -m qedjax.launch --config C [--mesh ...] --compile-only v5p-8` builds the mesh of the run
+over the chips of a TPU topology description (a slice as Google names it, v5p-8, or a topology,
+v5p:2x2x1) (libtpu's compiler, loaded by
 jax.experimental.topologies), gives every program its arguments as ShapeDtypeStructs with their
 NamedShardings, and compiles it with `jit(...).lower(...).compile()`: the TPU compiler schedules
 for the chip's memory and fails with RESOURCE_EXHAUSTED where the real chip would. Nothing is
@@ -21,7 +22,8 @@ and shardings) and the verdict is on the sum.
 
 Prompt length is not in the config: `--prompt-tokens` (default 1024; with RC, plus the summary)
 stands for the longest prompt. FLOP counts from the TPU compiler undercount loops (scan,
-while_loop): no throughput or MFU is derived here.
+while_loop): no throughput or MFU is derived here (tools/tpu_cost.py estimates them from loop-free
+programs).
 """
 
 from __future__ import annotations
@@ -45,6 +47,37 @@ TPU_HBM_GIB = {
 GIB = 1 << 30
 DEFAULT_PROMPT_TOKENS = 1024
 
+# Google's slice names (cloud.google.com/tpu/docs/v5p and /v4: v5p-N and v4-N count TensorCores, two
+# per chip, so a v5p-8 is 4 chips; /v5e and /v6e: v5e-N and v6e-N count chips) and the topology of
+# each size, by chips.
+CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+               512: "8x8x8"}
+TOPOLOGY_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+def topology(target: str) -> str:
+    """A slice name as Google gives it (v5p-8) or a topology (v5p:2x2x1) -> the topology."""
+    if ":" in target or "-" not in target:
+        return target
+    generation, _, size = target.partition("-")
+    if generation not in CORES_PER_CHIP or not size.isdigit():
+        return target  # hbm_bytes names what is known
+    chips = int(size) // CORES_PER_CHIP[generation]
+    shapes = TOPOLOGY_3D if generation in ("v4", "v5p") else TOPOLOGY_2D
+    if int(size) % CORES_PER_CHIP[generation] or chips not in shapes:
+        raise ValueError(f"--compile-only {target!r}: no {generation} slice of that size; known: "
+                         f"{', '.join(slice_name(f'{generation}:{t}') for t in shapes.values())}")
+    return f"{generation}:{shapes[chips]}"
+
+
+def slice_name(target: str) -> str:
+    """v5p:2x2x1 -> v5p-8: the slice as Google names it (TensorCores for v4/v5p, chips for v5e/v6e)."""
+    generation, _, shape = topology(target).partition(":")
+    if generation not in CORES_PER_CHIP or not shape:
+        return target
+    return f"{generation}-{math.prod(int(x) for x in shape.split('x')) * CORES_PER_CHIP[generation]}"
+
 
 @dataclasses.dataclass
 class Program:
@@ -65,10 +98,10 @@ class Program:
 
 
 def hbm_bytes(target: str) -> int:
-    generation = target.split(":")[0]
+    generation = topology(target).split(":")[0]
     if generation not in TPU_HBM_GIB:
         raise ValueError(f"--compile-only {target!r}: unknown TPU generation {generation!r}; known: "
-                         f"{sorted(TPU_HBM_GIB)} (e.g. v5p:2x2x2, v6e:2x4, v5e:2x2). GPU targets are not "
+                         f"{sorted(TPU_HBM_GIB)} (e.g. v5p-8 = v5p:2x2x1, v6e-8 = v6e:2x4, v5e-4 = v5e:2x2). GPU targets are not "
                          f"supported (docs/FIT.md says why)")
     return TPU_HBM_GIB[generation][0] * GIB
 
@@ -84,8 +117,9 @@ def _load_libtpu() -> None:
 
 
 def topology_devices(target: str):
-    """The compile-only device descriptions of a TPU topology such as 'v5p:2x2x2'."""
+    """The compile-only device descriptions of a TPU slice such as 'v5p-8' (= 'v5p:2x2x1')."""
     hbm_bytes(target)
+    target = topology(target)
     _load_libtpu()
     if not jax.config.jax_platforms:  # the local backend stays the CPU, even on a TPU VM
         jax.config.update("jax_platforms", "cpu")
@@ -354,8 +388,8 @@ def report(cfg, mesh, stages, target: str, prompt_tokens: int | None = None, lay
     if not progs:
         out(f"[fit] no program to compile for stages {', '.join(stages)} (engine.kind={cfg.engine.kind})")
         return 0
-    out(f"[fit] {target}: {len(mesh.devices.flat)} x {mesh.devices.flat[0].device_kind}, "
-        f"{_gib(hbm)} HBM per chip ({TPU_HBM_GIB[target.split(':')[0]][1]}); mesh {format_mesh(mesh)}")
+    out(f"[fit] {slice_name(target)} ({topology(target)}): {len(mesh.devices.flat)} x {mesh.devices.flat[0].device_kind}, "
+        f"{_gib(hbm)} HBM per chip ({TPU_HBM_GIB[topology(target).split(':')[0]][1]}); mesh {format_mesh(mesh)}")
     if layers is not None:
         depth = train.model_config(_model_cfg(cfg.model)).num_hidden_layers
         for pair in progs:
@@ -399,7 +433,7 @@ def report(cfg, mesh, stages, target: str, prompt_tokens: int | None = None, lay
         out(f"[fit]     = {_gib(p.total)} of {_gib(hbm)}: headroom {_gib(hbm - p.total)}: {verdict}")
         if not fits:
             _print_arguments(p, out)
-    out(f"[fit] verdict: {'fits' if ok else 'DOES NOT FIT'} on {target}")
+    out(f"[fit] verdict: {'fits' if ok else 'DOES NOT FIT'} on {slice_name(target)} ({topology(target)})")
     return 0 if ok else 1
 
 

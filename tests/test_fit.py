@@ -103,7 +103,7 @@ def test_oversized_config_does_not_fit(mesh, tmp_path):
     assert "RESOURCE_EXHAUSTED" in text  # the compiler's own refusal
     assert "largest arguments per chip" in text
     assert "8.00 GiB  [0]['params']['embed_tokens']" in text
-    assert text.endswith(f"verdict: DOES NOT FIT on {TARGET}")
+    assert text.endswith("verdict: DOES NOT FIT on v5e-4 (v5e:2x2)")
 
 
 def test_launch_compile_only_checks_the_config_first():
@@ -158,3 +158,14 @@ def test_a_tpu_compile_gets_splash_attention_whatever_the_host(mesh):
     # and the TPU compiler takes it
     [program] = fit.programs(load_config(None, SMALL), mesh, ("sft",))
     assert not fit.compile_program(program).error, program.error
+
+
+def test_slices_are_named_as_google_names_them():
+    """v5p-N and v4-N count TensorCores (two per chip), v5e-N and v6e-N chips."""
+    assert [fit.topology(n) for n in ("v5p-8", "v5p-16", "v5p-32", "v4-8", "v5e-4", "v6e-8")] == [
+        "v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v4:2x2x1", "v5e:2x2", "v6e:2x4"]
+    assert [fit.slice_name(t) for t in ("v5p:2x2x1", "v5p:2x2x2", "v5e:2x2", "v5p-8")] == [
+        "v5p-8", "v5p-16", "v5e-4", "v5p-8"]
+    assert len(fit.topology_devices("v5p-8")) == 4
+    with pytest.raises(ValueError, match="no v5p slice of that size; known: v5p-8, v5p-16"):
+        fit.topology("v5p-12")
