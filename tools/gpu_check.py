@@ -106,7 +106,7 @@ def main() -> None:
     peak = args.peak or next((v for k, v in PEAKS.items() if k in device.device_kind), None)
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
+                             capture_output=True, text=True, timeout=30, check=False).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         smi = "no nvidia-smi"
     print(f"### cuDNN attention on {device.device_kind} (tools/gpu_check.py)\n")

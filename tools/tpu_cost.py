@@ -83,7 +83,11 @@ def _patched(attention: str):
         kernels.attention, jax.lax.map = saved
 
 
-def _program(kind: str, seq: int, layers: int, attention: str, mesh, chips: int):
+CONFIGS = {"sft": "configs/qwen3-4b-sft.yaml", "grpo": "configs/qwen3-4b-grpo.yaml",
+           "prefill": "configs/qwen3-4b-grpo-rc.yaml"}
+
+
+def _program(kind: str, seq: int, layers: int, attention: str, mesh, chips: int, sets=()):
     """(jitted fn, abstract args) of one loop-free program with `layers` blocks."""
     import jax
     import jax.numpy as jnp
@@ -94,21 +98,21 @@ def _program(kind: str, seq: int, layers: int, attention: str, mesh, chips: int)
     from qedjax.sharding import SUMMARIZER_RULES, activation_sharding, data_sharding
 
     kernel = {"none": "xla", "dense": "xla"}.get(attention, attention)
-    common = [f"model.attention={kernel}"] + ([f"model.attention_block={seq}"] if attention == "dense" else [])
+    common = [*sets, f"model.attention={kernel}"] + ([f"model.attention_block={seq}"] if attention == "dense" else [])
     if kind == "sft":
-        cfg = load_config("configs/qwen3-4b-sft.yaml", common + [
+        cfg = load_config(CONFIGS[kind], common + [
             f"sft.data.seq_len={seq}", "sft.micro_batches=1", f"sft.global_batch={chips}"])
         [p] = fit.programs(cfg, mesh, ("sft",), layers=layers)
         return p.fn, p.args
     if kind == "grpo":
-        cfg = load_config("configs/qwen3-4b-grpo.yaml", common + [
+        cfg = load_config(CONFIGS[kind], common + [
             "grpo.micro_batches=1", "grpo.problems_per_step=1", f"grpo.group_size={chips}",
             f"grpo.sampling.max_new_tokens={seq - fit.DEFAULT_PROMPT_TOKENS + 1}"])
         p = fit.programs(cfg, mesh, ("grpo",), layers=layers)[0]
         assert p.name.endswith(f"x {seq}]"), p.name
         return p.fn, p.args
     # prefill: the summariser's forward over [chips rows, seq] into a KV cache of seq + 2,048 slots
-    cfg = load_config("configs/qwen3-4b-grpo-rc.yaml", common)
+    cfg = load_config(CONFIGS[kind], common)
     from qedjax.models.qwen3 import KVCache
 
     config, graphdef, params = train.abstract_params(fit._model_cfg(cfg.model), mesh, SUMMARIZER_RULES, layers=layers)
@@ -125,9 +129,9 @@ def _program(kind: str, seq: int, layers: int, attention: str, mesh, chips: int)
     return jax.jit(prefill), (params, rows)
 
 
-def compile_time(kind, seq, layers, attention, mesh, chips) -> float:
+def compile_time(kind, seq, layers, attention, mesh, chips, sets=()) -> float:
     with _patched(attention):
-        fn, args = _program(kind, seq, layers, attention, mesh, chips)
+        fn, args = _program(kind, seq, layers, attention, mesh, chips, sets)
         return _cost(fn.lower(*args).compile())
 
 
@@ -141,7 +145,8 @@ def xla_attention_probe(t: int, mesh, chips: int, backward: bool, m) -> float:
     """The compiler's seconds per executed FLOP of the dense XLA attention (one layer, one row per chip)."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from qedjax.models.kernels import reference_causal
 
@@ -185,16 +190,16 @@ class Model:
         return passes * (2 * t * (self.layers * self.layer_params + head)
                          + self.layers * 2 * t * t * self.heads * self.head_dim)
 
-    def splash_flops(self, t: int, train: bool) -> float:
+    def splash_flops(self, t: int, train: bool, remat: bool = True) -> float:
         """Executed FLOPs of the splash kernels per row: forward (2 products), dQ (3), dK/dV (4), and
         the forward again under remat, over the visited block pairs."""
-        products = (2 + 3 + 4 + 2) if train else 2
+        products = (2 + 3 + 4 + 2 * remat) if train else 2
         return self.layers * products * 2 * t * t * self.heads * self.head_dim * _executed_pairs(t, BLOCK)
 
-    def xla_flops(self, t: int, block: int, train: bool) -> float:
+    def xla_flops(self, t: int, block: int, train: bool, remat: bool = True) -> float:
         """Executed FLOPs of the blockwise XLA path per row: forward (2 products), its backward
         (scores again, dV, dP, dQ, dK: 5), and the forward again under remat."""
-        products = (2 + 5 + 2) if train else 2
+        products = (2 + 5 + 2 * remat) if train else 2
         frac = _executed_pairs(t, block) if t > block else 1.0
         return self.layers * products * 2 * t * t * self.heads * self.head_dim * frac
 
@@ -207,11 +212,13 @@ def main() -> None:
     p.add_argument("--target", default="v5p:2x2x1")
     p.add_argument("--mesh", default="fsdp=4")
     p.add_argument("--xla-probe", type=int, default=2048, help="T of the dense XLA attention whose rate is used")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides (e.g. model.remat=false)")
     p.add_argument("--whole", nargs="*", default=["dense", "splash"],
                    help="also compile at T = --xla-probe with these attentions in the program (dense, splash)")
     args = p.parse_args()
 
     from qedjax import fit
+    from qedjax.config import load_config
     from qedjax.models.qwen3 import PRESETS
 
     fit._load_libtpu()
@@ -222,18 +229,19 @@ def main() -> None:
     m = Model(pr["num_hidden_layers"], pr["hidden_size"], pr["num_attention_heads"], pr["num_key_value_heads"],
               pr["head_dim"], pr["intermediate_size"], pr["vocab_size"])
     train = args.program != "prefill"
+    remat = load_config(CONFIGS[args.program], args.set).model.remat
     a, b = args.layers
     extrapolate = lambda ta, tb: ta + (tb - ta) * (m.layers - a) / (b - a)  # noqa: E731
     xla_rate = xla_attention_probe(args.xla_probe, mesh, chips, train, m)
     for t in args.seq:
-        rest = extrapolate(*(compile_time(args.program, t, n, "none", mesh, chips) for n in (a, b)))
-        splash_s = m.splash_flops(t, train) / (SPLASH_RATE * peak)
+        rest = extrapolate(*(compile_time(args.program, t, n, "none", mesh, chips, args.set) for n in (a, b)))
+        splash_s = m.splash_flops(t, train, remat) / (SPLASH_RATE * peak)
         from qedjax.models.qwen3 import flash_block
 
         block = flash_block(t, 512) or t
-        xla_s = m.xla_flops(t, block, train) * xla_rate
+        xla_s = m.xla_flops(t, block, train, remat) * xla_rate
         flops = m.model_flops(t, train)
-        row = {"program": args.program, "target": args.target, "mesh": args.mesh, "seq": t,
+        row = {"program": args.program, "target": args.target, "mesh": args.mesh, "seq": t, "set": args.set,
                "rest_s": rest, "splash_attention_s": splash_s, "xla_attention_s": xla_s,
                "splash_step_s": rest + splash_s, "xla_step_s": rest + xla_s, "model_tflop_per_chip": flops / 1e12,
                "mfu_splash": flops / peak / (rest + splash_s), "mfu_xla": flops / peak / (rest + xla_s),
@@ -241,7 +249,7 @@ def main() -> None:
         if t == args.xla_probe:
             for attention in args.whole:  # the whole program as the compiler sees it, for comparison
                 row[f"compiler_{attention}_s"] = extrapolate(
-                    *(compile_time(args.program, t, n, attention, mesh, chips) for n in (a, b)))
+                    *(compile_time(args.program, t, n, attention, mesh, chips, args.set) for n in (a, b)))
         print(json.dumps(row), flush=True)
 
 
