@@ -127,28 +127,21 @@ def _splash_kernel(heads: int, t: int, interpret: bool):
     """A causal splash kernel for `heads` query heads over rows of t tokens. Its block mask is built
     in numpy when it is made (a grid of (t / block)^2 entries per head), so one kernel serves every
     layer and step of that shape."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as sk,
-    )
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_mask as sm,
-    )
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas: imported when used
 
     b = next(s for s in SPLASH_BLOCKS if t % s == 0)
-    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+    sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    mask = sm.MultiHeadMask([sm.CausalMask((t, t))] * heads)
-    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    mask = sa.MultiHeadMask([sa.CausalMask((t, t))] * heads)
+    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash_local(q, k, v, seg, interpret: bool):
     """One shard: q [b, N, T, H] (already scaled), k, v [b, K, T, H], seg [b, T] -> [b, N, T, H]."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as sk,
-    )
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     kernel = _splash_kernel(q.shape[1], q.shape[2], interpret)
-    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s)))(q, k, v, seg)
+    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(q=s, kv=s)))(q, k, v, seg)
 
 
 def splash_attention(q, k, v, seg, *, interpret: bool = False):
