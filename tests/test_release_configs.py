@@ -2,7 +2,9 @@
 "paper" is the QED-Nano paper, "release" its released training code, both as summarised in
 ../shared/ALGORITHMS.md (section named)."""
 
+import math
 import os
+import re
 
 import pytest
 
@@ -81,3 +83,34 @@ def test_training_temperature_must_be_positive_and_the_answer_timeout_is_configu
                                  ).timeout_s == 2.5
     with pytest.raises(ValueError, match="grpo.answer_timeout_s must be > 0"):
         load_config(tiny, ["grpo.answer_timeout_s=0"])
+
+
+@pytest.mark.parametrize("name", ["qwen3-4b-sft.yaml", *GRPO_CONFIGS])
+def test_4b_configs_name_their_slice_and_fill_its_chips(name):
+    """Each 4B config names its slice as Google does (v5p-N counts TensorCores: a v5p-8 is 4 chips,
+    2x2x1) and a mesh of that many chips, runs with that mesh, passes the launcher's checks on it,
+    and puts one row on each chip per micro-batch (and one decoded row per chip in-process)."""
+    import jax
+
+    from qedjax import fit, launch, rl
+    from qedjax.sharding import TRAIN_RULES, make_mesh, parse_mesh_spec
+
+    text = open(os.path.join(ROOT, "configs", name)).read()
+    found = re.search(r"# Target: a (v5p-\d+) slice \((\d+) chips, topology (\d+x\d+x\d+)\), mesh (\S+?)[,;]", text)
+    assert found, f"{name} names no target slice"
+    slice_name, chips, shape, spec = found.groups()
+    chips = int(chips)
+    assert fit.topology(slice_name) == f"v5p:{shape}" and math.prod(map(int, shape.split("x"))) == chips
+    assert math.prod(parse_mesh_spec(spec).values()) == chips
+    assert f"--mesh {spec}" in text  # the run command in the comments uses it
+    cfg = _load(name)
+    mesh = make_mesh(spec, devices=jax.devices()[:chips])
+    stages = cfg.run.stages
+    launch.validate(cfg, mesh, stages, check_paths=False)
+    if cfg.sft is not None:
+        assert cfg.sft.global_batch // cfg.sft.micro_batches == chips
+    if cfg.grpo is not None:
+        assert rl.train_rows(cfg.grpo, mesh, TRAIN_RULES) // cfg.grpo.micro_batches == chips
+        assert rl.train_rows(cfg.grpo, mesh, TRAIN_RULES) == cfg.grpo.sequences_per_step  # no padding rows
+        if cfg.engine.kind == "jax":
+            assert cfg.engine.max_batch == chips
