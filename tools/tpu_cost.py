@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import sys
 
 PEAK = {"v5p": 459e12, "v5e": 197e12, "v6e": 918e12, "v4": 275e12}  # bf16 FLOP/s per chip, cloud.google.com/tpu/docs
 # Splash's rate per executed FLOP: 40.9% of v5p's peak, from a measured splash forward on one v5p chip
@@ -132,7 +133,10 @@ def _program(kind: str, seq: int, layers: int, attention: str, mesh, chips: int,
 def compile_time(kind, seq, layers, attention, mesh, chips, sets=()) -> float:
     with _patched(attention):
         fn, args = _program(kind, seq, layers, attention, mesh, chips, sets)
-        return _cost(fn.lower(*args).compile())
+        seconds = _cost(fn.lower(*args).compile())
+    print(f"[cost] {kind} T={seq} {layers} blocks, attention {attention}: {seconds * 1e3:.2f} ms", file=sys.stderr,
+          flush=True)
+    return seconds
 
 
 def _executed_pairs(t: int, block: int) -> float:
