@@ -1,5 +1,8 @@
 """Masked softmax attention for Qwen3: a dense path and a blockwise one with its own backward pass.
 
+This is the XLA path of models/kernels.py: all attention on the CPU, and on every backend the KV-cache
+prefills and decoding (TPU and GPU train steps over whole rows take splash and cuDNN instead).
+
 Both take q: [B, T, K, G, H] (G = query heads per key head), k, v: [B, S, K, H], segment ids and slots,
 and return [B, T, K, G, H]. A query sees the keys of its own segment at slots up to its own.
 
