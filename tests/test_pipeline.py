@@ -30,7 +30,7 @@ def run_launch(*args, devices=1, timeout=3600):  # a hang guard: a loaded 2-core
 def test_main_job_learns(tmp_path):
     """The demo exactly as `make demo` runs it (only the run directory differs), held to what CI
     holds it to: each model beats the previous one by more than two standard errors of the paired
-    difference over the eval problems (seed 0: SFT - base +80.5 +- 1.8, GRPO - SFT +5.9 +- 1.5)."""
+    difference over the eval problems (seed 0: SFT - base +79.5 +- 2.0, GRPO - SFT +7.9 +- 2.1)."""
     run_dir = tmp_path / "tiny"
     # From the repository root with a relative run.dir, as the README's command (export once failed on one).
     stdout = run_launch("--config", "configs/tiny.yaml", f"run.dir={os.path.relpath(run_dir, ROOT)}")
@@ -38,11 +38,15 @@ def test_main_job_learns(tmp_path):
     assert check_demo.check(str(run_dir), min_se=2.0) == []
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stages"]["base"]["score"] < 5  # the untrained model cannot do the task
-    # The GRPO reward rises: the last 6 steps beat the first 6 by more than two standard errors.
+    # The GRPO reward rises: the least-squares slope of the per-step reward over the 30 steps is positive
+    # by more than two of its standard errors (each step draws other problems, so single steps are noisy;
+    # seed 0: +0.0026 a step, t = 2.6).
     rewards = np.array([r["reward_mean"] for r in read_metrics(str(run_dir), "grpo") if "reward_mean" in r])
     assert len(rewards) == 30
-    first, last = rewards[:6], rewards[-6:]
-    assert last.mean() - first.mean() > 2 * np.sqrt(first.var(ddof=1) / 6 + last.var(ddof=1) / 6)
+    steps = np.arange(len(rewards))
+    slope, intercept = np.polyfit(steps, rewards, 1)
+    residuals = rewards - (slope * steps + intercept)
+    assert slope > 2 * np.sqrt(residuals.var(ddof=2) / ((steps - steps.mean()) ** 2).sum())
     assert (run_dir / "grpo_reward.png").exists() and (run_dir / "eval" / "cost_vs_score.png").exists()
     # The export stage wrote a Hugging Face directory that transformers loads and runs.
     import torch
