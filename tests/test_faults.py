@@ -450,7 +450,7 @@ def test_grpo_with_workers_sigkill_and_resume_equals_a_straight_run(tmp_path, to
         log = open(tmp_path / f"{name}_worker.log", "w")
         return subprocess.Popen([sys.executable, "-m", "qedjax.rollout.worker", "--engine", "jax",
                                  "--store", raw["engine"]["store"], "--queue", raw["engine"]["queue"],
-                                 "--tokenizer", toy_tokenizer_dir, "--poll-s", "0.05", "--worker-id", name],
+                                 "--tokenizer", toy_tokenizer_dir, "--poll-s", "0.05", "--worker-id", "w0"],  # one id: the metrics name it
                                 env=env, stdout=log, stderr=subprocess.STDOUT), log
 
     runs = {}
