@@ -402,7 +402,7 @@ class Qwen3(nnx.Module):
             return block(x, positions, segment_ids, q_slots, kv)
 
         if cfg.remat and cache is None:  # decoding (a cache) has no backward pass to save memory for
-            run_block = nnx.remat(run_block)
+            run_block = nnx.remat(run_block, policy=kernels.REMAT_POLICY)  # all but the attention kernel's outputs
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], kv_segments, cache.index)
