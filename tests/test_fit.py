@@ -155,9 +155,15 @@ def test_a_tpu_compile_gets_splash_attention_whatever_the_host(mesh):
         texts[kind] = program.fn.lower(*program.args).as_text()
     assert texts["auto"].count("tpu_custom_call") >= 3
     assert "tpu_custom_call" not in texts["xla"]
-    # and the TPU compiler takes it
-    [program] = fit.programs(load_config(None, SMALL), mesh, ("sft",))
-    assert not fit.compile_program(program).error, program.error
+    # and the TPU compiler takes it. Under remat the backward pass keeps the kernel's output
+    # (kernels.REMAT_POLICY): the compiled step runs the same kernels as without remat, three a block,
+    # not the forward a second time.
+    calls = {}
+    for remat in ("false", "true"):
+        [program] = fit.programs(load_config(None, SMALL + [f"model.remat={remat}"]), mesh, ("sft",))
+        assert not fit.compile_program(program).error, program.error
+        calls[remat] = program.compiled.as_text().count("tpu_custom_call")
+    assert calls == {"false": 3 * 2, "true": 3 * 2}  # the tiny model's 2 blocks
 
 
 def test_slices_are_named_as_google_names_them():

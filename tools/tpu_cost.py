@@ -5,8 +5,8 @@
     .venv/bin/python tools/tpu_cost.py --program prefill --seq 52224
 
 Compiles, with libtpu's compiler on this machine (`make fit-tools`), for --target (default v5p:2x2x1,
-a v5p-8) with --mesh (default fsdp=4) and one row per chip, and reads `optimal_seconds` (XLA's cost-
-model time) from `compiled.cost_analysis()`:
+a v5p-8) with --mesh (default fsdp=4) and --rows rows per chip (default 1), and reads
+`optimal_seconds` (XLA's cost-model time) from `compiled.cost_analysis()`:
   sft      sft.make_step of configs/qwen3-4b-sft.yaml, one micro-batch
   grpo     rl.make_step of configs/qwen3-4b-grpo.yaml, one micro-batch
   prefill  the RC summariser's prefill: the 4B forward over the prompt into a fresh KV cache, the
@@ -20,9 +20,10 @@ stand-in of the same inputs and output (q plus the means of k and v: elementwise
 compiler's figure is everything but attention ("rest"). Attention's time is then added from a stated
 model, per layer and row:
   splash   the kernel's executed FLOPs (the block pairs on or below the diagonal, 512-token blocks:
-           forward 2 products, dQ kernel 3, dK/dV kernel 4, the forward again under remat) at
-           SPLASH_RATE of the chip's peak. Splash's own cost-model figures are not used: the model
-           does not see inside a Pallas kernel.
+           forward 2 products, dQ kernel 3, dK/dV kernel 4; under remat the kernel's output is kept,
+           models/kernels.py's REMAT_POLICY, so its forward does not run again) at SPLASH_RATE of the
+           chip's peak. Splash's own cost-model figures are not used: the model does not see
+           inside a Pallas kernel.
   xla      the compiler's own time for models/attention.py's dense path on one layer at --xla-probe
            tokens (loop-free), per executed FLOP, times the blockwise path's executed FLOPs at T
            (block pairs in reach; the forward again under remat). At T = --xla-probe the step is
@@ -88,7 +89,7 @@ CONFIGS = {"sft": "configs/qwen3-4b-sft.yaml", "grpo": "configs/qwen3-4b-grpo.ya
            "prefill": "configs/qwen3-4b-grpo-rc.yaml"}
 
 
-def _program(kind: str, seq: int, layers: int, attention: str, mesh, chips: int, sets=()):
+def _program(kind: str, seq: int, layers: int, attention: str, mesh, chips: int, sets=(), rows: int = 1):
     """(jitted fn, abstract args) of one loop-free program with `layers` blocks."""
     import jax
     import jax.numpy as jnp
@@ -102,23 +103,23 @@ def _program(kind: str, seq: int, layers: int, attention: str, mesh, chips: int,
     common = [*sets, f"model.attention={kernel}"] + ([f"model.attention_block={seq}"] if attention == "dense" else [])
     if kind == "sft":
         cfg = load_config(CONFIGS[kind], common + [
-            f"sft.data.seq_len={seq}", "sft.micro_batches=1", f"sft.global_batch={chips}"])
+            f"sft.data.seq_len={seq}", "sft.micro_batches=1", f"sft.global_batch={chips * rows}"])
         [p] = fit.programs(cfg, mesh, ("sft",), layers=layers)
         return p.fn, p.args
     if kind == "grpo":
         cfg = load_config(CONFIGS[kind], common + [
-            "grpo.micro_batches=1", "grpo.problems_per_step=1", f"grpo.group_size={chips}",
+            "grpo.micro_batches=1", "grpo.problems_per_step=1", f"grpo.group_size={chips * rows}",
             f"grpo.sampling.max_new_tokens={seq - fit.DEFAULT_PROMPT_TOKENS + 1}"])
         p = fit.programs(cfg, mesh, ("grpo",), layers=layers)[0]
         assert p.name.endswith(f"x {seq}]"), p.name
         return p.fn, p.args
-    # prefill: the summariser's forward over [chips rows, seq] into a KV cache of seq + 2,048 slots
+    # prefill: the summariser's forward over [chips x rows, seq] into a KV cache of seq + 2,048 slots
     cfg = load_config(CONFIGS[kind], common)
     from qedjax.models.qwen3 import KVCache
 
     config, graphdef, params = train.abstract_params(fit._model_cfg(cfg.model), mesh, SUMMARIZER_RULES, layers=layers)
     params = fit._engine_copy(config, params)
-    rows = jax.ShapeDtypeStruct((chips, seq), jnp.int32, sharding=data_sharding(mesh, SUMMARIZER_RULES))
+    tokens = jax.ShapeDtypeStruct((chips * rows, seq), jnp.int32, sharding=data_sharding(mesh, SUMMARIZER_RULES))
 
     def prefill(params, tokens):
         with activation_sharding(mesh, SUMMARIZER_RULES):
@@ -127,14 +128,14 @@ def _program(kind: str, seq: int, layers: int, attention: str, mesh, chips: int,
             hidden, cache = model.hidden(tokens, None, jnp.ones_like(tokens), cache)
             return model.logits(hidden[:, -1]), cache
 
-    return jax.jit(prefill), (params, rows)
+    return jax.jit(prefill), (params, tokens)
 
 
-def compile_time(kind, seq, layers, attention, mesh, chips, sets=()) -> float:
+def compile_time(kind, seq, layers, attention, mesh, chips, sets=(), rows=1) -> float:
     with _patched(attention):
-        fn, args = _program(kind, seq, layers, attention, mesh, chips, sets)
+        fn, args = _program(kind, seq, layers, attention, mesh, chips, sets, rows)
         seconds = _cost(fn.lower(*args).compile())
-    print(f"[cost] {kind} T={seq} {layers} blocks, attention {attention}: {seconds * 1e3:.2f} ms", file=sys.stderr,
+    print(f"[cost] {kind} T={seq} x {rows} per chip, {layers} blocks, attention {attention}: {seconds * 1e3:.2f} ms", file=sys.stderr,
           flush=True)
     return seconds
 
@@ -194,10 +195,10 @@ class Model:
         return passes * (2 * t * (self.layers * self.layer_params + head)
                          + self.layers * 2 * t * t * self.heads * self.head_dim)
 
-    def splash_flops(self, t: int, train: bool, remat: bool = True) -> float:
-        """Executed FLOPs of the splash kernels per row: forward (2 products), dQ (3), dK/dV (4), and
-        the forward again under remat, over the visited block pairs."""
-        products = (2 + 3 + 4 + 2 * remat) if train else 2
+    def splash_flops(self, t: int, train: bool) -> float:
+        """Executed FLOPs of the splash kernels per row: forward (2 products), dQ (3), dK/dV (4), over
+        the visited block pairs. Remat keeps the kernel's output (kernels.REMAT_POLICY): no forward again."""
+        products = (2 + 3 + 4) if train else 2
         return self.layers * products * 2 * t * t * self.heads * self.head_dim * _executed_pairs(t, BLOCK)
 
     def xla_flops(self, t: int, block: int, train: bool, remat: bool = True) -> float:
@@ -216,6 +217,7 @@ def main() -> None:
     p.add_argument("--target", default="v5p:2x2x1")
     p.add_argument("--mesh", default="fsdp=4")
     p.add_argument("--xla-probe", type=int, default=2048, help="T of the dense XLA attention whose rate is used")
+    p.add_argument("--rows", type=int, default=1, help="rows per chip in the micro-batch")
     p.add_argument("--set", nargs="*", default=[], help="config overrides (e.g. model.remat=false)")
     p.add_argument("--whole", nargs="*", default=["dense", "splash"],
                    help="also compile at T = --xla-probe with these attentions in the program (dense, splash)")
@@ -238,14 +240,16 @@ def main() -> None:
     extrapolate = lambda ta, tb: ta + (tb - ta) * (m.layers - a) / (b - a)  # noqa: E731
     xla_rate = xla_attention_probe(args.xla_probe, mesh, chips, train, m)
     for t in args.seq:
-        rest = extrapolate(*(compile_time(args.program, t, n, "none", mesh, chips, args.set) for n in (a, b)))
-        splash_s = m.splash_flops(t, train, remat) / (SPLASH_RATE * peak)
+        rest = extrapolate(*(compile_time(args.program, t, n, "none", mesh, chips, args.set, args.rows)
+                             for n in (a, b)))
+        splash_s = args.rows * m.splash_flops(t, train) / (SPLASH_RATE * peak)
         from qedjax.models.qwen3 import flash_block
 
         block = flash_block(t, 512) or t
-        xla_s = m.xla_flops(t, block, train, remat) * xla_rate
-        flops = m.model_flops(t, train)
-        row = {"program": args.program, "target": args.target, "mesh": args.mesh, "seq": t, "set": args.set,
+        xla_s = args.rows * m.xla_flops(t, block, train, remat) * xla_rate
+        flops = args.rows * m.model_flops(t, train)
+        row = {"program": args.program, "target": args.target, "mesh": args.mesh, "seq": t, "rows": args.rows,
+               "set": args.set,
                "rest_s": rest, "splash_attention_s": splash_s, "xla_attention_s": xla_s,
                "splash_step_s": rest + splash_s, "xla_step_s": rest + xla_s, "model_tflop_per_chip": flops / 1e12,
                "mfu_splash": flops / peak / (rest + splash_s), "mfu_xla": flops / peak / (rest + xla_s),
@@ -253,7 +257,7 @@ def main() -> None:
         if t == args.xla_probe:
             for attention in args.whole:  # the whole program as the compiler sees it, for comparison
                 row[f"compiler_{attention}_s"] = extrapolate(
-                    *(compile_time(args.program, t, n, attention, mesh, chips, args.set) for n in (a, b)))
+                    *(compile_time(args.program, t, n, attention, mesh, chips, args.set, args.rows) for n in (a, b)))
         print(json.dumps(row), flush=True)
 
 

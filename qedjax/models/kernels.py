@@ -42,6 +42,13 @@ KINDS = ("auto", "xla", "splash", "cudnn")
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
 NEEDS = {"splash": ("tpu",), "cudnn": ("gpu", "cuda")}
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides T (MaxText's v5p default is 512)
+# The name splash gives its output and log-sum-exp (the residuals of its backward kernels). Under
+# remat, REMAT_POLICY keeps them, so the backward pass runs the dQ and dK/dV kernels on them instead
+# of running the forward kernel again (at 49k tokens attention is most of a step's FLOPs): per layer
+# and row, T x N x H in the compute dtype plus T x N fp32. The XLA and cuDNN paths name nothing:
+# under the policy they are recomputed whole, as under plain remat.
+SAVED = "attention_kernel_residuals"
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(SAVED)
 
 
 def platform() -> str:
@@ -133,7 +140,12 @@ def _splash_kernel(heads: int, t: int, interpret: bool):
     sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     mask = sa.MultiHeadMask([sa.CausalMask((t, t))] * heads)
-    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    # Built eagerly: the kernel keeps its mask's block tables as arrays, and made under one trace
+    # (a jit, a shard_map) they would be that trace's values, leaked into the next program of the
+    # same shape that reuses the kernel.
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret,
+                                  residual_checkpoint_name=SAVED)
 
 
 def _splash_local(q, k, v, seg, interpret: bool):

@@ -110,7 +110,7 @@ class Qwen3Config:
     eos_token_id: int | None = None
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # compute dtype of activations and matmuls
-    remat: bool = False  # recompute each block in the backward pass (long sequences)
+    remat: bool = False  # recompute each block in the backward pass, but the attention kernel (long sequences)
     attention_block: int = 512  # the XLA path: rows longer than this go blockwise, in blocks of up to it (0: dense only)
     attention: str = "auto"  # ATTENTION_KINDS: auto = splash on TPU, cuDNN on GPU, XLA elsewhere (models/kernels.py)
 
@@ -402,7 +402,7 @@ class Qwen3(nnx.Module):
             return block(x, positions, segment_ids, q_slots, kv)
 
         if cfg.remat and cache is None:  # decoding (a cache) has no backward pass to save memory for
-            run_block = nnx.remat(run_block)
+            run_block = nnx.remat(run_block, policy=kernels.REMAT_POLICY)  # all but the attention kernel's outputs
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], kv_segments, cache.index)
