@@ -1,10 +1,10 @@
 """Hugging Face <-> qedjax conversion: one declarative key table, one loop each way.
 
-Each row names a HF tensor, the qedjax parameter path, and a layout saying how the two differ:
-  same       identical arrays (embeddings, norm scales)
-  linear     HF [out, in]        <-> qedjax [in, out]
-  heads_in   HF [heads*H, D]     <-> qedjax [D, heads, H]    (q_proj, k_proj, v_proj)
-  heads_out  HF [D, heads*H]     <-> qedjax [heads, H, D]    (o_proj)
+The model keeps every weight in Hugging Face's layout, so each row of the table names a HF tensor,
+the qedjax parameter path, and how the heads axis is split out (a reshape, never a copy):
+  same       identical arrays (embeddings, norm scales, MLP matrices, lm_head)
+  head_rows  HF [heads*H, D]  <-> qedjax [heads, H, D]    (q_proj, k_proj, v_proj)
+  head_cols  HF [D, heads*H]  <-> qedjax [D, heads, H]    (o_proj)
 Loading checks that every tensor of the checkpoint is consumed and every shape matches; tensors are
 read one at a time from memory-mapped files and put straight into their shards.
 """
@@ -37,7 +37,7 @@ DEFAULT_SHARD_BYTES = 4 * 2**30
 class Key:
     hf: str  # Hugging Face tensor name
     path: tuple  # path into the qedjax params pure dict
-    layout: str  # same | linear | heads_in | heads_out
+    layout: str  # same | head_rows | head_cols
 
 
 def key_table(config: Qwen3Config) -> list[Key]:
@@ -47,49 +47,42 @@ def key_table(config: Qwen3Config) -> list[Key]:
         hf, ours = f"model.layers.{i}.", ("layers", i)
         keys += [
             Key(hf + "input_layernorm.weight", ours + ("input_layernorm", "scale"), "same"),
-            Key(hf + "self_attn.q_proj.weight", ours + ("self_attn", "q_proj"), "heads_in"),
-            Key(hf + "self_attn.k_proj.weight", ours + ("self_attn", "k_proj"), "heads_in"),
-            Key(hf + "self_attn.v_proj.weight", ours + ("self_attn", "v_proj"), "heads_in"),
-            Key(hf + "self_attn.o_proj.weight", ours + ("self_attn", "o_proj"), "heads_out"),
+            Key(hf + "self_attn.q_proj.weight", ours + ("self_attn", "q_proj"), "head_rows"),
+            Key(hf + "self_attn.k_proj.weight", ours + ("self_attn", "k_proj"), "head_rows"),
+            Key(hf + "self_attn.v_proj.weight", ours + ("self_attn", "v_proj"), "head_rows"),
+            Key(hf + "self_attn.o_proj.weight", ours + ("self_attn", "o_proj"), "head_cols"),
             Key(hf + "self_attn.q_norm.weight", ours + ("self_attn", "q_norm", "scale"), "same"),
             Key(hf + "self_attn.k_norm.weight", ours + ("self_attn", "k_norm", "scale"), "same"),
             Key(hf + "post_attention_layernorm.weight", ours + ("post_attention_layernorm", "scale"), "same"),
-            Key(hf + "mlp.gate_proj.weight", ours + ("mlp", "gate_proj"), "linear"),
-            Key(hf + "mlp.up_proj.weight", ours + ("mlp", "up_proj"), "linear"),
-            Key(hf + "mlp.down_proj.weight", ours + ("mlp", "down_proj"), "linear"),
+            Key(hf + "mlp.gate_proj.weight", ours + ("mlp", "gate_proj"), "same"),
+            Key(hf + "mlp.up_proj.weight", ours + ("mlp", "up_proj"), "same"),
+            Key(hf + "mlp.down_proj.weight", ours + ("mlp", "down_proj"), "same"),
         ]
     keys.append(Key("model.norm.weight", ("norm", "scale"), "same"))
     if not config.tie_word_embeddings:
-        keys.append(Key("lm_head.weight", ("lm_head",), "linear"))
+        keys.append(Key("lm_head.weight", ("lm_head",), "same"))
     return keys
 
 
-def to_ours(x: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
-    """HF array -> qedjax layout (`shape` is the qedjax shape)."""
-    return x if layout == "same" else x.T.reshape(shape)  # every other layout is a transpose + split
-
-
-def to_hf(x: np.ndarray, layout: str) -> np.ndarray:
-    """qedjax array -> HF layout."""
+def hf_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """The HF shape of a qedjax parameter of `shape`: its heads axis merged with head_dim."""
     if layout == "same":
-        return x
-    if layout == "linear":
-        return x.T
-    if layout == "heads_in":
-        return x.reshape(x.shape[0], -1).T
-    if layout == "heads_out":
-        return x.reshape(-1, x.shape[-1]).T
+        return tuple(shape)
+    if layout == "head_rows":  # [heads, H, D] -> [heads*H, D]
+        return (shape[0] * shape[1], shape[2])
+    if layout == "head_cols":  # [D, heads, H] -> [D, heads*H]
+        return (shape[0], shape[1] * shape[2])
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def hf_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
-    if layout == "same":
-        return tuple(shape)
-    if layout == "linear":
-        return tuple(shape[::-1])
-    if layout == "heads_in":
-        return (int(np.prod(shape[1:])), shape[0])
-    return (shape[-1], int(np.prod(shape[:-1])))
+def to_ours(x, layout: str, shape: tuple[int, ...]):
+    """HF array -> qedjax (`shape` is the qedjax shape): a reshape (a view of x)."""
+    return x.reshape(shape)
+
+
+def to_hf(x, layout: str):
+    """qedjax array -> HF layout: a reshape (a view of x)."""
+    return x.reshape(hf_shape(tuple(x.shape), layout))
 
 
 def _get(tree, path):
@@ -117,12 +110,21 @@ def read_config(path: str | os.PathLike, **overrides) -> Qwen3Config:
     return Qwen3Config.from_hf(hf, source=file, **overrides)
 
 
+class _OneKey:
+    """Stands in for nnx.Rngs when only shapes are wanted: every parameter draws from the same key.
+    An nnx.Rngs counts its draws in a Variable, and each update under a trace asks the new value for
+    its `sharding`, which makes JAX build an error message over the whole trace: quadratic, 5 s of a
+    qwen3-0.6b load on 2 cores."""
+
+    def params(self):
+        return jax.random.key(0)
+
+
 @functools.lru_cache(maxsize=8)
 def abstract_model(config: Qwen3Config):
-    """(graphdef, abstract state) of the model, no memory allocated. Cached per config: tracing the
-    initialisation takes seconds at Qwen3 sizes (nnx updates its random stream once per parameter),
-    and a launch asks for it several times (shardings, then the load). Read-only to its callers."""
-    return nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0))))
+    """(graphdef, abstract state) of the model, no memory allocated. Cached per config: a launch asks
+    for it several times (shardings, then the load). Read-only to its callers."""
+    return nnx.split(nnx.eval_shape(lambda: Qwen3(config, rngs=_OneKey())))
 
 
 def load_params(path: str | os.PathLike, *, dtype: str = "float32", compute_dtype: str | None = None,
@@ -159,11 +161,12 @@ def load_params(path: str | os.PathLike, *, dtype: str = "float32", compute_dtyp
     params: dict = {}
     np_dtype = NP_DTYPES[dtype]
     total = 0
-    staging = _Staging()
     try:
         for key in table:
             file = files[key.hf]
-            f = opened.setdefault(file, SafetensorsFile(file))
+            if file not in opened:
+                opened[file] = SafetensorsFile(file)
+            f = opened[file]
             hf_arr = f.get(key.hf)
             total += hf_arr.nbytes
             if hf_arr.dtype not in READABLE:
@@ -174,7 +177,7 @@ def load_params(path: str | os.PathLike, *, dtype: str = "float32", compute_dtyp
                 raise ValueError(f"{file}: tensor {key.hf} has shape {hf_arr.shape}, expected "
                                  f"{hf_shape(shape, key.layout)} for the config in {path}")
             sharding = None if shardings is None else _get(shardings, key.path)
-            _set(params, key.path, _load_tensor(f, key.hf, hf_arr, key.layout, shape, np_dtype, sharding, staging))
+            _set(params, key.path, _load_tensor(f, key.hf, hf_arr, key.layout, shape, np_dtype, sharding))
     finally:
         for f in opened.values():
             f.close()
@@ -185,51 +188,31 @@ def load_params(path: str | os.PathLike, *, dtype: str = "float32", compute_dtyp
 
 
 def hf_slices(index: tuple[slice, ...], layout: str, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """The slice of the HF tensor that holds `index` of our `shape` (a device's shard); its to_ours
-    is that shard. Heads are split whole (never inside a head's H entries)."""
+    """The slice of the HF tensor that holds `index` of our `shape` (a device's shard): the same
+    rectangle, with a range of whole heads as the matching range of the merged heads*H axis. Heads
+    are split whole (never inside a head's H entries)."""
     full = lambda sl, n: slice(sl.start or 0, n if sl.stop is None else sl.stop)  # noqa: E731
     index = tuple(full(sl, n) for sl, n in zip(index, shape))
     if layout == "same":
         return index
-    if layout == "linear":
-        return index[::-1]
-    if layout == "heads_in":  # ours [D, heads, H] <- HF [heads*H, D]
-        d, h, k = index
-        head = shape[2]
+    if layout == "head_rows":  # ours [heads, H, D] <- HF [heads*H, D]
+        (h, k, d), head = index, shape[1]
         assert (k.start, k.stop) == (0, head), f"a shard splits a head: {index}"
         return slice(h.start * head, h.stop * head), d
-    d_index, (h, k) = index[-1], index[:2]  # heads_out: ours [heads, H, D] <- HF [D, heads*H]
-    head = shape[1]
+    (d, h, k), head = index, shape[2]  # head_cols: ours [D, heads, H] <- HF [D, heads*H]
     assert (k.start, k.stop) == (0, head), f"a shard splits a head: {index}"
-    return d_index, slice(h.start * head, h.stop * head)
-
-
-class _Staging:
-    """One host buffer, grown as needed and reused for every tensor that is transposed or cast on its
-    way in: the file's bytes land in memory that is already faulted in, and only the parameter's own
-    buffer is fresh (allocating and zeroing fresh pages was most of a load's time)."""
-
-    def __init__(self):
-        self.buf = np.zeros(0, np.uint8)
-
-    def get(self, nbytes: int) -> np.ndarray:
-        if self.buf.nbytes < nbytes:
-            from qedjax.safetensors_io import aligned_empty
-
-            self.buf = aligned_empty((nbytes,), np.uint8)
-        return self.buf
+    return d, slice(h.start * head, h.stop * head)
 
 
 def _load_tensor(f: SafetensorsFile, name: str, hf_arr: np.ndarray, layout: str, shape: tuple[int, ...],
-                 np_dtype: np.dtype, sharding, staging: _Staging) -> jax.Array:
+                 np_dtype: np.dtype, sharding) -> jax.Array:
     """One parameter into its shards. Only the parts of the file that this process's devices hold
-    are read (`f.bytes_read` counts them): each distinct shard's slice of the HF tensor is read once
-    and put on its devices, then transposed / split / cast there by XLA (a strided numpy transpose of
-    a large matrix took most of the load time). A slice that needs no change is read into memory of
-    its own and handed over as it is (without a copy on CPU, where device_put takes aligned arrays)."""
+    are read (`f.bytes_read` counts them), each distinct shard's slice once; a replica on another
+    device is a device-to-device copy. The parameter has the file's layout, so a shard is a slice of
+    the file reshaped (a view): whole rows are a view of the map (SafetensorsFile.load), which on CPU
+    becomes the parameter itself without a copy; a slice in another dtype is cast on its device."""
     devices = ([(None, tuple(slice(None) for _ in shape))] if sharding is None
                else list(sharding.addressable_devices_indices_map(shape).items()))
-    keep = layout == "same" and hf_arr.dtype == np_dtype
     shards, done = [], {}
     for device, index in devices:
         key = tuple((sl.start, sl.stop) for sl in index)
@@ -237,25 +220,17 @@ def _load_tensor(f: SafetensorsFile, name: str, hf_arr: np.ndarray, layout: str,
         if key in done:  # a replica of a slice this process has read already
             shards.append(jax.device_put(done[key], device))
             continue
-        hf_index = hf_slices(index, layout, shape)
-        if keep:
-            done[key] = f.read(name, hf_index)
-            shards.append(jax.device_put(done[key], device))
-            continue
-        host = f.read(name, hf_index, out=staging.get(hf_arr[hf_index].nbytes))
-        x = jax.device_put(host, device)
-        y = done[key] = _to_ours_jit(x, layout, sub, jnp.dtype(np_dtype))
-        y.block_until_ready()  # the staging buffer is read again by the next tensor
-        del x
-        shards.append(y)
+        x = jax.device_put(f.load(name, hf_slices(index, layout, shape)).reshape(sub), device)
+        done[key] = x if hf_arr.dtype == np_dtype else _cast(x, jnp.dtype(np_dtype))
+        shards.append(done[key])
     if sharding is None:
         return shards[0]
     return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _to_ours_jit(x, layout: str, shape: tuple[int, ...], dtype):
-    return (x if layout == "same" else x.T.reshape(shape)).astype(dtype)
+@functools.partial(jax.jit, static_argnums=1)
+def _cast(x, dtype):
+    return x.astype(dtype)
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32", **kwargs) -> Qwen3:

@@ -1,7 +1,7 @@
 """Stage 4, export: an Orbax checkpoint -> a Hugging Face directory that transformers and vLLM load.
 
 convert.save_hf walks the parameters in HF order, one tensor at a time: gather it to the hosts,
-transpose it to the HF layout, cast it, stream it into a safetensors shard, drop it. The parameters
+reshape it to the HF layout (the model keeps HF's), cast it, stream it into a safetensors shard, drop it. The parameters
 it walks are restored from the checkpoint onto the mesh one group at a time (the embedding, one
 decoder block, the final norm, the head), each process reading only its own shards, so no host ever
 holds the whole model, not even on CPU where device memory is host memory: the peak is a few copies

@@ -4,6 +4,11 @@ The format is an 8-byte little-endian header length, a JSON header (name -> dtyp
 data_offsets), then the raw little-endian bytes. Reading memory-maps the file, so a tensor costs host
 memory only when it is touched; writing streams tensors into a file whose header is laid out first,
 so a checkpoint never sits whole in host memory.
+
+Alignment. The header written here is padded with spaces (as the format allows) so that the tensor
+data starts at a multiple of 64 bytes: every tensor whose offset is a multiple of 64 (all of a
+Qwen3's) then lies 64-byte aligned in the map, which jax.device_put on CPU takes without a copy
+(SafetensorsFile.load). Files from other writers are only 8-byte aligned (the format's minimum).
 """
 
 from __future__ import annotations
@@ -32,6 +37,14 @@ DTYPES: dict[str, np.dtype] = {
 CODES = {v: k for k, v in DTYPES.items()}
 
 
+_MADV_POPULATE_READ = 22  # Linux 5.14+ (not in Python's mmap module before 3.13)
+
+
+def _address(buffer) -> int:
+    """The address of a writable-or-not buffer's first byte."""
+    return np.frombuffer(buffer, np.uint8, count=1).ctypes.data
+
+
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     """An uninitialised array whose data starts at a multiple of `align` bytes."""
     dtype = np.dtype(dtype)
@@ -56,7 +69,7 @@ class SafetensorsFile:
         self._base = 8 + n
         self.metadata = header.pop("__metadata__", {}) or {}
         self._header = header
-        self.bytes_read = 0  # bytes copied out by `read`
+        self.bytes_read = 0  # bytes copied out by `read` or mapped by `load`
 
     def names(self) -> list[str]:
         return list(self._header)
@@ -109,6 +122,27 @@ class SafetensorsFile:
         self.bytes_read += out.nbytes
         return out
 
+    def load(self, name: str, index: tuple = ()) -> np.ndarray:
+        """`get(name)[index]` (a tuple of slices) for jax.device_put: a view of the map when the slice is
+        one contiguous run of bytes (whole rows), its pages mapped now (MADV_POPULATE_READ where the
+        kernel has it); else a copy from `read`. On CPU, jax.device_put takes a 64-byte aligned view
+        without a copy, so the parameter is the page cache's memory, as torch's from_pretrained keeps
+        it: nothing fresh is allocated (on a VM, first-touching fresh memory costs many times more
+        than mapping page-cache pages: docs/BENCHMARKS.md, "Checkpoint load"). Donating such an array
+        never writes to the file: XLA gives a donated buffer it does not own a fresh output."""
+        sub = self.get(name)[tuple(index)]
+        if not sub.flags.c_contiguous:
+            return self.read(name, index)
+        if sub.nbytes:
+            start = sub.ctypes.data - _address(self._map)
+            page = start - start % mmap.PAGESIZE
+            try:
+                self._map.madvise(_MADV_POPULATE_READ, page, start + sub.nbytes - page)
+            except OSError:  # kernels before 5.14: the pages are mapped when first touched
+                pass
+        self.bytes_read += sub.nbytes
+        return sub
+
     def close(self):
         try:
             self._map.close()
@@ -132,7 +166,7 @@ def write_safetensors(path: str | os.PathLike, specs: Mapping[str, tuple[tuple[i
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    blob += b" " * (-(8 + len(blob)) % 64)  # tensor data starts 64-byte aligned (see the docstring)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,6 +70,42 @@ def test_bf16_export_keeps_dtype(tmp_path):
     back = convert.load_hf(tmp_path / "out", dtype="bfloat16")
     np.testing.assert_array_equal(np.asarray(back.layers[1].mlp.up_proj[...]),
                                   np.asarray(model.layers[1].mlp.up_proj[...]))
+
+
+def _mapped_ranges(file):
+    """(start, end) of every mapping of `file` in this process (/proc/self/maps)."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == os.path.realpath(file):
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                out.append((start, end))
+    return out
+
+
+def test_load_keeps_the_files_pages_as_the_parameters(tmp_path):
+    """The model has the file's layout and save_hf starts the tensor data 64-byte aligned, so every
+    parameter loaded in the file's dtype is the memory-mapped file itself (jax.device_put aliases an
+    aligned array on CPU): no copy into fresh memory. A cast is a copy, and donating an aliased
+    parameter leaves the file as it was."""
+    cfg = Qwen3Config(**dict(TINY, head_dim=16), tie_word_embeddings=False)  # every tensor 64-byte sized
+    convert.save_hf(Qwen3(cfg, rngs=nnx.Rngs(0)), tmp_path)
+    file = str(tmp_path / "model.safetensors")
+    with open(file, "rb") as f:
+        assert (8 + int.from_bytes(f.read(8), "little")) % 64 == 0
+    saved = _tensors(tmp_path)
+    model = convert.load_hf(tmp_path)
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    mapped = _mapped_ranges(file)
+    assert len(params) == len(convert.key_table(cfg)) and mapped
+    for x in params:
+        assert any(a <= x.unsafe_buffer_pointer() < b for a, b in mapped)
+    jax.block_until_ready(jax.jit(lambda w: w + 1, donate_argnums=0)(model.layers[0].mlp.up_proj[...]))
+    for name, value in _tensors(tmp_path).items():
+        np.testing.assert_array_equal(value, saved[name], err_msg=name)
+    cast = jax.tree.leaves(nnx.state(convert.load_hf(tmp_path, dtype="bfloat16"), nnx.Param))
+    assert not any(a <= x.unsafe_buffer_pointer() < b for x in cast for a, b in _mapped_ranges(file))
 
 
 def _edit_config(directory, **changes):

@@ -99,7 +99,7 @@ def test_bf16_export_keeps_dtypes_in_sharded_files(trained, tmp_path):
     # written by transformers' own Qwen3Config.save_pretrained, not by hand
     assert hf_cfg["dtype"] == "bfloat16" and hf_cfg["transformers_version"] == transformers.__version__
     up = np.array(SafetensorsFile(files["model.layers.1.mlp.up_proj.weight"]).get("model.layers.1.mlp.up_proj.weight"))
-    np.testing.assert_array_equal(up, params["layers"][1]["mlp"]["up_proj"].T.astype(up.dtype))
+    np.testing.assert_array_equal(up, params["layers"][1]["mlp"]["up_proj"].astype(up.dtype))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert {str(p.dtype) for p in hf.parameters()} == {"torch.bfloat16"}
 

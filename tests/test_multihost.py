@@ -137,4 +137,4 @@ def test_two_processes_train_like_one(tmp_path, toy_tokenizer_dir):
     hf_params = {n: p.detach().numpy() for n, p in hf.named_parameters()}
     np.testing.assert_array_equal(hf_params["model.embed_tokens.weight"], got["embed_tokens"])
     np.testing.assert_array_equal(hf_params["model.layers.1.mlp.down_proj.weight"],
-                                  got["layers"][1]["mlp"]["down_proj"].T)
+                                  got["layers"][1]["mlp"]["down_proj"])

@@ -91,7 +91,7 @@ def _fixed_distribution_model(logits):
     d = cfg.hidden_size
     pure["embed_tokens"] = pure["embed_tokens"].at[:, 0].set(1.0)
     pure["norm"]["scale"] = jnp.ones(d)
-    pure["lm_head"] = pure["lm_head"].at[0].set(jnp.asarray(logits) / np.sqrt(d))
+    pure["lm_head"] = pure["lm_head"].at[:, 0].set(jnp.asarray(logits) / np.sqrt(d))
     for layer in pure["layers"].values():
         for norm in ("input_layernorm", "post_attention_layernorm"):
             layer[norm]["scale"] = jnp.ones(d)

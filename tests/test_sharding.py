@@ -30,12 +30,12 @@ def test_rules_shard_params_and_name_bad_dimensions():
     _, abstract = nnx.split(nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0))))
     mesh = sharding.make_mesh("fsdp=4,tensor=2")
     train = sharding.state_shardings(abstract, mesh, sharding.TRAIN_RULES)
-    assert train["layers"][0]["self_attn"]["q_proj"].spec == P("fsdp", "tensor", None)
-    assert train["layers"][0]["mlp"]["down_proj"].spec == P("tensor", "fsdp")
+    assert train["layers"][0]["self_attn"]["q_proj"].spec == P("tensor", None, "fsdp")
+    assert train["layers"][0]["mlp"]["down_proj"].spec == P("fsdp", "tensor")
     assert train["embed_tokens"].spec == P("tensor", "fsdp")
     rollout = sharding.state_shardings(abstract, mesh, sharding.ROLLOUT_RULES)
-    assert rollout["layers"][0]["self_attn"]["q_proj"].spec == P(None, "tensor", None)
-    with pytest.raises(ValueError, match=r"layers.0.self_attn.k_proj: dimension 1 \(kv_heads=2\) is not "
+    assert rollout["layers"][0]["self_attn"]["q_proj"].spec == P("tensor", None, None)
+    with pytest.raises(ValueError, match=r"layers.0.self_attn.k_proj: dimension 0 \(kv_heads=2\) is not "
                                          r"divisible by mesh axes tensor of size 4"):
         sharding.state_shardings(abstract, sharding.make_mesh("fsdp=2,tensor=4"), sharding.TRAIN_RULES)
 
@@ -44,8 +44,8 @@ def test_init_sharded_places_each_parameter_in_its_shards():
     cfg = Qwen3Config.preset("tiny")
     mesh = sharding.make_mesh("fsdp=4,tensor=2")
     _, params = sharding.init_sharded(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)), mesh, sharding.TRAIN_RULES)
-    w = params["layers"][1]["mlp"]["gate_proj"]  # [64, 128] over (fsdp, tensor)
-    assert {s.data.shape for s in w.addressable_shards} == {(16, 64)}
+    w = params["layers"][1]["mlp"]["gate_proj"]  # [128, 64] over (tensor, fsdp)
+    assert {s.data.shape for s in w.addressable_shards} == {(64, 16)}
     one = sharding.make_mesh("", devices=jax.devices()[:1])
     _, alone = sharding.init_sharded(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)), one, sharding.TRAIN_RULES)
     assert (jax.device_get(w) == jax.device_get(alone["layers"][1]["mlp"]["gate_proj"])).all()

@@ -108,8 +108,7 @@ def test_head_dim_sharding_falls_back_to_a_gathered_write(tmp_path):
     assert chunks["model.layers.0.self_attn.q_proj.weight"] == [32, 32]  # one writer, the whole tensor
 
 
-@pytest.mark.parametrize("layout,shape", [("linear", (6, 4)), ("heads_in", (4, 6, 2)), ("heads_out", (6, 2, 4)),
-                                          ("same", (6, 4))])
+@pytest.mark.parametrize("layout,shape", [("head_rows", (6, 2, 4)), ("head_cols", (4, 6, 2)), ("same", (6, 4))])
 def test_hf_region_matches_the_layout_transform(layout, shape):
     x = np.arange(np.prod(shape)).reshape(shape)
     full = convert.to_hf(x, layout)
@@ -121,7 +120,7 @@ def test_hf_region_matches_the_layout_transform(layout, shape):
         region = hf_region(index, shape, layout)
         part = convert.to_hf(x[tuple(slice(a, b) for a, b in index)], layout)
         if region is None:  # head_dim split across several heads: not a rectangle
-            assert layout.startswith("heads")
+            assert layout.startswith("head_")
             continue
         rectangles += 1
         np.testing.assert_array_equal(full[tuple(slice(a, b) for a, b in region)], part)

@@ -10,7 +10,9 @@
    subprocess; the child reports seconds and peak RSS (ru_maxrss, reset after imports through
    /proc/self/clear_refs) above its RSS after imports. RSS counts the pages of a memory-mapped file
    that the process has touched. The file is read once before the first child, so every load reads
-   it from the page cache.
+   it from the page cache. qedjax's writer starts the tensor data 64-byte aligned, which lets
+   load_hf on CPU keep the file's pages as the parameters, as from_pretrained does; the header line
+   says whether the checkpoint is (one from another writer may not be: then every tensor is copied).
 
 Threads: `--threads N` pins the whole process (and the load children) to N cores with
 sched_setaffinity before jax or torch start; XLA's CPU thread pool sizes itself to the cores it may
@@ -289,8 +291,11 @@ def bench_load(args) -> dict:
                    "--load-dtype", args.load_dtype, "--threads", str(args.threads)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
             results[loader].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    with open(os.path.join(ckpt, "model.safetensors"), "rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
     print(f"# load {args.load_preset} as {args.load_dtype} from {ckpt} ({size / 2**30:.2f} GiB on disk, "
-          f"page cache warm), {args.load_repeats} fresh subprocesses each")
+          f"page cache warm, tensor data {'' if data_start % 64 == 0 else 'NOT '}64-byte aligned), "
+          f"{args.load_repeats} fresh subprocesses each")
     print(f"{'loader':>17} | {'seconds':>15} | {'peak RSS above base':>19} | {'RSS after load':>14} | "
           f"{'base RSS':>8}")
     for loader, runs in results.items():

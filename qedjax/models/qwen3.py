@@ -13,6 +13,9 @@ M rows (B x T flattened).
 
 The projections run on rows flattened to [M, D]: every weight gradient is then one plain 2-D product
 over all rows, with no transposes of [B, T, ...] activations in front of it.
+Weights keep Hugging Face's layout (a linear layer's [out, in]; heads split out of the flattened
+axis: q_proj [N, H, D], o_proj [D, N, H]), so a checkpoint loads, exports and publishes as a plain
+read or reshape of each tensor, never a transpose.
 
 Positions, segments and the cache. `positions` feed RoPE; `segment_ids` say which tokens may see each
 other (packed rows hold several documents; 0 marks padding); causality is by slot order (a token's
@@ -267,8 +270,10 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype
 
 
 def project(spec: str, rows: jax.Array, w: jax.Array) -> jax.Array:
-    """A projection of flattened rows: rows [M, K...] contract their trailing axes with w's leading
-    ones, giving [M, N...] (jnp.einsum(spec, rows, w))."""
+    """A projection of flattened rows: rows [M, ...] contract with w, which is stored in Hugging
+    Face's layout ([out..., in...] for q/k/v, gate/up, lm_head; o_proj [D, N, H]; down_proj [D, F]),
+    giving [M, ...] (jnp.einsum(spec, rows, w)). XLA's dot_general contracts either operand axis
+    in place, so the layout costs no transpose, and loading or publishing weights copies no matrix."""
     return jnp.einsum(spec, rows, w)
 
 
@@ -285,10 +290,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
         d, n, k, h, pd = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                           cfg.head_dim, cfg.param_dtype)
-        self.q_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), pd)
-        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
-        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
-        self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), pd)
+        self.q_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), pd)
+        self.k_proj = _param(rngs, (k, h, d), ("kv_heads", "head_dim", "embed"), pd)
+        self.v_proj = _param(rngs, (k, h, d), ("kv_heads", "head_dim", "embed"), pd)
+        self.o_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), pd)
         self.q_norm = RMSNorm(h, cfg.rms_norm_eps, pd, rngs)
         self.k_norm = RMSNorm(h, cfg.rms_norm_eps, pd, rngs)
         self.cfg = cfg
@@ -302,9 +307,9 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, self.cfg.dtype
         b, t, d = x.shape
         rows = x.reshape(b * t, d)  # [M, D]
-        q = project("MD,DNH->MNH", rows, self.q_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
-        k = project("MD,DKH->MKH", rows, self.k_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
-        v = project("MD,DKH->MKH", rows, self.v_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
+        q = project("MD,NHD->MNH", rows, self.q_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
+        k = project("MD,KHD->MKH", rows, self.k_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
+        v = project("MD,KHD->MKH", rows, self.v_proj[...].astype(dt)).reshape(b, t, -1, cfg.head_dim)
         q = rope(self.q_norm(q), positions, cfg.rope_theta)
         k = rope(self.k_norm(k), positions, cfg.rope_theta)
         if kv is None:
@@ -323,25 +328,25 @@ class Attention(nnx.Module):
         out = kernels.attention(q, k_all.astype(dt), v_all.astype(dt), q_segments, kv_segments, q_slots, kv_slots,
                                 kind=cfg.attention, block=flash_block(t, cfg.attention_block), full_row=kv is None)
         out = out.reshape(b * t, n, h)  # [M, N, H]
-        return project("MNH,NHD->MD", out, self.o_proj[...].astype(dt)).reshape(b, t, d), new_kv
+        return project("MNH,DNH->MD", out, self.o_proj[...].astype(dt)).reshape(b, t, d), new_kv
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
         d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        self.gate_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        self.up_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        self.down_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.dtype = cfg.dtype
 
     def __call__(self, x):
         dt = self.dtype
         b, t, d = x.shape
         rows = x.reshape(b * t, d)  # [M, D]
-        gate = project("MD,DF->MF", rows, self.gate_proj[...].astype(dt))
-        up = project("MD,DF->MF", rows, self.up_proj[...].astype(dt))
+        gate = project("MD,FD->MF", rows, self.gate_proj[...].astype(dt))
+        up = project("MD,FD->MF", rows, self.up_proj[...].astype(dt))
         h = constrain(jax.nn.silu(gate) * up, ("batch", "mlp"))
-        return project("MF,FD->MD", h, self.down_proj[...].astype(dt)).reshape(b, t, d)
+        return project("MF,DF->MD", h, self.down_proj[...].astype(dt)).reshape(b, t, d)
 
 
 class Block(nnx.Module):
@@ -368,7 +373,7 @@ class Qwen3(nnx.Module):
         self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_dtype, rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+            self.lm_head = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
                                   config.param_dtype)
 
     def hidden(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
@@ -417,10 +422,8 @@ class Qwen3(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> fp32 logits [..., V]."""
-        tied = self.config.tie_word_embeddings
-        w = (self.embed_tokens if tied else self.lm_head)[...].astype(self.config.dtype)  # [V, D] / [D, V]
-        return jnp.einsum("...D,VD->...V" if tied else "...D,DV->...V", hidden, w,
-                          preferred_element_type=jnp.float32)
+        w = (self.embed_tokens if self.config.tie_word_embeddings else self.lm_head)[...]  # [V, D]
+        return jnp.einsum("...D,VD->...V", hidden, w.astype(self.config.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
         """Logits [B, T, V]; with a cache, `(logits, new_cache)`."""

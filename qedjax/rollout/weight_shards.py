@@ -22,7 +22,8 @@ def digest(fn, block: np.ndarray) -> str:
 # --- qedjax shard -> HF rectangle ----------------------------------------------------------------------
 
 def _merge_axes(outer: tuple[int, int], inner: tuple[int, int], size: int) -> tuple[int, int] | None:
-    """Rows covered by (outer, inner) ranges of two axes flattened as outer*size + inner, if contiguous."""
+    """The range covered by (outer, inner) ranges of two axes flattened as outer*size + inner, if
+    contiguous."""
     if inner == (0, size):
         return outer[0] * size, outer[1] * size
     if outer[1] - outer[0] == 1:
@@ -35,14 +36,12 @@ def hf_region(index: tuple[tuple[int, int], ...], shape: tuple[int, ...], layout
     array of qedjax `shape`), or None when the block is not a rectangle in HF layout."""
     if layout == "same":
         return tuple(index)
-    if layout == "linear":  # [in, out] -> [out, in]
-        return tuple(index[::-1])
-    if layout == "heads_in":  # [D, heads, H] -> [heads*H, D]
-        rows = _merge_axes(index[1], index[2], shape[2])
-        return None if rows is None else (rows, index[0])
-    if layout == "heads_out":  # [heads, H, D] -> [D, heads*H]
+    if layout == "head_rows":  # [heads, H, D] -> [heads*H, D]
         rows = _merge_axes(index[0], index[1], shape[1])
-        return None if rows is None else (index[2], rows)
+        return None if rows is None else (rows, index[2])
+    if layout == "head_cols":  # [D, heads, H] -> [D, heads*H]
+        cols = _merge_axes(index[1], index[2], shape[2])
+        return None if cols is None else (index[0], cols)
     raise ValueError(f"unknown layout {layout!r}")
 
 

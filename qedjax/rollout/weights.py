@@ -19,14 +19,14 @@ The manifest holds the version, the dtype, the model's HF config (Qwen3Config.to
 and for every tensor in key-table order its name, shape, dtype, chunk shape and one checksum per chunk.
 
 Sharded writes. Each process writes only the shards it owns (for each region of an array, the shard
-with replica_id 0). A qedjax shard is a rectangle of the HF tensor: the transposed rectangle for
-`linear`, and for `heads_in` / `heads_out` a block of whole heads (or part of one head) flattened into
-contiguous rows. The zarr chunk grid is cut so that every chunk lies inside one shard's rectangle, so
+with replica_id 0). The model keeps HF's layout, so a qedjax shard is a rectangle of the HF tensor: the
+same one, and for `head_rows` / `head_cols` (q/k/v and o_proj) a block of whole heads (or part of one
+head) flattened into contiguous rows or columns. The zarr chunk grid is cut so that every chunk lies inside one shard's rectangle, so
 writers never share a chunk (no read-modify-write, no locks). A shard that splits head_dim while
 spanning several heads is not a rectangle in HF layout; such a tensor is gathered and written by
 process 0 (no training rule shards head_dim today); the cutting is in qedjax.rollout.weight_shards.
-Layout and dtype conversion run on the shard's device (asynchronously, ahead of the host work), so
-only HF-layout bytes cross to the host.
+A dtype conversion runs on the shard's device (asynchronously, ahead of the host work), so only the
+stored bytes cross to the host; the layout is a reshape of the host copy.
 
 Checksums: xxh3-64 of each chunk's bytes in C order (xxhash, ~10 GB/s on one core), or crc32 from
 zlib (~2 GB/s) where xxhash is missing; the manifest names the algorithm.
@@ -50,7 +50,7 @@ import tensorstore as ts
 from flax import nnx
 
 from qedjax import convert, storage
-from qedjax.convert import NP_DTYPES, _get, abstract_model, hf_shape, key_table, to_hf
+from qedjax.convert import NP_DTYPES, _get, abstract_model, hf_shape, key_table
 from qedjax.models.qwen3 import Qwen3, Qwen3Config
 from qedjax.rollout.weight_shards import ShardedTensor, digest
 
@@ -90,9 +90,9 @@ def _slices(region) -> tuple[slice, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_to_hf(layout: str, dtype: str):
-    """Jitted HF-layout conversion and cast, run on the shard's own device."""
-    return jax.jit(lambda x: to_hf(x, layout).astype(dtype))
+def _device_cast(dtype: str):
+    """Jitted cast to the stored dtype, run on the shard's own device."""
+    return jax.jit(lambda x: x.astype(dtype))
 
 
 @functools.lru_cache(maxsize=8)
@@ -310,9 +310,9 @@ class WeightStore:
             if job is not None:
                 i, region, src = job
                 t = tensors[i]
-                if isinstance(src, jax.Array):  # async on the device; only HF bytes reach the host
-                    if t.layout != "same" or src.dtype != t.dtype:
-                        src = _device_to_hf(t.layout, t.dtype.name)(src)
+                if isinstance(src, jax.Array):  # async on the device; only stored bytes reach the host
+                    if src.dtype != t.dtype:
+                        src = _device_cast(t.dtype.name)(src)
                     src.copy_to_host_async()
                 converted.append((i, region, src))
 
@@ -321,7 +321,7 @@ class WeightStore:
             convert_next()  # keep one conversion running ahead of the host work
             i, region, src = converted.popleft()
             t = tensors[i]
-            block = np.ascontiguousarray(np.asarray(src), dtype=t.dtype)
+            block = np.ascontiguousarray(np.asarray(src), dtype=t.dtype).reshape([b - a for a, b in region])
             sums[i].update(t.chunk_checksums(region, block, fn))
             # The block is never modified, so tensorstore may keep it instead of copying it.
             write = stores[i].result()[_slices(region)].write(
