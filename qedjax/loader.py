@@ -125,7 +125,10 @@ class Loader:
         if shuffle:
             ds = ds.shuffle(seed=seed)  # a new order every epoch
         ds = ds.repeat(epochs)[s::self.global_batch].map(encode)
-        return pack(ds.to_iter_dataset().filter(lambda ex: ex is not None), seq_len, packing, pad_id)
+        # no read-ahead threads: grain's default (16 threads, 500 examples ahead) would hold
+        # hundreds of tokenized long rows per stream and share one tokenizer between threads
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        return pack(ds.filter(lambda ex: ex is not None), seq_len, packing, pad_id)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -135,10 +138,17 @@ class Loader:
         return {k: np.stack([r[k] for r in rows]).reshape(self.micro_batches, self._rows, -1)
                 for k in data_lib.ARRAYS}
 
+    def first_epoch(self) -> Iterator[dict[str, np.ndarray]]:
+        """The rows this process's streams pack the first epoch into, stream by stream, each holding
+        a packing's rows in its order (the training batches hold the same rows, one per stream per
+        step, until a stream's packer reaches the next epoch)."""
+        for s in self.streams:
+            yield from self._stream(s, epochs=1)
+
     def rows_in_first_epoch(self) -> int:
-        """How many rows this process's streams pack the first epoch into: tokenizes its share once
-        (lengths and arrays are dropped as they go). For the step count of `sft.epochs`."""
-        return sum(sum(1 for _ in self._stream(s, epochs=1)) for s in self.streams)
+        """How many rows `first_epoch` has: tokenizes this process's share once, keeping nothing.
+        For the step count of `sft.epochs`."""
+        return sum(1 for _ in self.first_epoch())
 
     def get_state(self) -> dict:
         return {"streams": {str(s): it.get_state() for s, it in self._its.items()}}

@@ -169,24 +169,23 @@ def test_two_processes_feed_one_process_rows_and_every_example_once_per_epoch():
     one = _loader(examples, global_batch=8, micro_batches=2)  # [2 micro, 4 rows]
     halves = [_loader(examples, global_batch=8, micro_batches=2, rows=slice(p * 2, p * 2 + 2)) for p in (0, 1)]
     steps = 12
-    seen = {s: [] for s in range(8)}  # stream -> example ids in the order it packed them
     for _ in range(steps):
         batch = next(one)
         parts = [next(h) for h in halves]
         for k in data.ARRAYS:  # process p holds rows [2p, 2p + 2) of every micro-batch
             np.testing.assert_array_equal(np.concatenate([p[k] for p in parts], axis=1), batch[k])
-        for j in range(2):
-            for r in range(4):
-                seen[j * 4 + r] += _ids(batch["tokens"][j, r], batch["segment_ids"][j, r])
         assert (batch["targets"][batch["segment_ids"] == 0] == 0).all()
-    # the k-th example of an epoch goes to stream k % 8: the first len(examples) of the round robin
-    # of the streams' sequences are one epoch, which holds every example exactly once
-    epoch = []
-    for k in range(len(examples)):
-        s, at = k % 8, k // 8
-        assert at < len(seen[s]), "too few steps to cover an epoch"
-        epoch.append(seen[s][at])
-    assert sorted(epoch) == list(range(len(examples)))
+    # one epoch's rows hold every example exactly once, and two processes' rows are one process's
+    def epoch(ld):
+        return [(r["tokens"], r["segment_ids"]) for r in ld.first_epoch()]
+
+    whole, parts = epoch(one), [epoch(h) for h in halves]
+    assert sorted(i for t, s in whole for i in _ids(t, s)) == list(range(len(examples)))
+    assert len(whole) == len(parts[0]) + len(parts[1])
+    for (t, s), (u, v) in zip(sorted(whole, key=lambda r: r[0].tobytes()),
+                              sorted(parts[0] + parts[1], key=lambda r: r[0].tobytes())):
+        np.testing.assert_array_equal(t, u)
+        np.testing.assert_array_equal(s, v)
     with pytest.raises(ValueError, match="must divide"):
         _loader(examples, global_batch=5, micro_batches=2)
 
