@@ -19,6 +19,8 @@ found, so that a bad row is refused or skipped alike everywhere, named by file a
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 from typing import Callable, Iterator, Mapping
 
 import grain
@@ -118,6 +120,11 @@ class Loader:
         self.streams = [j * per_micro + r for j in range(micro_batches) for r in range(rows.start, rows.stop)]
         self._its = {s: iter(self._stream(s)) for s in self.streams}
         self._rows = rows.stop - rows.start
+        # One batch is tokenized and packed ahead, in a thread, while the step runs (the tokenizer
+        # releases the GIL); the state handed out is the one after the last batch taken.
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sft-input")
+        self._ahead: concurrent.futures.Future | None = None
+        self._state = self._states()
 
     def _stream(self, s: int, epochs: int | None = None) -> grain.IterDataset:
         examples, encode, seq_len, seed, shuffle, packing, pad_id = self._args
@@ -133,10 +140,16 @@ class Loader:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def _produce(self) -> tuple[dict[str, np.ndarray], dict]:
         rows = [next(self._its[s]) for s in self.streams]
-        return {k: np.stack([r[k] for r in rows]).reshape(self.micro_batches, self._rows, -1)
-                for k in data_lib.ARRAYS}
+        batch = {k: np.stack([r[k] for r in rows]).reshape(self.micro_batches, self._rows, -1)
+                 for k in data_lib.ARRAYS}
+        return batch, self._states()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch, self._state = (self._ahead or self._pool.submit(self._produce)).result()
+        self._ahead = self._pool.submit(self._produce)
+        return batch
 
     def first_epoch(self) -> Iterator[dict[str, np.ndarray]]:
         """The rows this process's streams pack the first epoch into, stream by stream, each holding
@@ -150,8 +163,12 @@ class Loader:
         For the step count of `sft.epochs`."""
         return sum(1 for _ in self.first_epoch())
 
+    def _states(self) -> dict:
+        return json.loads(json.dumps({"streams": {str(s): it.get_state() for s, it in self._its.items()}}))
+
     def get_state(self) -> dict:
-        return {"streams": {str(s): it.get_state() for s, it in self._its.items()}}
+        """The streams' states after the last batch taken (not the one read ahead)."""
+        return self._state
 
     def set_state(self, state: Mapping) -> None:
         saved = state.get("streams", {})
@@ -160,8 +177,12 @@ class Loader:
             raise ValueError(f"the checkpoint's data state has no stream {missing[0]} (it has {len(saved)}; "
                              f"global batch {self.global_batch}): it was written by another data pipeline "
                              f"or global batch")
+        if self._ahead is not None:
+            self._ahead.cancel() or self._ahead.exception()  # let a running read finish first
+            self._ahead = None
         for s in self.streams:
             self._its[s].set_state(saved[str(s)])
+        self._state = self._states()
 
 
 def gather_state(loader: Loader) -> dict:
