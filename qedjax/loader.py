@@ -151,6 +151,13 @@ class Loader:
         self._ahead = self._pool.submit(self._produce)
         return batch
 
+    def close(self) -> None:
+        """Drops the batch read ahead (a read already running finishes in its thread)."""
+        if self._ahead is not None:
+            self._ahead.cancel()
+            self._ahead = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def first_epoch(self) -> Iterator[dict[str, np.ndarray]]:
         """The rows this process's streams pack the first epoch into, stream by stream, each holding
         a packing's rows in its order (the training batches hold the same rows, one per stream per
@@ -164,22 +171,23 @@ class Loader:
         return sum(1 for _ in self.first_epoch())
 
     def _states(self) -> dict:
-        return json.loads(json.dumps({"streams": {str(s): it.get_state() for s, it in self._its.items()}}))
+        return json.loads(json.dumps({"global_batch": self.global_batch, "examples": self._args[0],
+                                      "streams": {str(s): it.get_state() for s, it in self._its.items()}}))
 
     def get_state(self) -> dict:
         """The streams' states after the last batch taken (not the one read ahead)."""
         return self._state
 
     def set_state(self, state: Mapping) -> None:
-        saved = state.get("streams", {})
-        missing = [s for s in self.streams if str(s) not in saved]
-        if missing:
-            raise ValueError(f"the checkpoint's data state has no stream {missing[0]} (it has {len(saved)}; "
-                             f"global batch {self.global_batch}): it was written by another data pipeline "
-                             f"or global batch")
-        if self._ahead is not None:
-            self._ahead.cancel() or self._ahead.exception()  # let a running read finish first
-            self._ahead = None
+        """Takes this process's streams' states from `state` (every process's, see gather_state)."""
+        saved, shape = state.get("streams", {}), (state.get("global_batch"), state.get("examples"))
+        if shape != (self.global_batch, self._args[0]) or any(str(s) not in saved for s in self.streams):
+            raise ValueError(f"the checkpoint's data state (global batch, usable rows: {shape}, {len(saved)} "
+                             f"streams) does not match this run's ({self.global_batch}, {self._args[0]}): "
+                             f"the data or sft.global_batch changed since it was written")
+        if self._ahead is not None and not self._ahead.cancel():
+            concurrent.futures.wait([self._ahead])  # a read already running finishes first
+        self._ahead = None
         for s in self.streams:
             self._its[s].set_state(saved[str(s)])
         self._state = self._states()
@@ -187,5 +195,5 @@ class Loader:
 
 def gather_state(loader: Loader) -> dict:
     """Every process's streams' states in one dict (a collective: all processes call it)."""
-    return {"streams": {s: st for part in multihost.allgather_json(loader.get_state()) for s, st in
-                        part["streams"].items()}}
+    parts = multihost.allgather_json(loader.get_state())
+    return {**parts[0], "streams": {s: st for part in parts for s, st in part["streams"].items()}}

@@ -97,6 +97,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
         loader.set_state(saved_data)
     if start >= total:
         ckpt.close()
+        loader.close()
         return ckpt_dir
     writer.rewind("sft", start)  # rows a killed run logged past its last checkpoint are logged again
     if not start:
@@ -130,6 +131,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
             if bad >= sft.max_bad_steps:
                 ckpt.save(step, state, data_state, force=True)
                 ckpt.close()
+                loader.close()
                 raise NonFiniteError(f"sft: {bad} consecutive steps had a non-finite loss or gradient "
                                      f"(last loss {row['loss']}); stopped with a checkpoint at step {step} "
                                      f"in {ckpt_dir}. Lower optim.lr or check the data.")
@@ -141,6 +143,7 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
                 break
     bar.close()
     ckpt.close()
+    loader.close()
     if stopping:
         raise KeyboardInterrupt(f"sft stopped at step {step}; checkpoint saved in {ckpt_dir}")
     return ckpt_dir

@@ -161,8 +161,10 @@ def test_loader_is_seeded_and_resumes_exactly():
     c = _loader(examples)
     np.testing.assert_array_equal(next(c)["tokens"], first[0]["tokens"])  # seeded
     assert not np.array_equal(next(_loader(examples, seed=4))["tokens"], first[0]["tokens"])
-    with pytest.raises(ValueError, match="no stream 4"):
+    with pytest.raises(ValueError, match=r"\(8, 50\): the data or sft.global_batch changed"):
         _loader(examples, global_batch=8).set_state(state)
+    with pytest.raises(ValueError, match=r"\(4, 49\): the data or sft.global_batch changed"):
+        _loader(examples[:49]).set_state(state)
 
 
 def test_two_processes_feed_one_process_rows_and_every_example_once_per_epoch():
