@@ -160,43 +160,47 @@ def _is_jsonl(cfg: DataConfig) -> bool:
 
 class JsonlRows:
     """Random access to the rows of a JSONL file without holding them: one pass over the bytes
-    records where each non-blank line starts; a row is parsed when it is read. A line that is not a
-    JSON object raises BadRowError naming FILE:LINE (json.loads alone names neither)."""
+    records where each non-blank line starts and ends; a row is read (os.pread: no shared file
+    position, so threads may read at once) and parsed when asked for. A line that is not a JSON
+    object raises BadRowError naming FILE:LINE (json.loads alone names neither)."""
 
     def __init__(self, path: str):
+        self._fd: int | None = None
         if not os.path.exists(path):
             raise FileNotFoundError(f"data file {path!r} does not exist")
-        starts, numbers, at = [], [], 0
+        spans, numbers, at = [], [], 0
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
-                    starts.append(at)
+                    spans.append((at, len(line)))
                     numbers.append(number)
                 at += len(line)
         self.path = path
-        self._starts = np.asarray(starts, np.int64)
+        self._spans = np.asarray(spans, np.int64).reshape(-1, 2)  # [rows, (offset, length)]
         self._lines = np.asarray(numbers, np.int64)
-        self._file = None
 
     def __len__(self) -> int:
-        return len(self._starts)
+        return len(self._spans)
 
     def place(self, i: int) -> str:
         return f"{self.path}:{self._lines[i]}"
 
     def __getitem__(self, i: int) -> dict:
-        if self._file is None:
-            self._file = open(self.path, "rb")
-        self._file.seek(int(self._starts[i]))
-        line = self._file.readline()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        offset, length = (int(x) for x in self._spans[i])
         try:
-            row = json.loads(line)
+            row = json.loads(os.pread(self._fd, length, offset))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRowError(f"{self.place(i)}: not valid JSON ({getattr(e, 'msg', e)} at column "
                               f"{getattr(e, 'colno', '?')})") from None
         if not isinstance(row, dict):
             raise BadRowError(f"{self.place(i)}: a JSON {type(row).__name__}, expected an object")
         return row
+
+    def __del__(self):
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 class TableRows:
