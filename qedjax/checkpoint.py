@@ -44,12 +44,18 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, data_state: dict | None = None, *, force: bool = False) -> bool:
-        """Saves at `step` if it is a save step (every N) or `force`; returns whether it saved."""
+    def save(self, step: int, state: dict, data_state=None, *, force: bool = False) -> bool:
+        """Saves at `step` if it is a save step (every N) or `force`; returns whether it saved.
+
+        `data_state`: a JSON-able dict, or a function returning one, called only when this step
+        saves (gathering it may be a collective of every process).
+        """
         if not force and step % self.cfg.every:
             return False
         if step in self.manager.all_steps():
             return False
+        if callable(data_state):
+            data_state = data_state()
         items = {"params": ocp.args.StandardSave(state["params"]),
                  "opt": ocp.args.StandardSave({"opt_state": state["opt_state"], "step": state["step"]}),
                  "data": ocp.args.JsonSave(data_state or {})}

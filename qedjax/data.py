@@ -1,11 +1,11 @@
-"""SFT data: rows from local files, chat formatting with assistant-only loss masks, packing, and a
-grain pipeline whose iterator state is checkpointed.
+"""SFT data: rows from local files read on demand, their checks, and chat formatting with
+assistant-only loss masks. The grain pipeline that tokenizes and packs them, a share per process,
+is qedjax.loader.
 
 A row is either a chat (`messages`: a list of {role, content[, reasoning_content]}) or
 FineProofs-style columns (problem, reasoning, final proof), mapped by `DataConfig.columns`. The
 tokenizer's chat template renders it; the loss covers the last assistant turn only (its thinking
-block, its answer and the end-of-turn token). Examples are packed several to a row of `seq_len`
-tokens with segment ids (1, 2, ... per example, 0 for padding) and restarting positions.
+block, its answer and the end-of-turn token).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import grain
 import numpy as np
 
-from qedjax.rows import BadRowError, read_jsonl
+from qedjax.rows import BadRowError
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "hf")
 ARRAYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -132,19 +131,26 @@ def row_messages(row: Mapping[str, Any], cols: Columns, where: str,
     return out
 
 
-def tokenize_chat(tokenizer, messages: Sequence[Mapping[str, str]], where: str = "row"):
-    """(ids, loss_mask) of a chat; the mask is 1 on the last assistant turn's tokens.
+def render_chat(tokenizer, messages: Sequence[Mapping[str, str]], where: str = "row") -> tuple[str, str]:
+    """(prompt, completion) text of a chat: the prompt is everything before the last turn plus the
+    generation prompt, the completion is the last assistant turn as the template renders it.
 
-    The prompt (everything before the last turn, plus the generation prompt) must render as a prefix
-    of the whole chat: true of Qwen3 templates; anything else is an error naming the row.
+    The prompt must render as a prefix of the whole chat: true of Qwen3 templates; anything else is
+    an error naming the row (the assistant tokens could not be masked).
     """
     prompt = tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(list(messages), tokenize=False)
     if not full.startswith(prompt):
         raise BadRowError(f"{where}: the chat template does not render the prompt as a prefix of the "
                           f"conversation, so the assistant tokens cannot be masked")
+    return prompt, full[len(prompt):]
+
+
+def tokenize_chat(tokenizer, messages: Sequence[Mapping[str, str]], where: str = "row"):
+    """(ids, loss_mask) of a chat; the mask is 1 on the last assistant turn's tokens."""
+    prompt, completion = render_chat(tokenizer, messages, where)
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    a = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    a = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return np.asarray(p + a, np.int32), np.asarray([0] * len(p) + [1] * len(a), np.int32)
 
 
@@ -152,126 +158,157 @@ def _is_jsonl(cfg: DataConfig) -> bool:
     return cfg.format == "jsonl" or (cfg.format == "auto" and cfg.path.lower().endswith(".jsonl"))
 
 
-def build_examples(cfg: DataConfig, tokenizer):
-    """Tokenized (ids, mask) examples of a data file and counts of what was dropped or cut.
+class JsonlRows:
+    """Random access to the rows of a JSONL file without holding them: one pass over the bytes
+    records where each non-blank line starts and ends; a row is read (os.pread: no shared file
+    position, so threads may read at once) and parsed when asked for. A line that is not a JSON
+    object raises BadRowError naming FILE:LINE (json.loads alone names neither)."""
 
-    JSONL is read line by line (a syntax error or a wrongly typed value names its line; `datasets`
-    would report neither); other formats through `datasets`. Bad rows follow `cfg.bad_rows`.
-    """
-    skipped: list[str] = []
+    def __init__(self, path: str):
+        self._fd: int | None = None
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"data file {path!r} does not exist")
+        spans, numbers, at = [], [], 0
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    spans.append((at, len(line)))
+                    numbers.append(number)
+                at += len(line)
+        self.path = path
+        self._spans = np.asarray(spans, np.int64).reshape(-1, 2)  # [rows, (offset, length)]
+        self._lines = np.asarray(numbers, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def place(self, i: int) -> str:
+        return f"{self.path}:{self._lines[i]}"
+
+    def __getitem__(self, i: int) -> dict:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        offset, length = (int(x) for x in self._spans[i])
+        try:
+            row = json.loads(os.pread(self._fd, length, offset))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRowError(f"{self.place(i)}: not valid JSON ({getattr(e, 'msg', e)} at column "
+                              f"{getattr(e, 'colno', '?')})") from None
+        if not isinstance(row, dict):
+            raise BadRowError(f"{self.place(i)}: a JSON {type(row).__name__}, expected an object")
+        return row
+
+    def __del__(self):
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+class TableRows:
+    """Random access to the rows of a `datasets.Dataset` (memory-mapped Arrow: not held in memory)."""
+
+    def __init__(self, ds, path: str):
+        self.ds, self.path = ds, path
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def place(self, i: int) -> str:
+        return f"{self.path}: row {i}"
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[int(i)]
+
+
+def open_rows(cfg: DataConfig):
+    """The rows of `cfg.path` (JsonlRows or TableRows, cut to `max_rows`), nothing parsed yet."""
     if _is_jsonl(cfg):
-        if not os.path.exists(cfg.path):
-            raise FileNotFoundError(f"data file {cfg.path!r} does not exist")
-        ds, places, skipped = read_jsonl(cfg.path, skip_bad=cfg.bad_rows == "skip")
+        rows = JsonlRows(cfg.path)
     else:
-        ds = load_rows(cfg.path, cfg.format, cfg.split)
-        places = [f"{cfg.path}: row {i}" for i in range(len(ds))]
-    if cfg.max_rows is not None:
-        ds = ds[: cfg.max_rows] if isinstance(ds, list) else ds.select(range(min(cfg.max_rows, len(ds))))
-    stats = {"rows": len(ds) + len(skipped), "examples": 0, "bad_rows": len(skipped), "truncated": 0,
+        rows = TableRows(load_rows(cfg.path, cfg.format, cfg.split), cfg.path)
+    if cfg.max_rows is not None and cfg.max_rows < len(rows):
+        rows = _First(rows, cfg.max_rows)
+    return rows
+
+
+class _First:
+    def __init__(self, rows, n: int):
+        self.rows, self.n, self.path = rows, n, rows.path
+
+    def __len__(self) -> int:
+        return self.n
+
+    def place(self, i: int) -> str:
+        return self.rows.place(i)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def chat(cfg: DataConfig, rows, i: int) -> list[dict[str, str]]:
+    """The chat of row i; BadRowError naming the row if it cannot be used."""
+    return row_messages(rows[i], cfg.columns, rows.place(i), cfg.system_prompt)
+
+
+def check_rows(cfg: DataConfig, tokenizer, rows, indices) -> tuple[list[int], list[tuple[int, str]]]:
+    """(usable, bad): which of `indices` pass every check that needs no tokenizing (valid JSON,
+    columns, types, the template's prompt prefix), and (index, message) per bad row. With
+    `bad_rows=error` the scan stops at the first bad row; the caller raises (so that several
+    processes can agree first)."""
+    usable, bad = [], []
+    for i in indices:
+        try:
+            render_chat(tokenizer, chat(cfg, rows, i), rows.place(i))
+        except BadRowError as e:
+            bad.append((int(i), str(e)))
+            if cfg.bad_rows == "error":
+                break
+            continue
+        usable.append(int(i))
+    return usable, bad
+
+
+def encode(cfg: DataConfig, tokenizer, rows, i: int) -> tuple[np.ndarray, np.ndarray, bool] | str:
+    """(ids, loss_mask, cut) of row i, cut to seq_len + 1 tokens if `overlong=truncate`; or why it
+    is dropped: "dropped_overlong" or "dropped_no_target" (no target token left)."""
+    ids, mask = tokenize_chat(tokenizer, chat(cfg, rows, i), rows.place(i))
+    cut = len(ids) > cfg.seq_len + 1
+    if cut:
+        if cfg.overlong == "drop":
+            return "dropped_overlong"
+        ids, mask = ids[: cfg.seq_len + 1], mask[: cfg.seq_len + 1]
+    if not mask[1:].any():
+        return "dropped_no_target"
+    return ids, mask, cut
+
+
+def report_bad(cfg: DataConfig, bad: Sequence[tuple[int, str]]) -> None:
+    """Raises the first bad row's error (`bad_rows=error`) or prints how many were skipped."""
+    if not bad:
+        return
+    first = min(bad)[1]
+    if cfg.bad_rows == "error":
+        raise BadRowError(first)
+    print(f"[qedjax] {cfg.path}: skipped {len(bad)} bad row(s) (data.bad_rows=skip); first: {first}")
+
+
+def build_examples(cfg: DataConfig, tokenizer):
+    """Every tokenized (ids, mask) example of a data file in file order, and counts of what was
+    dropped or cut: the whole file in one process, as the SFT stage's pipeline (qedjax.loader) reads
+    it a share at a time. Bad rows follow `cfg.bad_rows`."""
+    rows = open_rows(cfg)
+    usable, bad = check_rows(cfg, tokenizer, rows, range(len(rows)))
+    report_bad(cfg, bad)
+    stats = {"rows": len(rows), "examples": 0, "bad_rows": len(bad), "truncated": 0,
              "dropped_overlong": 0, "dropped_no_target": 0}
     examples = []
-    for i, row in enumerate(ds):
-        where = places[i]
-        try:
-            ids, mask = tokenize_chat(tokenizer, row_messages(row, cfg.columns, where, cfg.system_prompt), where)
-        except BadRowError as e:
-            if cfg.bad_rows == "error":
-                raise
-            stats["bad_rows"] += 1
-            skipped.append(str(e))
+    for i in usable:
+        out = encode(cfg, tokenizer, rows, i)
+        if isinstance(out, str):
+            stats[out] += 1
             continue
-        if len(ids) > cfg.seq_len + 1:
-            if cfg.overlong == "drop":
-                stats["dropped_overlong"] += 1
-                continue
-            ids, mask = ids[: cfg.seq_len + 1], mask[: cfg.seq_len + 1]
-            stats["truncated"] += 1
-        if not mask[1:].any():
-            stats["dropped_no_target"] += 1
-            continue
-        examples.append((ids, mask))
+        stats["truncated"] += out[2]
+        examples.append(out[:2])
     stats["examples"] = len(examples)
-    if skipped:
-        print(f"[qedjax] {cfg.path}: skipped {len(skipped)} bad row(s) (data.bad_rows=skip); first: {skipped[0]}")
     if not examples:
         raise ValueError(f"{cfg.path}: no usable examples ({stats})")
     return examples, stats
-
-
-def pack(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, packing: bool = True,
-         pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Packs examples into rows of seq_len next-token pairs.
-
-    An example of n tokens gives n - 1 (input, target) pairs; first fit puts it into the first row
-    with room. Returns arrays [rows, seq_len]: tokens, targets, loss_mask, segment_ids, positions.
-    """
-    rows: list[list[int]] = []  # example indices per row
-    free: list[int] = []
-    for i, (ids, _) in enumerate(examples):
-        n = len(ids) - 1
-        if n > seq_len:
-            raise ValueError(f"example {i} has {n} positions, more than seq_len={seq_len}")
-        slot = next((r for r in range(max(0, len(rows) - 64), len(rows)) if free[r] >= n), None) if packing else None
-        if slot is None:
-            rows.append([])
-            free.append(seq_len)
-            slot = len(rows) - 1
-        rows[slot].append(i)
-        free[slot] -= n
-    out = {k: np.zeros((len(rows), seq_len), np.int32) for k in ARRAYS}
-    out["tokens"][:] = pad_id
-    for r, members in enumerate(rows):
-        at = 0
-        for seg, i in enumerate(members, start=1):
-            ids, mask = examples[i]
-            n = len(ids) - 1
-            out["tokens"][r, at:at + n] = ids[:-1]
-            out["targets"][r, at:at + n] = ids[1:]
-            out["loss_mask"][r, at:at + n] = mask[1:]
-            out["segment_ids"][r, at:at + n] = seg
-            out["positions"][r, at:at + n] = np.arange(n)
-            at += n
-    return out
-
-
-class Loader:
-    """Batches of packed rows from a seeded grain pipeline, shaped [micro, rows, seq_len].
-
-    Each process reads its own rows (index process_index of every process_count); one global batch
-    is `global_batch` rows. The iterator state (`get_state`/`set_state`) goes into checkpoints, so a
-    resumed run sees exactly the batches it would have seen.
-    """
-
-    def __init__(self, arrays: Mapping[str, np.ndarray], *, global_batch: int, micro_batches: int = 1,
-                 seed: int = 0, shuffle: bool = True, process_index: int = 0, process_count: int = 1):
-        if global_batch % (micro_batches * process_count):
-            raise ValueError(f"global batch {global_batch} must divide by micro_batches ({micro_batches}) "
-                             f"x processes ({process_count})")
-        self.arrays = dict(arrays)
-        self.micro_batches = micro_batches
-        self.rows = len(next(iter(arrays.values())))
-        if self.rows < global_batch:
-            raise ValueError(f"only {self.rows} packed rows, fewer than one global batch of {global_batch}")
-        local = global_batch // process_count
-        ds = grain.MapDataset.range(self.rows)
-        if shuffle:
-            ds = ds.shuffle(seed=seed)
-        ds = ds.repeat(None)  # epochs are counted by the caller in steps
-        ds = ds[process_index::process_count].batch(local, drop_remainder=True)
-        self.steps_per_epoch = self.rows // global_batch
-        self._it = iter(ds.to_iter_dataset())
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        idx = np.sort(np.asarray(next(self._it)))  # sorted: a gather in file order is cheaper
-        m = self.micro_batches
-        return {k: v[idx].reshape(m, len(idx) // m, *v.shape[1:]) for k, v in self.arrays.items()}
-
-    def get_state(self) -> dict:
-        return json.loads(json.dumps(self._it.get_state()))
-
-    def set_state(self, state: Mapping) -> None:
-        self._it.set_state(dict(state))

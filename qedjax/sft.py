@@ -16,7 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from qedjax import data as data_lib
-from qedjax import train
+from qedjax import loader as loader_lib
+from qedjax import multihost, train
 from qedjax.checkpoint import Checkpointer, StopRequest, fault_point
 from qedjax.metrics import MetricsWriter
 from qedjax.optim import learning_rate, make_optimizer
@@ -65,12 +66,22 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
     """Runs (or resumes, or skips if finished) the SFT stage; returns its checkpoint directory."""
     sft = cfg.sft
     tokenizer = load_tokenizer(tokenizer_path)
-    examples, stats = data_lib.build_examples(sft.data, tokenizer)
-    arrays = data_lib.pack(examples, sft.data.seq_len, sft.data.packing, pad_id=tokenizer.pad_token_id or 0)
-    loader = data_lib.Loader(arrays, global_batch=sft.global_batch, micro_batches=sft.micro_batches,
-                             seed=cfg.run.seed, shuffle=sft.data.shuffle, process_index=jax.process_index(),
-                             process_count=jax.process_count())
-    total = sft.steps or max(1, math.ceil(sft.epochs * loader.steps_per_epoch))
+    rows = data_lib.open_rows(sft.data)
+    usable, stats = loader_lib.usable_rows(sft.data, tokenizer, rows)  # bad rows refused before compiling
+    loader = loader_lib.Loader(
+        len(usable), loader_lib.encoder(sft.data, tokenizer, rows, usable), global_batch=sft.global_batch,
+        seq_len=sft.data.seq_len, micro_batches=sft.micro_batches, seed=cfg.run.seed, shuffle=sft.data.shuffle,
+        packing=sft.data.packing, pad_id=tokenizer.pad_token_id or 0,
+        rows=train.process_rows(mesh, rules, sft.global_batch // sft.micro_batches))
+    total = sft.steps
+    if not total:  # epochs: count the rows of one epoch (every process packs its share once)
+        packed = sum(multihost.allgather_json(loader.rows_in_first_epoch()))
+        stats["rows_packed"] = packed
+        total = max(1, math.ceil(sft.epochs * (packed // sft.global_batch)))
+
+    def data_state():  # every process's streams: a collective, run only on the steps that save
+        return loader_lib.gather_state(loader)
+
     optimizer = make_optimizer(sft.optim, total)
     lr = learning_rate(sft.optim, total)
     config, graphdef, params = train.init_params(cfg.model, mesh, rules, seed=cfg.run.seed,
@@ -80,16 +91,17 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
     ckpt = Checkpointer(ckpt_dir, sft.checkpoint)
     start = ckpt.latest_step() or 0
     if start:
-        state, data_state = ckpt.restore(jax.tree.map(
+        state, saved_data = ckpt.restore(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
         start = ckpt.restored_step
-        loader.set_state(data_state)
+        loader.set_state(saved_data)
     if start >= total:
         ckpt.close()
+        loader.close()
         return ckpt_dir
     writer.rewind("sft", start)  # rows a killed run logged past its last checkpoint are logged again
     if not start:
-        writer.write("sft", start, {"event": "start", "total_steps": total, "rows_packed": len(arrays["tokens"]),
+        writer.write("sft", start, {"event": "start", "total_steps": total,
                                     **{f"data_{k}": v for k, v in stats.items()}})
     elif jax.process_index() == 0:
         print(f"[qedjax] sft: resuming from the checkpoint of step {start} in {ckpt_dir}")
@@ -117,19 +129,21 @@ def run(cfg, mesh, run_dir: str, writer: MetricsWriter, *, tokenizer_path: str, 
             bar.update(0 if m["skipped"] else 1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if bad >= sft.max_bad_steps:
-                ckpt.save(step, state, loader.get_state(), force=True)
+                ckpt.save(step, state, data_state, force=True)
                 ckpt.close()
+                loader.close()
                 raise NonFiniteError(f"sft: {bad} consecutive steps had a non-finite loss or gradient "
                                      f"(last loss {row['loss']}); stopped with a checkpoint at step {step} "
                                      f"in {ckpt_dir}. Lower optim.lr or check the data.")
-            if not m["skipped"] and ckpt.save(step, state, loader.get_state(), force=step == total):
+            if not m["skipped"] and ckpt.save(step, state, data_state, force=step == total):
                 fault_point(f"sft:save:{step}")
             stopping = stop.agreed()
             if stopping:
-                ckpt.save(step, state, loader.get_state(), force=True)
+                ckpt.save(step, state, data_state, force=True)
                 break
     bar.close()
     ckpt.close()
+    loader.close()
     if stopping:
         raise KeyboardInterrupt(f"sft stopped at step {step}; checkpoint saved in {ckpt_dir}")
     return ckpt_dir

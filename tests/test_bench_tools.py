@@ -41,3 +41,26 @@ def test_bench_sft_torch_child_steps_like_torch_in_process(tmp_path):
     assert want[1] < want[0]  # the optimizer stepped: the same batch's loss fell
     with pytest.raises(SystemExit, match="torch child process failed"):
         bench_sft.TorchChild(str(tmp_path / "missing"), batch, "fused", 1)
+
+
+def test_bench_input_writes_rows_of_the_asked_token_counts(tmp_path, toy_tokenizer_dir, toy_tokenizer):
+    """The input benchmark's data: FineProofs-SFT's columns, each row's tokens within a few percent
+    of a length drawn from [min, max], and rows the SFT checks accept."""
+    import json
+
+    import bench_input
+
+    from qedjax import data
+
+    args = bench_input.parse_args(["--rows", "6", "--min-tokens", "400", "--max-tokens", "900"])
+    path = str(tmp_path / "d.jsonl")
+    info = bench_input.write_data(args, toy_tokenizer_dir, path)
+    assert info["rows"] == 6 and 400 <= info["tokens_target_mean"] <= 900
+    rows = [json.loads(line) for line in open(path)]
+    for row in rows:
+        assert set(row) == {"problem", "reasoning_content", "proof"}
+        n = len(toy_tokenizer(row["problem"] + row["reasoning_content"] + row["proof"],
+                              add_special_tokens=False)["input_ids"])
+        assert 400 * 0.9 <= n <= 900 * 1.1, n
+    examples, stats = data.build_examples(data.DataConfig(path=path, seq_len=2048), toy_tokenizer)
+    assert stats["examples"] == 6 and stats["bad_rows"] == 0

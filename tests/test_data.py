@@ -2,25 +2,34 @@
 
 import json
 
+import grain
 import numpy as np
 import pytest
 
-from qedjax import data
+from qedjax import data, loader
+
+
+def _stream(examples):
+    pairs = [{"tokens": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]} for ids, mask in examples]
+    return grain.MapDataset.source(pairs).to_iter_dataset()
 
 
 def test_pack_literal_arrays():
     examples = [(np.array([10, 11, 12, 13]), np.array([0, 0, 1, 1])),
                 (np.array([20, 21, 22]), np.array([0, 1, 1])),
                 (np.array([30, 31, 32, 33, 34, 35]), np.array([0, 0, 0, 1, 1, 1]))]
-    out = data.pack(examples, seq_len=6, pad_id=0)
+    rows = list(loader.pack(_stream(examples), seq_len=6, pad_id=0))
+    out = {k: np.stack([r[k] for r in rows]) for k in data.ARRAYS}
     # example 0 (3 pairs) and 1 (2 pairs) share row 0; example 2 (5 pairs) does not fit there.
     np.testing.assert_array_equal(out["tokens"], [[10, 11, 12, 20, 21, 0], [30, 31, 32, 33, 34, 0]])
     np.testing.assert_array_equal(out["targets"], [[11, 12, 13, 21, 22, 0], [31, 32, 33, 34, 35, 0]])
     np.testing.assert_array_equal(out["loss_mask"], [[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0]])
     np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 0]])
     np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 0]])
-    unpacked = data.pack(examples, seq_len=6, packing=False)
-    assert unpacked["tokens"].shape == (3, 6)
+    unpacked = list(loader.pack(_stream(examples), seq_len=6, packing=False, pad_id=7))
+    assert len(unpacked) == 3
+    np.testing.assert_array_equal(unpacked[1]["tokens"], [20, 21, 7, 7, 7, 7])
+    np.testing.assert_array_equal(unpacked[1]["segment_ids"], [1, 1, 0, 0, 0, 0])
 
 
 def test_chat_mask_covers_the_assistant_turn_only(toy_tokenizer):
@@ -116,23 +125,80 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, toy_to
         data.build_examples(data.DataConfig(path=str(tmp_path / "nope.jsonl")), toy_tokenizer)
 
 
-def test_loader_is_seeded_sharded_and_resumable():
-    arrays = {"tokens": np.arange(40, dtype=np.int32).reshape(20, 2)}
-    a = data.Loader(arrays, global_batch=4, micro_batches=2, seed=3)
-    first = [next(a)["tokens"] for _ in range(3)]
-    assert first[0].shape == (2, 2, 2)
-    state = a.get_state()
-    rest = [next(a)["tokens"] for _ in range(4)]
-    b = data.Loader(arrays, global_batch=4, micro_batches=2, seed=3)
+def _toy_examples(n, seed=0):
+    """n examples of 3-40 tokens; every token of example i is 1000 + i (so a row names its examples)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(3, 41))
+        out.append({"tokens": np.full(length, 1000 + i, np.int32), "targets": np.full(length, 1000 + i, np.int32),
+                    "loss_mask": np.ones(length, np.int32)})
+    return out
+
+
+def _loader(examples, **kw):
+    kw = {"global_batch": 4, "seq_len": 48, "micro_batches": 2, "seed": 3, **kw}
+    return loader.Loader(len(examples), lambda k: examples[k], **kw)
+
+
+def _ids(row_tokens, segments):
+    """The examples of packed rows, in order: (stream position, example id) per segment."""
+    return [int(row_tokens[segments == s][0]) - 1000 for s in range(1, segments.max() + 1)]
+
+
+def test_loader_is_seeded_and_resumes_exactly():
+    examples = _toy_examples(50)
+    a = _loader(examples)
+    first = [next(a) for _ in range(3)]
+    assert first[0]["tokens"].shape == (2, 2, 48)
+    a._ahead.result()  # the batch read ahead is packed: the state must still be the one after batch 3
+    state = json.loads(json.dumps(a.get_state()))  # as a checkpoint stores it
+    rest = [next(a)["tokens"] for _ in range(12)]
+    b = _loader(examples)
     b.set_state(state)
-    for x, y in zip(rest, [next(b)["tokens"] for _ in range(4)]):
+    for x, y in zip(rest, [next(b)["tokens"] for _ in range(12)]):
         np.testing.assert_array_equal(x, y)
-    # one epoch covers every row once; two processes split each global batch between them
-    epoch = np.concatenate([next(data.Loader(arrays, global_batch=20, seed=3))["tokens"].reshape(-1)])
-    assert sorted(epoch.tolist()) == list(range(40))
-    p0 = data.Loader(arrays, global_batch=4, seed=3, process_index=0, process_count=2)
-    p1 = data.Loader(arrays, global_batch=4, seed=3, process_index=1, process_count=2)
-    rows0, rows1 = next(p0)["tokens"][0, :, 0] // 2, next(p1)["tokens"][0, :, 0] // 2
-    assert len(rows0) == len(rows1) == 2 and not set(rows0) & set(rows1)
+    c = _loader(examples)
+    np.testing.assert_array_equal(next(c)["tokens"], first[0]["tokens"])  # seeded
+    assert not np.array_equal(next(_loader(examples, seed=4))["tokens"], first[0]["tokens"])
+    with pytest.raises(ValueError, match=r"\(8, 50\): the data or sft.global_batch changed"):
+        _loader(examples, global_batch=8).set_state(state)
+    with pytest.raises(ValueError, match=r"\(4, 49\): the data or sft.global_batch changed"):
+        _loader(examples[:49]).set_state(state)
+
+
+def test_two_processes_feed_one_process_rows_and_every_example_once_per_epoch():
+    examples = _toy_examples(60)
+    one = _loader(examples, global_batch=8, micro_batches=2)  # [2 micro, 4 rows]
+    halves = [_loader(examples, global_batch=8, micro_batches=2, rows=slice(p * 2, p * 2 + 2)) for p in (0, 1)]
+    steps = 12
+    for _ in range(steps):
+        batch = next(one)
+        parts = [next(h) for h in halves]
+        for k in data.ARRAYS:  # process p holds rows [2p, 2p + 2) of every micro-batch
+            np.testing.assert_array_equal(np.concatenate([p[k] for p in parts], axis=1), batch[k])
+        assert (batch["targets"][batch["segment_ids"] == 0] == 0).all()
+    # one epoch's rows hold every example exactly once, and two processes' rows are one process's
+    def epoch(ld):
+        return [(r["tokens"], r["segment_ids"]) for r in ld.first_epoch()]
+
+    whole, parts = epoch(one), [epoch(h) for h in halves]
+    assert sorted(i for t, s in whole for i in _ids(t, s)) == list(range(len(examples)))
+    assert len(whole) == len(parts[0]) + len(parts[1])
+    for (t, s), (u, v) in zip(sorted(whole, key=lambda r: r[0].tobytes()),
+                              sorted(parts[0] + parts[1], key=lambda r: r[0].tobytes())):
+        np.testing.assert_array_equal(t, u)
+        np.testing.assert_array_equal(s, v)
     with pytest.raises(ValueError, match="must divide"):
-        data.Loader(arrays, global_batch=5, micro_batches=2)
+        _loader(examples, global_batch=5, micro_batches=2)
+
+
+def test_a_stream_that_drops_everything_says_so(tmp_path, toy_tokenizer):
+    path = _write_jsonl(tmp_path / "long.jsonl", [{**GOOD, "proof": "Answer: " + " ".join(["9"] * 200)}] * 3)
+    cfg = data.DataConfig(path=path, seq_len=16, overlong="drop")
+    rows = data.open_rows(cfg)
+    usable, stats = loader.usable_rows(cfg, toy_tokenizer, rows)
+    assert stats == {"rows": 3, "usable_rows": 3, "bad_rows": 0}
+    it = loader.Loader(len(usable), loader.encoder(cfg, toy_tokenizer, rows, usable), global_batch=1, seq_len=16)
+    with pytest.raises(ValueError, match="no usable examples: 4 in a row were dropped"):
+        next(it)

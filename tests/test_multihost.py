@@ -96,9 +96,13 @@ def _losses(run_dir):
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, toy_tokenizer_dir):
     data = toy.write_data(toy.ToyConfig(sft_rows=64, rl_problems=1, eval_problems=1), str(tmp_path / "data"))
+    # a bad row at line 4: process 1 checks it (process p checks rows p, p + 2, ...), and both skip it
+    lines = open(data["sft"]).read().splitlines(keepends=True)
+    with open(data["sft"], "w") as f:
+        f.writelines(lines[:3] + ['{"problem": "no proof"}\n'] + lines[3:])
     raw = {"run": {"dir": str(tmp_path / "unused"), "seed": 2, "mesh": "fsdp=8", "deterministic": True},
            "model": {"preset": "tiny", "tokenizer": toy_tokenizer_dir},
-           "sft": {"global_batch": 8, "steps": 4, "data": {"path": data["sft"], "seq_len": 96},
+           "sft": {"global_batch": 8, "steps": 4, "data": {"path": data["sft"], "seq_len": 96, "bad_rows": "skip"},
                    "optim": {"lr": 3e-3, "warmup_ratio": 0.0},
                    "checkpoint": {"every": 2, "keep": 2}}}  # async saves, as in real runs
     config = tmp_path / "sft.yaml"
@@ -111,6 +115,9 @@ def test_two_processes_train_like_one(tmp_path, toy_tokenizer_dir):
                     for i in range(2)], _child_env(4), str(tmp_path))
     assert launch.main(["--config", str(config), f"run.dir={one}"]) == 0  # this process: 8 devices
 
+    for i in range(2):  # each process reports the row only process 1 checked, by file and line
+        log = (tmp_path / f"process_{i}.log").read_text()
+        assert f"skipped 1 bad row(s) (data.bad_rows=skip); first: {data['sft']}:4: missing column 'proof'" in log
     steps_two, losses_two = _losses(two)
     steps_one, losses_one = _losses(one)
     assert steps_two == steps_one == [1, 2, 3, 4]
