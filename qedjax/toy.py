@@ -19,7 +19,7 @@ each (`Working. A3 a4, B5 b6,`: copy the labelled digit, write its result), and 
 the results found so far (`Answer: a4 b6`), one rubric point per correct result, so a partial
 answer scores partially. Every copy is thus a lookup of the token with the next label, wherever it
 sits, which the demo model learns in a few hundred SFT steps (an earlier layout that copied the k-th
-digit by position was not learnt in 900: docs/BENCHMARKS.md). Working all seven digits and
+digit by position was not learnt in 900). Working all seven digits and
 answering takes 37 tokens, more than the per-call budget of the RC config (26: room for four
 digits), so a single call either answers part of the problem or is cut off: the budget, not the
 model, limits one pass. The teacher works a random number of digits per turn; a turn that continues
