@@ -17,7 +17,7 @@ import yaml
 from qedjax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINER_PROCESSES = 1  # the trainer as this many jax.distributed processes (each with 8 / N CPU devices)
+TRAINER_PROCESSES = 2  # the trainer as this many jax.distributed processes (each with 8 / N CPU devices)
 TIMEOUT_S = 1500  # a hang guard, not under test
 
 pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm"), pytest.mark.slow]
