@@ -1,6 +1,6 @@
 """The shipped 4B configs carry the released recipe's values. Each value's source is in its comment:
-"paper" is the QED-Nano paper, "release" its released training code, both as summarised in
-../shared/ALGORITHMS.md (section named)."""
+"paper" is the QED-Nano paper, "release" its released training code (the section of each that
+states the value is named)."""
 
 import math
 import os
